@@ -1,0 +1,58 @@
+"""`python -m SASSRSegmentLib <command>` / `sassr-segment <command>`.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; they are
+imported only when chosen so that `--help` and light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+
+from .errors import UserError
+
+COMMANDS = {
+    "segment": ("segment", "segment lesions at super-resolution in images or volumes"),
+    "evaluate": ("evaluate", "score a model on a dataset (HR Dice from synthesised LR input)"),
+    "train": ("train", "train a model bundle on an nnU-Net style dataset"),
+    "preprocess": ("preprocess", "build the training cache of a dataset without training"),
+    "models": ("models", "list the bundled models and their cards"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sassr-segment", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(f"{__package__}.{module}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
