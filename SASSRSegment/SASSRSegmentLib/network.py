@@ -1,0 +1,346 @@
+"""The scale-aware super-resolution network (SASR), one implementation for 2D and 3D.
+
+A shared encoder feeds two decoders: the lesion-mask SR decoder (segmentation) and the lesion-image SR
+decoder (reconstructs the HR image). Both decoders are built from the same stages; with `sdc` their
+stages are scale-aware dilated convolution (SDC) blocks whose voxel-wise branch weights ("scale maps")
+let the receptive field follow lesion size. The image-SR decoder exists only to shape the segmentation
+branch through the feature- and scale-affinity losses during training: `eval()` never runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SASRConfig", "SASRNet", "SASROutput"]
+
+
+@dataclass
+class SASRConfig:
+    """Everything needed to rebuild a network exactly; stored in the model card."""
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    scale: int = 2
+    features: tuple[int, ...] = (16, 32, 64, 128)
+    norm: str = "instance"
+    dropout: float = 0.0
+    image_sr: bool = True
+    sdc: bool = True
+    learned_upsampling: bool = True
+    dilations: tuple[int, ...] = (1, 2, 5)
+    # softmax makes the branches compete for each voxel (the released code's free sigmoids do not),
+    # so the map reads as "which receptive field this voxel uses".
+    sdc_weighting: str = "softmax"
+
+    def __post_init__(self) -> None:
+        self.features = tuple(int(f) for f in self.features)
+        self.dilations = tuple(int(d) for d in self.dilations)
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.scale < 2 or self.scale & (self.scale - 1):
+            raise ValueError(f"scale must be a power of two >= 2, got {self.scale}")
+        if len(self.features) < 2:
+            raise ValueError("features needs at least two encoder widths")
+        if self.norm not in ("instance", "batch"):
+            raise ValueError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
+        if self.sdc_weighting not in ("softmax", "sigmoid"):
+            raise ValueError(f"sdc_weighting must be 'softmax' or 'sigmoid', got {self.sdc_weighting!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        d["dilations"] = list(self.dilations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SASRConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown network config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SASRConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class SASROutput:
+    """What `SASRNet.forward` returns in training mode."""
+
+    mask: torch.Tensor  # HR mask logits (B, 1, *HR)
+    image: torch.Tensor | None = None  # HR reconstructed image (B, C, *HR) when image_sr
+    seg_features: torch.Tensor | None = None  # HR features of the segmentation branch (for FA)
+    sr_features: torch.Tensor | None = None  # HR features of the image-SR branch (for FA)
+    seg_scales: torch.Tensor | None = None  # SDC scale maps of the segmentation decoder (for SA)
+    sr_scales: torch.Tensor | None = None  # SDC scale maps of the image-SR decoder (for SA)
+    extras: dict = field(default_factory=dict)
+
+
+def _conv(spatial_dims: int):
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def _norm(spatial_dims: int, name: str, channels: int) -> nn.Module:
+    if name == "batch":
+        return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
+    return (nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
+
+
+def _interpolate(x: torch.Tensor, scale: int | None = None, size=None) -> torch.Tensor:
+    mode = "trilinear" if x.dim() == 5 else "bilinear"
+    return F.interpolate(x, scale_factor=scale, size=size, mode=mode, align_corners=False)
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution, normalisation, LeakyReLU; 'same' padding for any dilation."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        norm: str = "instance",
+    ):
+        padding = dilation * (kernel_size // 2)
+        super().__init__(
+            _conv(spatial_dims)(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation),
+            _norm(spatial_dims, norm, out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str):
+        super().__init__(
+            ConvNormAct(spatial_dims, in_channels, out_channels, norm=norm),
+            ConvNormAct(spatial_dims, out_channels, out_channels, norm=norm),
+        )
+
+
+class SDCBlock(nn.Module):
+    """Scale-aware dilated convolution.
+
+    Parallel branches (a 1x1 conv and 3x3 convs with the given dilations) see the same input; a 3x3 conv
+    predicts one weight per branch and voxel. Each branch is multiplied by its weight map, the weighted
+    branches are concatenated and fused by a 1x1 conv. Returns the fused features and the weight maps.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        dilations: tuple[int, ...] = (1, 2, 5),
+        norm: str = "instance",
+        weighting: str = "softmax",
+    ):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, norm=norm)]
+            + [ConvNormAct(spatial_dims, in_channels, out_channels, dilation=d, norm=norm) for d in dilations]
+        )
+        self.scale_conv = _conv(spatial_dims)(in_channels, len(self.branches), 3, padding=1)
+        self.fuse = ConvNormAct(spatial_dims, out_channels * len(self.branches), out_channels, 1, norm=norm)
+        self.weighting = weighting
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.scale_conv(x)
+        weights = torch.softmax(logits, dim=1) if self.weighting == "softmax" else torch.sigmoid(logits)
+        weighted = [branch(x) * weights[:, i : i + 1] for i, branch in enumerate(self.branches)]
+        return self.fuse(torch.cat(weighted, dim=1)), weights
+
+
+class DecoderStage(nn.Module):
+    """Upsample x2, halve channels, concatenate the skip, then an SDC block or a double conv."""
+
+    def __init__(self, cfg: SASRConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        d = cfg.spatial_dims
+        self.reduce = ConvNormAct(d, in_channels, out_channels, norm=cfg.norm)
+        if cfg.sdc:
+            self.block = SDCBlock(
+                d, 2 * out_channels, out_channels, cfg.dilations, cfg.norm, cfg.sdc_weighting
+            )
+        else:
+            self.block = DoubleConv(d, 2 * out_channels, out_channels, cfg.norm)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.reduce(_interpolate(x, size=skip.shape[2:]))
+        x = torch.cat([x, skip], dim=1)
+        if isinstance(self.block, SDCBlock):
+            x, weights = self.block(x)
+        else:
+            x, weights = self.block(x), None
+        return self.dropout(x), weights
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: SASRConfig):
+        super().__init__()
+        d, feats = cfg.spatial_dims, cfg.features
+        self.stages = nn.ModuleList(
+            [DoubleConv(d, cfg.in_channels, feats[0], cfg.norm)]
+            + [DoubleConv(d, feats[i - 1], feats[i], cfg.norm) for i in range(1, len(feats))]
+        )
+        self.pool = nn.MaxPool3d(2) if d == 3 else nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x if i == 0 else self.pool(x))
+            skips.append(x)
+        return skips
+
+
+class Decoder(nn.Module):
+    """Decodes encoder features back to LR resolution; returns features and the stacked scale maps."""
+
+    def __init__(self, cfg: SASRConfig):
+        super().__init__()
+        feats = cfg.features
+        self.stages = nn.ModuleList(
+            [DecoderStage(cfg, feats[i], feats[i - 1]) for i in range(len(feats) - 1, 0, -1)]
+        )
+
+    def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = skips[-1]
+        maps = []
+        for stage, skip in zip(self.stages, reversed(skips[:-1]), strict=True):
+            x, weights = stage(x, skip)
+            if weights is not None:
+                maps.append(weights)
+        if not maps:
+            return x, None
+        # Scale maps from every stage, brought to the finest (LR) resolution, one channel per branch.
+        size = x.shape[2:]
+        return x, torch.cat([_interpolate(m, size=size) for m in maps], dim=1)
+
+
+class HRHead(nn.Module):
+    """Lifts LR decoder features to the HR grid (interpolation x scale, then two convs)."""
+
+    def __init__(self, cfg: SASRConfig, channels: int):
+        super().__init__()
+        self.scale = cfg.scale
+        self.refine = DoubleConv(cfg.spatial_dims, channels + cfg.in_channels, channels, cfg.norm)
+
+    def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> torch.Tensor:
+        up = _interpolate(features, self.scale)
+        # The interpolated input gives the head the intensity edges at HR positions.
+        return self.refine(torch.cat([up, _interpolate(x_lr, self.scale)], dim=1))
+
+
+class SASRNet(nn.Module):
+    """Scale-aware super-resolution lesion segmentation network.
+
+    train(): `forward(x)` returns `SASROutput` (HR mask logits, HR image, what FA/SA need).
+    eval(): `forward(x)` returns the HR mask logits only; the image-SR decoder is not run.
+    `super_resolve_image(x)` returns the HR image when the network has the image-SR branch.
+    Inputs of any spatial size are padded to a multiple of the encoder stride and cropped back.
+    """
+
+    def __init__(self, config: SASRConfig | None = None, **kwargs):
+        super().__init__()
+        cfg = config if config is not None else SASRConfig(**kwargs)
+        if config is not None and kwargs:
+            raise TypeError("pass either a SASRConfig or keyword arguments, not both")
+        self.config = cfg
+        conv = _conv(cfg.spatial_dims)
+        f0 = cfg.features[0]
+        self.encoder = Encoder(cfg)
+        self.seg_decoder = Decoder(cfg)
+        self.seg_lr_head = conv(f0, 1, 1)
+        self.seg_hr_head = HRHead(cfg, f0) if cfg.learned_upsampling else None
+        self.seg_hr_logits = conv(f0, 1, 1) if cfg.learned_upsampling else None
+        if cfg.image_sr:
+            self.sr_decoder = Decoder(cfg)
+            self.sr_hr_head = HRHead(cfg, f0)
+            self.sr_out = conv(f0, cfg.in_channels, 1)
+        else:
+            self.sr_decoder = self.sr_hr_head = self.sr_out = None
+
+    @classmethod
+    def from_config(cls, config: SASRConfig | dict) -> SASRNet:
+        return cls(config if isinstance(config, SASRConfig) else SASRConfig.from_dict(config))
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.config.features) - 1)
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        size = tuple(x.shape[2:])
+        if x.dim() != self.config.spatial_dims + 2:
+            raise ValueError(
+                f"expected a (B, C, {'D, H, W' if self.config.spatial_dims == 3 else 'H, W'}) tensor, "
+                f"got shape {tuple(x.shape)}"
+            )
+        pads = []
+        for s in reversed(size):
+            pads += [0, (-s) % self.stride]
+        # Replicate padding keeps the padded border free of artificial edges.
+        return (F.pad(x, pads, mode="replicate") if any(pads) else x), size
+
+    def _crop(self, y: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        s = self.config.scale
+        return y[(..., *(slice(0, n * s) for n in size))]
+
+    def _segment(self, x: torch.Tensor, skips: list[torch.Tensor]):
+        feats, scales = self.seg_decoder(skips)
+        lr_logits = self.seg_lr_head(feats)
+        logits = _interpolate(lr_logits, self.config.scale)
+        if self.seg_hr_head is not None:
+            hr_features = self.seg_hr_head(feats, x)
+            # Learned HR detail is a residual on top of interpolated LR logits, so training starts
+            # from the interpolation baseline rather than from noise.
+            logits = logits + self.seg_hr_logits(hr_features)
+        else:
+            hr_features = _interpolate(feats, self.config.scale)
+        return logits, hr_features, scales
+
+    def _image_sr(self, x: torch.Tensor, skips: list[torch.Tensor]):
+        feats, scales = self.sr_decoder(skips)
+        hr_features = self.sr_hr_head(feats, x)
+        image = _interpolate(x, self.config.scale) + self.sr_out(hr_features)
+        return image, hr_features, scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SASROutput:
+        x, size = self._pad(x)
+        skips = self.encoder(x)
+        logits, seg_features, seg_scales = self._segment(x, skips)
+        if not self.training:
+            return self._crop(logits, size)
+        out = SASROutput(
+            mask=self._crop(logits, size),
+            seg_features=self._crop(seg_features, size),
+            seg_scales=seg_scales,
+        )
+        if self.sr_decoder is not None:
+            image, sr_features, sr_scales = self._image_sr(x, skips)
+            out.image = self._crop(image, size)
+            out.sr_features = self._crop(sr_features, size)
+            out.sr_scales = sr_scales
+        return out
+
+    @torch.no_grad()
+    def super_resolve_image(self, x: torch.Tensor) -> torch.Tensor:
+        """HR image reconstructed by the image-SR decoder (only run when asked for)."""
+        if self.sr_decoder is None:
+            raise RuntimeError("this network was built without the image-SR branch (image_sr=False)")
+        x, size = self._pad(x)
+        image, _, _ = self._image_sr(x, self.encoder(x))
+        return self._crop(image, size)
