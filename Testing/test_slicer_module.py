@@ -1,0 +1,597 @@
+"""The Slicer side of SASSRSegment, checked without Slicer.
+
+The module file is imported in plain Python (its Slicer imports are guarded): its Slicer-free helpers
+and its process runner are tested for real, and the files Slicer needs (.ui, CMake lists, catalog entry,
+.s4ext, icons) are checked against the module's code.
+"""
+
+import ast
+import importlib.util
+import json
+import os
+import py_compile
+import re
+import signal
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SASSRSegmentLib.geometry import Grid, hr_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "SASSRSegment"
+MODULE_FILE = MODULE_DIR / "SASSRSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "SASSRSegment.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+ENGINE_DIR = MODULE_DIR / "SASSRSegmentLib"
+REFERENCE = ROOT.parent / "shared" / "reference"
+POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="process-group signals are POSIX")
+
+
+@pytest.fixture(scope="module")
+def mod():
+    spec = importlib.util.spec_from_file_location("SASSRSegmentModule", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.slicer is None, "these tests must run outside Slicer"
+    return module
+
+
+# ------------------------------------------------------------------------------------ module vs .ui
+
+
+def _ui_widgets():
+    return ET.parse(UI_FILE).getroot().iter("widget")
+
+
+def _parameter_fields():
+    """Field name -> annotation source of the @parameterNodeWrapper class in the module."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list
+        ):
+            return {
+                item.target.id: ast.unparse(item.annotation)
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            }
+    raise AssertionError("no @parameterNodeWrapper class in the module")
+
+
+def test_module_compiles_for_slicers_python():
+    py_compile.compile(str(MODULE_FILE), doraise=True)
+    # Slicer 5.6 ships Python 3.9: no newer syntax in the module.
+    ast.parse(MODULE_FILE.read_text(encoding="utf-8"), feature_version=(3, 9))
+
+
+def test_every_ui_attribute_used_by_the_module_exists_in_the_ui():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    names = {widget.get("name") for widget in _ui_widgets()}
+    assert len(used) >= 10
+    assert sorted(used - names) == []
+
+
+def test_every_slicer_parameter_name_is_a_parameter_node_field_of_a_compatible_type():
+    fields = _parameter_fields()
+    bound = []
+    for widget in _ui_widgets():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound.append((widget.get("class"), prop.findtext("string"), widget))
+    assert len(bound) >= 6
+    for widgetClass, name, widget in bound:
+        assert name in fields, f"{name} is bound in the .ui but not a parameter-node field"
+        annotation = fields[name]
+        if widgetClass == "qMRMLNodeComboBox":
+            nodeTypes = [s.text for s in widget.find("property[@name='nodeTypes']/stringlist")]
+            assert nodeTypes == [annotation], f"{name}: combo shows {nodeTypes}, field is {annotation}"
+        else:
+            expected = {"QCheckBox": "bool", "ctkSliderWidget": "float"}[widgetClass]
+            assert annotation == expected or annotation.startswith(f"Annotated[{expected},"), (
+                name,
+                annotation,
+            )
+
+
+def test_parameter_node_attributes_used_by_the_module_are_fields():
+    fields = _parameter_fields()
+    used = set(re.findall(r"_parameterNode\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    used -= {"connectGui", "disconnectGui"}
+    assert {"inputVolume", "modelName", "threshold", "outputSegmentation"} <= used
+    assert sorted(used - set(fields)) == []
+
+
+# ------------------------------------------------------------------------------------ packaging
+
+
+def _cmake_listed(text):
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")}
+
+
+def _files_under(folder, pattern="*"):
+    return sorted(
+        p.relative_to(MODULE_DIR).as_posix()
+        for p in folder.rglob(pattern)
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    )
+
+
+def test_cmake_lists_every_engine_file():
+    engine = _files_under(ENGINE_DIR, "*.py")
+    assert "SASSRSegmentLib/cli.py" in engine
+    missing = set(engine) - _cmake_listed(MODULE_CMAKE.read_text(encoding="utf-8"))
+    assert not missing, f"not in {MODULE_CMAKE.name}: {sorted(missing)}; run tools/update_cmake_lists.py"
+
+
+def test_cmake_lists_every_model_and_sample_file():
+    resources = MODULE_DIR / "Resources"
+    models = _files_under(resources / "Models")
+    samples = _files_under(resources / "Samples")
+    assert any(name.endswith(".nrrd") for name in samples), "the shipped sample is missing"
+    if not models:
+        pytest.skip("no bundled model yet (Resources/Models is empty)")
+    missing = set(models + samples) - _cmake_listed(MODULE_CMAKE.read_text(encoding="utf-8"))
+    assert not missing, f"not in {MODULE_CMAKE.name}: {sorted(missing)}; run tools/update_cmake_lists.py"
+
+
+def test_every_file_listed_in_the_module_cmake_exists():
+    text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "SASSRSegment")
+    listed = [entry for entry in _cmake_listed(text) if re.fullmatch(r"[\w./-]+\.\w+", entry)]
+    assert "SASSRSegment.py" in listed and "Resources/UI/SASSRSegment.ui" in listed
+    assert sorted(entry for entry in listed if not (MODULE_DIR / entry).is_file()) == []
+
+
+def test_cmake_registers_the_module_its_tests_and_the_pytorch_dependency():
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"set\(EXTENSION_DEPENDS\s+PyTorch\)", top)
+    assert "add_subdirectory(SASSRSegment)" in top
+    module = MODULE_CMAKE.read_text(encoding="utf-8")
+    assert "WITH_GENERIC_TESTS" in module and "add_subdirectory(Testing)" in module
+    testing = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
+    match = re.search(r"slicer_add_python_unittest\(SCRIPT \$\{CMAKE_CURRENT_SOURCE_DIR\}/([^)]+)\)", testing)
+    assert match and (MODULE_DIR / "Testing" / "Python" / match[1]).resolve() == MODULE_FILE
+
+
+def test_update_cmake_lists_rewrites_only_the_generated_blocks():
+    spec = importlib.util.spec_from_file_location(
+        "update_cmake_lists", ROOT / "tools" / "update_cmake_lists.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = (
+        "set(S\n  A.py\n  # BEGIN GENERATED FILE LIST: engine\n  old.py\n  # END GENERATED FILE LIST\n  )\n"
+        "set(R\n    # BEGIN GENERATED FILE LIST: resources\n    # END GENERATED FILE LIST\n)\n"
+    )
+    lists = {"engine": ["Lib/a.py", "Lib/b.py"], "resources": ["Resources/Models/m/model.json"]}
+    assert tool.render(text, lists) == (
+        "set(S\n  A.py\n  # BEGIN GENERATED FILE LIST: engine\n  Lib/a.py\n  Lib/b.py\n"
+        "  # END GENERATED FILE LIST\n  )\n"
+        "set(R\n    # BEGIN GENERATED FILE LIST: resources\n    Resources/Models/m/model.json\n"
+        "    # END GENERATED FILE LIST\n)\n"
+    )
+    with pytest.raises(SystemExit):
+        tool.render(text.replace("resources", "other"), lists)
+    assert tool.main(["--check"]) == 0, (
+        "SASSRSegment/CMakeLists.txt is stale: run tools/update_cmake_lists.py"
+    )
+
+
+def _s4ext_fields(path):
+    fields = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+    return fields
+
+
+def test_s4ext_has_every_field_of_the_example():
+    example = _s4ext_fields(REFERENCE / "example.s4ext")
+    ours = _s4ext_fields(ROOT / "SASSRSegment.s4ext")
+    assert len(example) >= 12
+    assert sorted(set(example) - set(ours)) == []
+    assert ours["depends"] == "PyTorch" and ours["category"] == "Segmentation" and ours["scm"] == "git"
+
+
+def test_catalog_entry_is_valid_and_agrees_with_the_s4ext():
+    schema = json.loads((REFERENCE / "slicer-extension-catalog-entry-schema-v1.0.2.json").read_text())
+    entry = json.loads((ROOT / "SASSRSegment.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(entry)
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["scm_url"] == _s4ext_fields(ROOT / "SASSRSegment.s4ext")["scmurl"]
+
+
+def test_engine_never_imports_slicer_qt_vtk_or_ctk():
+    files = sorted(ENGINE_DIR.rglob("*.py"))
+    assert len(files) >= 5
+    forbidden = {"slicer", "qt", "vtk", "ctk"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "icon", ["SASSRSegment/Resources/Icons/SASSRSegment.png", "Resources/SASSRSegment.png"]
+)
+def test_icon_is_a_128_pixel_png(icon):
+    path = ROOT / icon
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == (128, 128)
+    assert image.GetNumberOfComponentsPerPixel() in (3, 4)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def test_segment_command_with_defaults(mod):
+    command = mod.segmentCommand("/py", "/t/in.nrrd", "/t/out.nrrd")
+    assert command == ["/py", "-m", "SASSRSegmentLib", "segment", "/t/in.nrrd", "-o", "/t/out.nrrd"] + [
+        "--device",
+        "auto",
+        "--progress",
+        "json",
+    ]
+
+
+def test_segment_command_with_every_option(mod):
+    command = mod.segmentCommand(
+        "/py",
+        Path("/t/in.nrrd"),
+        Path("/t/out.nrrd"),
+        modelName="brain-tumour-flair-3d",
+        device="gpu",
+        threshold=0.35,
+        tta=True,
+        roiBounds=[-10, 20.5, -30, 40, 5, 6.25],
+        srImagePath=Path("/t/sr.nrrd"),
+        lesionTablePath=Path("/t/lesions.csv"),
+    )
+    assert command[4:7] == ["/t/in.nrrd", "-o", "/t/out.nrrd"]
+    assert command[7:] == [
+        "--model",
+        "brain-tumour-flair-3d",
+        "--device",
+        "cuda",
+        "--progress",
+        "json",
+        "--threshold",
+        "0.35",
+        "--tta",
+        "--roi",
+        "-10.0",
+        "20.5",
+        "-30.0",
+        "40.0",
+        "5.0",
+        "6.25",
+        "--sr-image",
+        "/t/sr.nrrd",
+        "--lesion-table",
+        "/t/lesions.csv",
+    ]
+
+
+def test_segment_command_rejects_bad_values(mod):
+    with pytest.raises(ValueError, match="threshold"):
+        mod.segmentCommand("/py", "in", "out", threshold=1.5)
+    with pytest.raises(ValueError, match="ROI is empty"):
+        mod.segmentCommand("/py", "in", "out", roiBounds=[1, -1, 0, 1, 0, 1])  # an unplaced ROI
+    with pytest.raises(ValueError, match="six finite"):
+        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, float("nan"), 0, 1])
+    with pytest.raises(ValueError, match="Unknown device"):
+        mod.segmentCommand("/py", "in", "out", device="tpu")
+
+
+def test_device_choice_follows_what_torch_detected(mod):
+    assert mod.deviceArgument("Auto") == "auto"
+    assert mod.deviceArgument("CPU") == "cpu"
+    assert mod.deviceArgument("cuda:1") == "cuda:1"
+    assert mod.deviceArgument("gpu", {"cuda": "NVIDIA H100", "mps": False}) == "cuda"
+    assert mod.deviceArgument("gpu", {"cuda": None, "mps": True}) == "mps"
+    assert mod.deviceArgument("gpu", {"cuda": None, "mps": False}) == "cuda"  # the engine says it is absent
+
+    devices = mod.detectTorchDevices()
+    assert devices["torch"] and devices["error"] is None
+    summary = mod.deviceSummary(devices)
+    assert devices["torch"] in summary
+    assert (devices["cuda"] or "CPU") in summary or devices["mps"]
+    assert "not installed" in mod.deviceSummary({"torch": None})
+
+
+def test_parse_progress_line(mod):
+    line = json.dumps({"stage": "predict", "fraction": 0.25, "message": "window 3/12", "elapsed": 4.5})
+    assert mod.parseProgressLine(line + "\n") == {
+        "kind": "progress",
+        "stage": "predict",
+        "fraction": 0.25,
+        "message": "window 3/12",
+        "elapsed": 4.5,
+    }
+    assert mod.parseProgressLine('{"log": "using device cpu"}') == {
+        "kind": "log",
+        "message": "using device cpu",
+    }
+    assert mod.parseProgressLine('{"stage": "write", "fraction": 1.7}')["fraction"] == 1.0
+    for garbage in [
+        "",
+        "Warning: something happened",
+        "{not json",
+        "[1, 2]",
+        '{"stage": "read"}',
+        '{"stage": "read", "fraction": "half"}',
+        '{"stage": "read", "fraction": NaN}',
+    ]:
+        assert mod.parseProgressLine(garbage) is None, garbage
+
+
+def test_failure_message_is_one_clear_line(mod):
+    stderr = ["Traceback (most recent call last):", "  ...", "error: cannot read in.nrrd: not an image", ""]
+    assert mod.failureMessage(2, stderr) == "cannot read in.nrrd: not an image"
+    assert "cancelled" in mod.failureMessage(130, [])
+    assert "PyTorch" in mod.failureMessage(1, ["ModuleNotFoundError: No module named 'torch'"])
+    assert "Out of memory" in mod.failureMessage(1, ["torch.OutOfMemoryError: CUDA out of memory. Tried"])
+    assert mod.failureMessage(-9, ["Killed"]) == "The segmentation process failed (exit code -9): Killed"
+    assert "\n" not in mod.failureMessage(1, [])
+
+
+def _write_card(folder, **card):
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+def test_model_cards_are_read_from_a_models_folder(mod, tmp_path, caplog):
+    _write_card(
+        tmp_path / "brain-3d",
+        name="ignored: the folder name is what --model resolves",
+        description="Whole tumour",
+        modality="MRI FLAIR",
+        preprocessing={"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"], "lr_spacing": [2.0, 2.0, 2.0]},
+        threshold=0.45,
+        validation={"dice_mean": 0.8912},
+    )
+    _write_card(
+        tmp_path / "breast-us-2d",
+        modality="Ultrasound (B-mode)",
+        preprocessing={"spatial_dims": 2, "scale": 2, "lr_longer_side": 160},
+    )
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.json").write_text("{ not json")
+    (tmp_path / "no-card").mkdir()
+
+    cards = mod.readModelCards(tmp_path)
+    assert [card["name"] for card in cards] == ["brain-3d", "breast-us-2d"]
+    assert "broken" in caplog.text
+
+    brain = mod.modelSummary(cards[0])
+    for expected in ["brain-3d: Whole tumour", "MRI FLAIR", "2 x 2 x 2 mm", "FLAIR", "x2", "0.891"]:
+        assert expected in brain
+    breast = mod.modelSummary(cards[1])
+    for expected in ["Ultrasound (B-mode)", "2D image", "160 pixels", "not recorded"]:
+        assert expected in breast
+    assert "brain-3d" in mod.modelsHelpHtml(cards) and "No bundled model" in mod.modelsHelpHtml([])
+    assert mod.readModelCards(tmp_path / "absent") == []
+
+
+def _grid_rows(grid):
+    """IJK-to-physical 4x4 rows of an engine Grid."""
+    rows = [[grid.matrix[r][c] * grid.spacing[c] for c in range(3)] + [grid.origin[r]] for r in range(3)]
+    return rows + [[0.0, 0.0, 0.0, 1.0]]
+
+
+def test_roi_box_corners_and_bounds(mod):
+    corners = mod.boxCorners([0, 1, 10, 12, -5, -4])
+    assert len(set(corners)) == 8
+    assert mod.boundsOfPoints(corners) == [0, 1, 10, 12, -5, -4]
+    with pytest.raises(ValueError):
+        mod.boundsOfPoints([])
+
+
+def test_reference_geometry_is_the_engines_hr_grid(mod):
+    # An oblique, anisotropic input: the Slicer side must compute the same HR grid as the engine.
+    rotation = sitk.VersorRigid3DTransform()
+    rotation.SetRotation([0.2, 1, 0.1], 0.3)
+    lr = Grid((7, 5, 3), (1.0, 2.0, 5.0), (10.0, -3.0, 4.0), tuple(rotation.GetMatrix()))
+    hr = hr_grid(lr, 2)
+    rows, dimensions = mod.superResolvedGrid(_grid_rows(lr), lr.size, [2, 2, 2])
+    assert dimensions == list(hr.size)
+    assert np.allclose(rows, _grid_rows(hr), atol=1e-12)
+    lr_bounds = mod.voxelCornerBounds(_grid_rows(lr), lr.size)
+    assert mod.voxelCornerBounds(rows, dimensions) == pytest.approx(lr_bounds, abs=1e-9)
+    assert mod.voxelCornerBounds(rows, [14, 10, 7]) != pytest.approx(lr_bounds, abs=1e-3)
+
+    # A 2D image held as a one-slice volume keeps its slice axis.
+    rows, dimensions = mod.superResolvedGrid(_grid_rows(lr), [7, 5, 1], [2, 2, 1])
+    assert dimensions == [14, 10, 1]
+    assert [row[2] for row in rows] == pytest.approx([row[2] for row in _grid_rows(lr)])
+    assert mod.scaleFactors([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == [2, 2, 2]
+    assert mod.scaleFactors([0.5, 0.5, 3.0], [0.25, 0.25, 3.0]) == [2, 2, 1]
+
+
+def test_command_environment_puts_the_module_first_on_pythonpath(mod):
+    env = mod.commandEnvironment({"PYTHONPATH": "/site", "HOME": "/h"}, Path("/mod"))
+    assert env["PYTHONPATH"] == os.pathsep.join(["/mod", "/site"])
+    assert env["HOME"] == "/h" and env["PYTHONUNBUFFERED"] == "1"
+    assert mod.commandEnvironment({}, Path("/mod"))["PYTHONPATH"] == "/mod"
+
+
+def test_output_naming(mod):
+    paths = mod.outputPathsForFiles(
+        ["/a/case1.nii.gz", "/b/case1.nrrd", "/c/dicom_series", "/d/scan.v2.mha", "/e/.nrrd"], "/out"
+    )
+    assert [p.name for p in paths] == [
+        "case1_lesions.nrrd",
+        "case1 2_lesions.nrrd",
+        "dicom_series_lesions.nrrd",
+        "scan.v2_lesions.nrrd",
+        ".nrrd_lesions.nrrd",
+    ]
+    assert all(p.parent == Path("/out") for p in paths)
+    assert mod.uniqueName("Lesion", []) == "Lesion"
+    assert mod.uniqueName("Lesion", ["Lesion", "Lesion 2"]) == "Lesion 3"
+    assert mod.outputNodeNames("FLAIR") == {
+        "segmentation": "FLAIR lesions",
+        "srImage": "FLAIR super-resolved",
+        "table": "FLAIR lesion table",
+    }
+    assert [mod.formatElapsed(s) for s in (0, 9.9, 75, 3723)] == ["0:00", "0:09", "1:15", "1:02:03"]
+
+
+def test_lesion_table_columns_are_numeric(mod, tmp_path):
+    path = tmp_path / "lesions.csv"
+    path.write_text("id,voxels,volume_mm3,centroid_ras_x,note\n1,120,15.0,-3.5,a\n2,8,1.0,12,\n")
+    columns = dict(mod.readCsvColumns(path))
+    assert columns == {
+        "id": [1, 2],
+        "voxels": [120, 8],
+        "volume_mm3": [15.0, 1.0],
+        "centroid_ras_x": [-3.5, 12.0],
+        "note": ["a", ""],
+    }
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert mod.readCsvColumns(empty) == []
+
+
+# ------------------------------------------------------------------------------------ process runner
+
+
+def _script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text("import json, signal, subprocess, sys, time\n" + body)
+    return [sys.executable, str(path)]
+
+
+def _drive(runner, events, until, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+        events.extend(runner.poll())
+        time.sleep(0.02)
+
+
+def test_runner_streams_progress_and_reports_the_error_line(mod, tmp_path):
+    command = _script(
+        tmp_path,
+        "engine.py",
+        """
+for k in range(3):
+    print(json.dumps({"stage": "predict", "fraction": k / 2, "message": f"{k}", "elapsed": k}), flush=True)
+print(json.dumps({"log": "device: cpu"}), flush=True)
+print("a stray print", flush=True)
+print("Traceback: details", file=sys.stderr)
+print("error: the input is 4D", file=sys.stderr)
+sys.exit(2)
+""",
+    )
+    runner = mod.SegmentRunner(command)
+    runner.start()
+    events = []
+    assert runner.wait(onEvent=events.append) == 2
+    progress = [e for e in events if e["kind"] == "progress"]
+    assert [e["fraction"] for e in progress] == [0.0, 0.5, 1.0]
+    assert {"kind": "log", "message": "device: cpu"} in events
+    assert [e["message"] for e in events if e["kind"] == "stderr"] == [
+        "Traceback: details",
+        "error: the input is 4D",
+    ]
+    assert not runner.cancelled
+    assert mod.failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
+
+
+@POSIX_ONLY
+def test_runner_cancel_ends_a_process_that_honours_sigterm(mod, tmp_path):
+    command = _script(
+        tmp_path,
+        "engine.py",
+        """
+def stop(signum, frame):
+    print("cancelled", file=sys.stderr, flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+print(json.dumps({"stage": "predict", "fraction": 0.1}), flush=True)
+time.sleep(60)
+""",
+    )
+    runner = mod.SegmentRunner(command)
+    runner.start()
+    events = []
+    _drive(runner, events, lambda: events)
+    started = time.monotonic()
+    runner.cancel()
+    _drive(runner, events, lambda: runner.finished)
+    assert time.monotonic() - started < mod.CANCEL_GRACE_S
+    assert runner.cancelled and runner.returnCode == 130
+    assert list(runner.stderrLines) == ["cancelled"]
+
+
+@POSIX_ONLY
+def test_runner_cancel_kills_a_stubborn_process_and_its_children(mod, tmp_path):
+    # Like the PythonSlicer launcher: the process we start runs the engine in a child of its own.
+    command = _script(
+        tmp_path,
+        "launcher.py",
+        """
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+print(json.dumps({"log": str(child.pid)}), flush=True)
+time.sleep(60)
+""",
+    )
+    runner = mod.SegmentRunner(command, cancelGraceS=0.5)
+    runner.start()
+    events = []
+    _drive(runner, events, lambda: events)
+    childPid = int(events[0]["message"])
+    runner.cancel()
+    _drive(runner, events, lambda: runner.finished)
+    assert runner.cancelled and runner.returnCode == -signal.SIGKILL
+    status = Path(f"/proc/{childPid}/status")
+    deadline = time.monotonic() + 5
+    while status.exists() and "State:\tZ" not in status.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not status.exists() or "State:\tZ" in status.read_text(), "the child outlived Cancel"
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_the_logic_command_segments_the_sample_at_twice_the_resolution(mod, tmp_path):
+    """The exact command the Logic builds, run as a subprocess on the shipped sample."""
+    if not mod.readModelCards():
+        pytest.skip("no bundled model yet (Resources/Models is empty)")
+    output, table = tmp_path / "lesions.nrrd", tmp_path / "lesions.csv"
+    command = mod.segmentCommand(
+        mod.pythonExecutable(), mod.SAMPLE_PATH, output, device="cpu", lesionTablePath=table
+    )
+    runner = mod.SegmentRunner(command, env=mod.commandEnvironment(os.environ), cwd=str(mod.MODULE_DIR))
+    runner.start()
+    events = []
+    runner.wait(onEvent=events.append)
+    assert runner.returnCode == 0, mod.failureMessage(runner.returnCode, runner.stderrLines)
+    assert any(e["kind"] == "progress" and e["fraction"] == 1.0 for e in events)
+
+    lr, hr = sitk.ReadImage(str(mod.SAMPLE_PATH)), sitk.ReadImage(str(output))
+    assert hr.GetSize() == tuple(2 * n for n in lr.GetSize())
+    assert hr.GetSpacing() == pytest.approx([s / 2 for s in lr.GetSpacing()])
+    assert hr.GetDirection() == pytest.approx(lr.GetDirection())
+    low = lr.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
+    assert hr.TransformContinuousIndexToPhysicalPoint([-0.5] * 3) == pytest.approx(low, abs=1e-4)
+    assert sitk.GetArrayViewFromImage(hr).max() == 1, "no lesion found in the sample"
+    columns = dict(mod.readCsvColumns(table))
+    assert {"id", "volume_mm3", "longest_diameter_mm"} <= set(columns) and columns["id"]
