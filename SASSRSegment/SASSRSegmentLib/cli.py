@@ -22,13 +22,19 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported to add its arguments.
+
+    Importing one command does not drag in another's dependencies: `train` from a prepared cache
+    runs on machines without SimpleITK, which `segment` needs.
+    """
     parser = argparse.ArgumentParser(prog="sassr-segment", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        _load(module).add_arguments(p)
+        if name == command:
+            _load(module).add_arguments(p)
     return parser
 
 
@@ -43,7 +49,8 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help(sys.stderr)

@@ -1,0 +1,147 @@
+"""Connected lesions of a mask and the lesion table (CSV or JSON).
+
+Coordinates: SimpleITK's physical space is LPS; Slicer shows RAS. Both are given, and every coordinate
+column says which. Longest diameters are Feret diameters between voxel centres on the lesion's
+border, so a one-voxel lesion has diameter 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UserError
+from .geometry import Grid
+from .imageio import split_extension, write_text
+
+_AXES = ("x", "y", "z")
+
+
+def connected_lesions(mask: sitk.Image, fully_connected: bool = True) -> sitk.Image:
+    """Label image of the mask's connected components, numbered 1.. from the largest down.
+
+    fully_connected: diagonal neighbours join (26-connectivity in 3D, 8 in 2D); else faces only.
+    """
+    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    labels = sitk.ConnectedComponent(binary, fully_connected)
+    return sitk.RelabelComponent(labels, sortByObjectSize=True)
+
+
+def _lps_to_ras(point: np.ndarray) -> np.ndarray:
+    flip = np.ones(len(point))
+    flip[:2] = -1
+    return point * flip
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    ga, gb = Grid.from_image(a), Grid.from_image(b)
+    return (
+        ga.size == gb.size
+        and np.allclose(ga.spacing, gb.spacing, atol=1e-6)
+        and np.allclose(ga.origin, gb.origin, atol=1e-4)
+        and np.allclose(ga.direction, gb.direction, atol=1e-6)
+    )
+
+
+def lesion_table(
+    mask: sitk.Image, probabilities: sitk.Image | None = None, fully_connected: bool = True
+) -> list[dict]:
+    """One row per connected lesion (largest first).
+
+    Keys: id, voxels, volume_mm3 (area_mm2 for 2D images), centroid_lps_mm, centroid_ras_mm,
+    bbox_index_start, bbox_index_size (voxels, x y z), bbox_ras_min_mm, bbox_ras_max_mm (the RAS
+    axis-aligned box around the lesion's voxels, voxel edges included), longest_diameter_mm, and
+    mean_probability when `probabilities` (on the mask's grid) is given.
+    """
+    if probabilities is not None and not _same_grid(mask, probabilities):
+        raise ValueError("probabilities must lie on the mask's grid")
+    labels = connected_lesions(mask, fully_connected)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
+    shape.Execute(labels)
+    stats = None
+    if probabilities is not None:
+        stats = sitk.LabelStatisticsImageFilter()
+        stats.Execute(sitk.Cast(probabilities, sitk.sitkFloat32), labels)
+    grid = Grid.from_image(mask)
+    d = grid.dims
+    size_key = "volume_mm3" if d == 3 else "area_mm2"
+    rows = []
+    for label in shape.GetLabels():
+        box = shape.GetBoundingBox(label)
+        start, size = np.asarray(box[:d], dtype=float), np.asarray(box[d:], dtype=float)
+        corners = []
+        for c in range(2**d):
+            index = [start[k] + size[k] - 0.5 if (c >> k) & 1 else start[k] - 0.5 for k in range(d)]
+            corners.append(_lps_to_ras(grid.index_to_physical(index)))
+        corners = np.stack(corners)
+        centroid = np.asarray(shape.GetCentroid(label))
+        row = {
+            "id": int(label),
+            "voxels": int(shape.GetNumberOfPixels(label)),
+            size_key: float(shape.GetPhysicalSize(label)),
+            "centroid_lps_mm": centroid.tolist(),
+            "centroid_ras_mm": _lps_to_ras(centroid).tolist(),
+            "bbox_index_start": [int(v) for v in box[:d]],
+            "bbox_index_size": [int(v) for v in box[d:]],
+            "bbox_ras_min_mm": corners.min(axis=0).tolist(),
+            "bbox_ras_max_mm": corners.max(axis=0).tolist(),
+            "longest_diameter_mm": float(shape.GetFeretDiameter(label)),
+        }
+        if stats is not None:
+            row["mean_probability"] = float(stats.GetMean(label))
+        rows.append(row)
+    return rows
+
+
+def _flatten(row: dict) -> dict:
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, list):
+            # "centroid_ras_mm" -> centroid_ras_x_mm, ...: the unit stays last.
+            base, unit = (key[:-3], "_mm") if key.endswith("_mm") else (key, "")
+            for axis, v in zip(_AXES, value, strict=False):
+                flat[f"{base}_{axis}{unit}"] = round(v, 4) if isinstance(v, float) else v
+        else:
+            flat[key] = round(value, 4) if isinstance(value, float) else value
+    return flat
+
+
+def format_table(rows: list[dict], kind: str, meta: dict | None = None) -> str:
+    """The table as CSV text (vector columns split per axis) or JSON text ({"lesions": [...], ...})."""
+    if kind == ".json":
+        document = {
+            "coordinates": "physical millimetres; *_lps_* in SimpleITK/DICOM LPS, *_ras_* in Slicer RAS",
+            **(meta or {}),
+            "lesions": rows,
+        }
+        return json.dumps(document, indent=2) + "\n"
+    flat = [_flatten(r) for r in rows]
+    columns: list[str] = []
+    for r in flat:
+        columns += [c for c in r if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns or ["id"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
+def check_table_path(path: str | os.PathLike) -> str:
+    kind = split_extension(path)[1]
+    if kind not in (".csv", ".json"):
+        raise UserError(f"lesion table {path}: use a name ending in .csv or .json")
+    return kind
+
+
+def write_lesion_table(
+    rows: list[dict], path: str | os.PathLike, overwrite: bool = False, meta: dict | None = None
+) -> Path:
+    """Write the table atomically; the format follows the extension (.csv or .json)."""
+    return write_text(format_table(rows, check_table_path(path), meta), path, overwrite)

@@ -1,0 +1,743 @@
+"""The `segment` command: LR images in, lesion masks at `scale` times finer resolution out.
+
+Pipeline per image: checks -> (ROI crop) -> working LR grid of the model card -> antialiased resampling
+-> normalisation -> sliding-window HR probabilities on the HR working grid -> linear resampling onto
+the output grid (the input's HR grid, or the input grid) -> threshold -> atomic write. The HR output
+covers exactly the physical extent of its input, so it overlays it in any viewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry, imageio, lesions, normalization
+from .errors import UserError
+from .geometry import Grid
+from .progress import Progress
+
+SAMPLE_NAME = "brats_2013_pat0005_1_flair_2mm.nrrd"
+MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX = "_mask", "_probabilities", "_sr"
+# Bytes per voxel held at the peak: the HR working grid while windows are blended (sum, weights and
+# their quotient, float32); the output grid's float32 probabilities and uint8 mask, plus a float32 copy
+# when they are resampled from the working grid; the input as float32 while it is resampled. Network
+# activations: about _ACTIVATION_COPIES float32 maps of the first width per HR window voxel.
+_BYTES_HR_WORK, _BYTES_OUT, _BYTES_OUT_RESAMPLED, _BYTES_IN = 12, 5, 4, 8
+_ACTIVATION_COPIES = 10
+CONTEXT_LR_VOXELS = 8
+
+
+def samples_dir() -> Path:
+    from .bundle import MODELS_DIR
+
+    return MODELS_DIR.parent / "Samples"
+
+
+# ------------------------------------------------------------------------------------- input checks
+
+
+def _single_slice(image: sitk.Image) -> bool:
+    return image.GetDimension() == 3 and image.GetSize()[2] == 1
+
+
+def effective_dims(image: sitk.Image) -> int:
+    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else the image dimension."""
+    return 2 if image.GetDimension() == 2 or _single_slice(image) else image.GetDimension()
+
+
+def _drop_singleton_4th(image: sitk.Image) -> sitk.Image:
+    if image.GetDimension() != 4:
+        return image
+    if image.GetSize()[3] != 1:
+        raise UserError(
+            f"the input is 4D ({image.GetSize()[3]} volumes of {tuple(image.GetSize()[:3])}); the model takes one "
+            "3D volume: extract the volume to segment (e.g. in Slicer, or with SimpleITK) and pass that"
+        )
+    array = sitk.GetArrayFromImage(image)[0]
+    out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    direction = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3]
+    return Grid(
+        tuple(image.GetSize()[:3]),
+        tuple(image.GetSpacing()[:3]),
+        tuple(image.GetOrigin()[:3]),
+        tuple(direction.ravel()),
+    ).apply(out)
+
+
+def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components == in_channels:
+        return image
+    if in_channels == 1 and components in (3, 4):
+        # Greyscale saved as RGB(A) is common for ultrasound screenshots: accept it when R = G = B.
+        rgb = sitk.GetArrayViewFromImage(image)[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            return sitk.VectorIndexSelectionCast(image, 0)
+        raise UserError(
+            f"the input is a colour image ({components} components) but the model takes greyscale; convert it to "
+            "greyscale first"
+        )
+    raise UserError(
+        f"the input has {components} component(s) per voxel but the model takes {in_channels} channel(s); "
+        "choose a matching model with --model"
+    )
+
+
+def check_image(image: sitk.Image, card: dict) -> sitk.Image:
+    """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
+    image = _drop_singleton_4th(image)
+    model_dims = int(card["preprocessing"]["spatial_dims"])
+    dims = effective_dims(image)
+    if image.GetDimension() > 3:
+        raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
+    if dims != model_dims:
+        what = "a 2D image" if dims == 2 else "a 3D volume"
+        raise UserError(
+            f"the input is {what} but model {card.get('name', '?')!r} is a {model_dims}D model; "
+            f"choose a {dims}D model with --model (see `models`)"
+        )
+    if any(n == 0 for n in image.GetSize()):
+        raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
+    return _match_channels(image, int(card["network"].get("in_channels", 1)))
+
+
+# ------------------------------------------------------------------------- single-slice volumes
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """A single-slice volume seen as a 2D image: the 2D proxy has origin 0 and identity direction, so a
+    proxy point p maps to origin + D @ (p_x, p_y, 0) of the volume."""
+
+    volume: Grid
+
+    def proxy(self, image: sitk.Image) -> sitk.Image:
+        vector = image.GetNumberOfComponentsPerPixel() > 1
+        out = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[0], isVector=vector)
+        out.SetSpacing(self.volume.spacing[:2])
+        return out
+
+    def lift_grid(self, grid: Grid) -> Grid:
+        origin = np.asarray(self.volume.origin) + self.volume.matrix @ np.array([*grid.origin, 0.0])
+        return Grid(
+            (*grid.size, 1),
+            (*grid.spacing, self.volume.spacing[2]),
+            tuple(float(v) for v in origin),
+            self.volume.direction,
+        )
+
+    def lift(self, image: sitk.Image) -> sitk.Image:
+        array = sitk.GetArrayFromImage(image)[np.newaxis]
+        return self.lift_grid(Grid.from_image(image)).image_from_array(array)
+
+
+# ---------------------------------------------------------------------------------- the core
+
+
+def same_grid(a: Grid, b: Grid) -> bool:
+    """Equal up to float rounding in the headers (origins within 1e-4 voxel)."""
+    return (
+        a.size == b.size
+        and np.allclose(a.spacing, b.spacing, rtol=1e-6)
+        and np.allclose(a.origin, b.origin, atol=1e-4 * min(a.spacing))
+        and np.allclose(a.direction, b.direction, atol=1e-6)
+    )
+
+
+def estimate_bytes(
+    input_grid: Grid, output_grid: Grid, hr_work: Grid, window_hr_voxels: int, card: dict, batch: int
+) -> int:
+    """Peak memory of one image's segmentation (an estimate that errs high)."""
+    width = int(card["network"]["features"][0])
+    per_output = _BYTES_OUT + (0 if same_grid(hr_work, output_grid) else _BYTES_OUT_RESAMPLED)
+    return int(
+        _BYTES_HR_WORK * math.prod(hr_work.size)
+        + per_output * math.prod(output_grid.size)
+        + _BYTES_IN * math.prod(input_grid.size)
+        + _ACTIVATION_COPIES * 4 * width * window_hr_voxels * batch
+    )
+
+
+def available_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _sub_grid(grid: Grid, start: list[int], size: list[int]) -> Grid:
+    origin = grid.index_to_physical(start)
+    return Grid(tuple(int(n) for n in size), grid.spacing, tuple(float(v) for v in origin), grid.direction)
+
+
+def _with_context(grid: Grid, start: list[int], size: list[int], prep: dict) -> tuple[list[int], list[int]]:
+    """The ROI's index region widened by CONTEXT_LR_VOXELS working voxels a side (within the image).
+
+    The network then sees lesions cut by the ROI's faces with their surroundings, and interpolation at
+    the faces uses real neighbours instead of extrapolating the edge voxels.
+    """
+    work_spacing = np.asarray(geometry.working_lr_grid(_sub_grid(grid, start, size), prep).spacing)
+    margin = np.ceil(CONTEXT_LR_VOXELS * work_spacing / np.asarray(grid.spacing) - 1e-6).astype(int)
+    lo = np.maximum(np.asarray(start) - margin, 0)
+    hi = np.minimum(np.asarray(start) + np.asarray(size) + margin, grid.size)
+    return lo.tolist(), (hi - lo).tolist()
+
+
+@dataclass
+class _Prepared:
+    input_grid: Grid  # the grid the network input is made from (ROI plus context; 2D proxy of a slice)
+    output_grid: Grid
+    hr_work: Grid
+    lr: object  # torch.Tensor (C, *spatial) of normalised LR intensities; None for a constant image
+    window: tuple[int, ...]
+    plane: _Plane | None
+
+
+def _prepare(
+    image: sitk.Image,
+    card: dict,
+    roi: list[float] | None,
+    output_grid: str,
+    batch_size: int,
+    memory_limit: int | None,
+    warn: Callable[[str], None],
+) -> _Prepared:
+    import torch
+
+    prep = card["preprocessing"]
+    scale = int(prep["scale"])
+    image = check_image(image, card)
+    full = Grid.from_image(image)
+    start, size = [0] * full.dims, list(full.size)
+    if roi:
+        start, size = geometry.roi_region(full, list(roi))
+        context_start, context_size = _with_context(full, start, size, prep)
+        image = sitk.RegionOfInterest(image, context_size, context_start)
+        start = [a - b for a, b in zip(start, context_start, strict=True)]
+    plane = None
+    if _single_slice(image):
+        plane = _Plane(Grid.from_image(image))
+        image = plane.proxy(image)
+        start, size = start[:2], size[:2]
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise UserError(
+            f"the input has {array.size - int(finite.sum())} NaN or infinite voxel(s); replace them (e.g. with 0) "
+            "before segmenting"
+        )
+    input_grid = Grid.from_image(image)
+    target = _sub_grid(input_grid, start, size)  # the input voxels to segment (all, or those the ROI touches)
+    out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
+    work_lr = geometry.working_lr_grid(input_grid, prep)
+    hr_work = geometry.hr_grid(work_lr, scale)
+    # The card's window is in array order (z, y, x), like the tensor; clipped to the image.
+    window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1], strict=True))
+    window_hr = math.prod(w * scale for w in window)
+    need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size)
+    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    if need > limit:
+        raise UserError(
+            f"this image needs about {need / 2**30:.1f} GB at {scale}x resolution but only {limit / 2**30:.1f} GB "
+            "is available; segment a region with --roi xmin xmax ymin ymax zmin zmax (RAS mm) or use "
+            "--output-grid input"
+        )
+    if float(array.min()) == float(array.max()):
+        warn("the input image is constant (no contrast): the mask is empty")
+        return _Prepared(input_grid, out_grid, hr_work, None, window, plane)
+    components = image.GetNumberOfComponentsPerPixel()
+    channels = (
+        [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
+    )
+    spec = prep["normalization"]
+    lr = np.stack(
+        [
+            normalization.normalize(
+                sitk.GetArrayFromImage(geometry.resample(ch, work_lr, "linear", True)), spec
+            )
+            for ch in channels
+        ]
+    )
+    return _Prepared(input_grid, out_grid, hr_work, torch.from_numpy(lr), window, plane)
+
+
+def _to_output(array: np.ndarray, prepared: _Prepared) -> sitk.Image:
+    """An HR-working-grid array on the output grid (resampled linearly unless the grids coincide;
+    smoothed first along axes where the output is coarser, e.g. for --output-grid input)."""
+    image = prepared.hr_work.image_from_array(array)
+    if not same_grid(prepared.hr_work, prepared.output_grid):
+        image = geometry.resample(image, prepared.output_grid, "linear", antialias=True)
+    return image
+
+
+def _lift(image: sitk.Image, prepared: _Prepared) -> sitk.Image:
+    return prepared.plane.lift(image) if prepared.plane is not None else image
+
+
+def segment_image(
+    image: sitk.Image,
+    net,
+    card: dict,
+    device=None,
+    tta: bool = False,
+    threshold: float | None = None,
+    roi: list[float] | None = None,
+    output_grid: str = "hr",
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    memory_limit: int | None = None,
+    progress: Callable[[str, float], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[sitk.Image, sitk.Image]:
+    """(uint8 mask, float32 probabilities), both on the output grid: `hr_grid(input, scale)` (or of the ROI's
+    input voxels), or the input grid with output_grid="input".
+
+    roi: (xmin, xmax, ymin, ymax[, zmin, zmax]) in RAS mm; the input voxels it touches are segmented.
+    progress(stage, fraction) is called as work proceeds; warn(message) for non-fatal problems.
+    """
+    from .inference import sliding_window_predict
+
+    threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
+    report = progress or (lambda stage, fraction: None)
+    report("preprocess", 0.0)
+    prepared = _prepare(image, card, roi, output_grid, batch_size, memory_limit, warn or (lambda m: None))
+    report("preprocess", 1.0)
+    if prepared.lr is None:
+        probabilities = prepared.output_grid.reference_image(sitk.sitkFloat32)
+    else:
+        hr = sliding_window_predict(
+            net,
+            prepared.lr,
+            prepared.window,
+            int(card["preprocessing"]["scale"]),
+            overlap=overlap,
+            batch_size=batch_size,
+            device=device,
+            tta=tta,
+            progress=lambda f: report("predict", f),
+        )
+        report("resample", 0.0)
+        probabilities = _to_output(hr.numpy(), prepared)
+        del hr
+    mask = sitk.Cast(probabilities >= threshold, sitk.sitkUInt8)
+    report("resample", 1.0)
+    return _lift(mask, prepared), _lift(probabilities, prepared)
+
+
+def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
+    dims = range(2, 2 + spatial_dims)
+    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)] if tta else [()]
+
+
+def _sliding_window_image(
+    net, prepared: _Prepared, scale: int, overlap: float, device, tta: bool, report
+) -> np.ndarray:
+    """The image-SR decoder over Gaussian-blended windows (the mask predictor runs only the mask decoder)."""
+    import torch
+
+    from .devices import autocast
+    from .inference import gaussian_importance, window_starts
+
+    lr = prepared.lr
+    spatial = tuple(lr.shape[1:])
+    window = prepared.window
+    hr_window = tuple(w * scale for w in window)
+    importance = gaussian_importance(hr_window)
+    out = torch.zeros((lr.shape[0], *(n * scale for n in spatial)), dtype=torch.float32)
+    weights = torch.zeros(out.shape[1:], dtype=torch.float32)
+    starts = list(
+        itertools.product(*(window_starts(n, w, overlap) for n, w in zip(spatial, window, strict=True)))
+    )
+    flips = _flip_sets(len(spatial), tta)
+    with torch.no_grad():
+        for k, start in enumerate(starts):
+            x = lr[(slice(None), *(slice(s, s + w) for s, w in zip(start, window, strict=True)))][None].to(
+                device
+            )
+            y = 0
+            for axes in flips:
+                with autocast(device):
+                    pred = net.super_resolve_image(torch.flip(x, axes) if axes else x).float()
+                y = y + (torch.flip(pred, axes) if axes else pred)
+            region = tuple(slice(s * scale, (s + w) * scale) for s, w in zip(start, window, strict=True))
+            out[(slice(None), *region)] += (y[0] / len(flips)).cpu() * importance
+            weights[region] += importance
+            report("super-resolve", (k + 1) / len(starts))
+    return (out / weights).numpy()
+
+
+def super_resolve_image(
+    image: sitk.Image,
+    net,
+    card: dict,
+    device=None,
+    tta: bool = False,
+    roi: list[float] | None = None,
+    output_grid: str = "hr",
+    overlap: float = 0.5,
+    memory_limit: int | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> sitk.Image:
+    """The network's HR image (its image-SR decoder) on the same output grid as `segment_image`.
+
+    Intensities are the normalised ones the network works in (z-score for MRI, [0, 1] for 8-bit and CT).
+    """
+    if getattr(net, "sr_decoder", None) is None:
+        raise UserError(
+            f"model {card.get('name', '?')!r} has no image-SR decoder (image_sr=false); drop --sr-image"
+        )
+    report = progress or (lambda stage, fraction: None)
+    prepared = _prepare(image, card, roi, output_grid, 1, memory_limit, lambda m: None)
+    scale = int(card["preprocessing"]["scale"])
+    if prepared.lr is None:
+        # A constant image normalises to zeros everywhere: so is its super-resolved version.
+        return _lift(prepared.output_grid.reference_image(sitk.sitkFloat32), prepared)
+    device = device or next(net.parameters()).device
+    hr = _sliding_window_image(net, prepared, scale, overlap, device, tta, report)
+    if hr.shape[0] == 1:
+        out = _to_output(hr[0], prepared)
+    else:
+        out = sitk.Compose([_to_output(c, prepared) for c in hr])
+    return _lift(out, prepared)
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="image files, DICOM series folders or folders of images"
+    )
+    parser.add_argument(
+        "-o", "--output", help="output file (one input) or folder (several inputs, a folder, --demo)"
+    )
+    parser.add_argument(
+        "--model",
+        help="bundled model name or bundle folder (default: the bundled model for the input's dims)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--tta", action="store_true", help="average over all axis flips (2^d times slower)")
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
+    parser.add_argument(
+        "--roi",
+        nargs="+",
+        type=float,
+        metavar="MM",
+        help="segment only this box: xmin xmax ymin ymax [zmin zmax] in RAS mm",
+    )
+    parser.add_argument(
+        "--output-grid",
+        choices=("hr", "input"),
+        default="hr",
+        help="hr: scale x finer than the input (default); input: the input grid",
+    )
+    parser.add_argument(
+        "--probabilities", metavar="PATH", help="also write the lesion probabilities (a folder for batches)"
+    )
+    parser.add_argument(
+        "--sr-image", metavar="PATH", help="also write the super-resolved image (a folder for batches)"
+    )
+    parser.add_argument(
+        "--lesion-table",
+        metavar="PATH",
+        help="write the connected lesions to .csv or .json (one table for batches)",
+    )
+    parser.add_argument(
+        "--figure", metavar="PATH", help="write a PNG overlay of the HR mask outline on the input (one input)"
+    )
+    parser.add_argument(
+        "--format", choices=imageio.OUTPUT_EXTENSIONS, help="output extension when -o is a folder"
+    )
+    parser.add_argument(
+        "--face-connected",
+        action="store_true",
+        help="lesions connect through faces only (default: also diagonals)",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to 0.9 (default 0.5)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="windows per network call (default 1 on CPU, 4 on GPU)"
+    )
+    parser.add_argument(
+        "--memory-limit", type=float, metavar="GB", help="memory budget (default: the available RAM)"
+    )
+    parser.add_argument(
+        "--progress", choices=("bar", "json", "quiet"), default="bar", help="json: one JSON object per line"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"segment the bundled sample {SAMPLE_NAME} into -o (default demo-output)",
+    )
+
+
+@dataclass
+class _Job:
+    item: imageio.InputItem
+    mask: Path
+    probabilities: Path | None = None
+    sr_image: Path | None = None
+
+
+def _default_extension(item: imageio.InputItem, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    ext = imageio.split_extension(item.path)[1] if item.series_id is None else ""
+    if ext in imageio.OUTPUT_EXTENSIONS:
+        return ext
+    return ".png" if ext in (".jpg", ".jpeg", ".bmp", ".tif", ".tiff") else ".nrrd"
+
+
+def _is_folder_target(path: str) -> bool:
+    return Path(path).is_dir() or path.endswith(("/", "\\")) or imageio.split_extension(path)[1] == ""
+
+
+def _plan(args: argparse.Namespace, items: list[imageio.InputItem], batch: bool) -> list[_Job]:
+    """Every output path, checked (extension, writable folder, no clobbering) before any work starts."""
+    if not args.output:
+        raise UserError("give the output with -o (a file for one input, a folder for several)")
+    if batch and not _is_folder_target(args.output):
+        raise UserError(f"several inputs: -o must be a folder, not {args.output}")
+    extras = {"probabilities": PROB_SUFFIX, "sr_image": SR_SUFFIX}
+    if batch:
+        for key in extras:
+            value = getattr(args, key)
+            if value and not _is_folder_target(value):
+                raise UserError(f"several inputs: --{key.replace('_', '-')} must be a folder, not {value}")
+        if args.figure:
+            raise UserError("--figure draws one input; segment that input on its own")
+    jobs = []
+    for item in items:
+        ext = _default_extension(item, args.format)
+        if _is_folder_target(args.output):
+            mask = Path(args.output) / f"{item.name}{MASK_SUFFIX}{ext}"
+        else:
+            mask = Path(args.output)
+        job = _Job(item, imageio.check_output_path(mask, args.overwrite))
+        for key, suffix in extras.items():
+            value = getattr(args, key)
+            if value:
+                path = Path(value) / f"{item.name}{suffix}{ext}" if batch else Path(value)
+                setattr(job, key, imageio.check_output_path(path, args.overwrite))
+        jobs.append(job)
+    outputs = [p for j in jobs for p in (j.mask, j.probabilities, j.sr_image) if p is not None]
+    for path, kinds in ((args.lesion_table, (".csv", ".json")), (args.figure, (".png",))):
+        if path:
+            outputs.append(imageio.check_output_path(path, args.overwrite, kinds))
+    resolved = [p.resolve() for p in outputs]
+    if len(set(resolved)) != len(resolved):
+        raise UserError("two outputs would be written to the same file; give distinct output names")
+    inputs = {j.item.path.resolve() for j in jobs}
+    if clash := inputs & set(resolved):
+        raise UserError(f"an output would replace its input {sorted(clash)[0]}; choose another output name")
+    return jobs
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Point the arguments at the bundled sample, the bundled 3D model and files in the -o folder."""
+    from .bundle import MODELS_DIR, bundled_models, read_card
+
+    if args.inputs:
+        raise UserError("--demo takes no inputs")
+    sample = samples_dir() / SAMPLE_NAME
+    missing = []
+    if not sample.is_file():
+        missing.append(f"the sample image {sample}")
+    if args.model is None and not any(
+        read_card(f)["preprocessing"].get("spatial_dims") == 3 for f in bundled_models().values()
+    ):
+        missing.append(f"a bundled 3D model in {MODELS_DIR}")
+    if missing:
+        raise UserError(
+            f"--demo needs {' and '.join(missing)}, which this installation lacks; reinstall the extension"
+        )
+    folder = Path(args.output or "demo-output")
+    stem = imageio.split_extension(sample)[0]
+    args.inputs = [str(sample)]
+    args.output = str(folder / f"{stem}{MASK_SUFFIX}.seg.nrrd")
+    args.lesion_table = args.lesion_table or str(folder / f"{stem}_lesions.csv")
+    args.figure = args.figure or str(folder / f"{stem}_figure.png")
+
+
+def _to_png_range(image: sitk.Image, factor: float) -> sitk.Image:
+    return sitk.Cast(sitk.Clamp(image * factor + 0.5, sitk.sitkFloat32, 0.0, 255.0), sitk.sitkUInt8)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise UserError(f"--threshold must lie between 0 and 1, got {args.threshold}")
+    if not 0.0 <= args.overlap <= 0.9:
+        raise UserError(f"--overlap must lie between 0 and 0.9, got {args.overlap}")
+    if args.roi is not None and len(args.roi) not in (4, 6):
+        raise UserError(
+            "--roi needs xmin xmax ymin ymax (2D) or xmin xmax ymin ymax zmin zmax (3D), in RAS mm"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise UserError("--memory-limit must be a positive number of GB")
+    if args.lesion_table:
+        lesions.check_table_path(args.lesion_table)
+
+
+class _Models:
+    """Loads each needed model once (the default model depends on the input's dimensionality)."""
+
+    def __init__(self, name: str | None, device):
+        self.name, self.device, self._cache = name, device, {}
+
+    def get(self, spatial_dims: int | None):
+        from .bundle import load_bundle
+
+        key = None if self.name else spatial_dims
+        if key not in self._cache:
+            self._cache[key] = load_bundle(self.name, self.device, spatial_dims=spatial_dims)
+        return self._cache[key]
+
+
+class _Session:
+    """What every input of one `segment` call shares: arguments, device, models, progress."""
+
+    def __init__(self, args: argparse.Namespace, batch: bool):
+        from .devices import describe, select_device
+
+        self.args, self.batch = args, batch
+        self.mode = "quiet" if args.quiet and args.progress == "bar" else args.progress
+        self.progress = Progress(self.mode)
+        self.device = select_device(args.device)
+        self.models = _Models(args.model, self.device)
+        if args.model:
+            self.models.get(None)  # a broken --model fails now, not once per input
+        self.progress.log(f"device: {describe(self.device)}")
+        self.batch_size = args.batch_size or (1 if self.device.type == "cpu" else 4)
+        self.memory_limit = int(args.memory_limit * 2**30) if args.memory_limit else None
+
+    def warn(self, message: str) -> None:
+        if self.mode == "json":
+            self.progress.log(f"warning: {message}")
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _check_formats(self, job: _Job, image: sitk.Image, card: dict, net) -> None:
+        if effective_dims(image) == 3:
+            for path in (job.mask, job.probabilities, job.sr_image):
+                if path and imageio.split_extension(path)[1] in imageio.TWO_D_ONLY:
+                    raise UserError(
+                        f"output {path}: PNG holds 2D images only; use .nrrd, .seg.nrrd or .nii.gz"
+                    )
+        if job.sr_image:
+            if getattr(net, "sr_decoder", None) is None:
+                raise UserError(f"model {card.get('name', '?')!r} has no image-SR decoder; drop --sr-image")
+            kind = card["preprocessing"]["normalization"].get("kind")
+            if imageio.split_extension(job.sr_image)[1] == ".png" and kind != "uint8":
+                raise UserError(
+                    "--sr-image: PNG holds 8-bit intensities only; use .nrrd or .nii.gz for this model"
+                )
+
+    def _write_float(self, image: sitk.Image, path: Path) -> None:
+        # PNG stores 8 bits: probabilities and 8-bit intensities in [0, 1] become 0..255.
+        is_png = imageio.split_extension(path)[1] == ".png"
+        imageio.write_image(_to_png_range(image, 255.0) if is_png else image, path, self.args.overwrite)
+
+    def segment(self, job: _Job, where: str) -> tuple[list[dict], dict]:
+        """Segment one input and write its outputs; returns its lesion rows and the table's metadata."""
+        args = self.args
+
+        def report(stage: str, fraction: float) -> None:
+            self.progress.update(stage, fraction, where)
+
+        report("read", 0.0)
+        image = imageio.read_image(job.item)
+        card, net = self.models.get(effective_dims(image))
+        self._check_formats(job, image, card, net)
+        common = dict(
+            roi=args.roi, output_grid=args.output_grid, overlap=args.overlap, memory_limit=self.memory_limit
+        )
+        mask, probabilities = segment_image(
+            image,
+            net,
+            card,
+            self.device,
+            tta=args.tta,
+            threshold=args.threshold,
+            batch_size=self.batch_size,
+            progress=report,
+            warn=lambda m: self.warn(f"{job.item.name}: {m}" if self.batch else m),
+            **common,
+        )
+        sr = None
+        if job.sr_image:
+            sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
+        report("write", 0.0)
+        imageio.write_image(mask, job.mask, args.overwrite)
+        if job.probabilities:
+            self._write_float(probabilities, job.probabilities)
+        if sr is not None:
+            self._write_float(sr, job.sr_image)
+        rows = lesions.lesion_table(mask, probabilities, fully_connected=not args.face_connected)
+        if args.figure:
+            from .figure import overlay_figure
+
+            overlay_figure(image, mask, args.figure, args.overwrite)
+        report("write", 1.0)
+        unit = "volume_mm3" if mask.GetDimension() == 3 else "area_mm2"
+        total = sum(r[unit] for r in rows)
+        self.progress.log(
+            f"{job.item.name}: {len(rows)} lesion(s), {total:.1f} {unit[-3:]} in total -> {job.mask}"
+        )
+        threshold = float(card.get("threshold", 0.5) if args.threshold is None else args.threshold)
+        return rows, {"model": card.get("name", args.model), "threshold": threshold}
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    _check_args(args)
+    if args.demo:
+        _demo(args)
+    if not args.inputs:
+        raise UserError("give at least one input image (or --demo)")
+    items, batch = imageio.find_inputs(args.inputs)
+    jobs = _plan(args, items, batch)
+    session = _Session(args, batch)
+    table: list[dict] = []
+    meta: dict = {}
+    failures: list[str] = []
+    started = time.monotonic()
+    for k, job in enumerate(jobs):
+        where = f"{job.item.name} ({k + 1}/{len(jobs)})" if len(jobs) > 1 else job.item.name
+        try:
+            rows, meta = session.segment(job, where)
+        except UserError as exc:
+            if not batch:
+                raise
+            failures.append(job.item.path.name)
+            print(f"error: {job.item}: {exc}", file=sys.stderr, flush=True)
+            continue
+        table += [{"case": job.item.name, **r} for r in rows] if batch else rows
+    if args.lesion_table and len(failures) < len(jobs):
+        lesions.write_lesion_table(
+            table, args.lesion_table, args.overwrite, {**meta, "fully_connected": not args.face_connected}
+        )
+    session.progress.log(
+        f"segmented {len(jobs) - len(failures)} of {len(jobs)} input(s) in {time.monotonic() - started:.1f} s"
+    )
+    if failures:
+        names = ", ".join(failures[:5]) + (" ..." if len(failures) > 5 else "")
+        raise UserError(f"{len(failures)} of {len(jobs)} input(s) failed (reasons above): {names}")
+    return 0

@@ -1,0 +1,190 @@
+"""`evaluate`: LR synthesis as in training, the interpolation baseline, the same path as `segment`."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SASSRSegmentLib import cli, geometry, metrics
+from SASSRSegmentLib.evaluate import interpolation_baseline, synthesise_case
+from SASSRSegmentLib.geometry import Grid, hr_grid
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _case(seed: int, size=(21, 20, 13)):
+    rng = np.random.default_rng(seed)
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij"), -1)
+    centre = np.asarray(size[::-1]) / 2 + rng.uniform(-2, 2, 3)
+    label = (np.linalg.norm(zyx - centre, axis=-1) < 4 + seed).astype(np.uint8)
+    image = (200 * label + rng.normal(300, 20, label.shape)).astype(np.int16)
+    images = []
+    for array in (image, label):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((1.0, 1.0, 1.2))
+        img.SetOrigin((-5.0, 7.0, 2.0))
+        images.append(img)
+    return images
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "Dataset900_Toy"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    meta = {"channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nrrd"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for k in range(3):
+        image, label = _case(k)
+        sitk.WriteImage(image, str(root / "imagesTr" / f"case{k}_0000.nrrd"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"case{k}.nrrd"))
+    return root
+
+
+@pytest.fixture
+def model(tiny_bundle_3d, tmp_path) -> Path:
+    """The tiny bundle with a training split in its card (the card is not covered by the weights checksum)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bundle_3d, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["training"] = {"split": {"train": ["case0"], "val": ["case1", "case2"]}}
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_lr_synthesis_follows_the_grid_rule():
+    image, label = _case(0)
+    lr, hr_label, hr_image = synthesise_case(image, label, 2)
+    assert hr_image.GetSize() == (20, 20, 12) and hr_label.GetSize() == (20, 20, 12)
+    assert hr_grid(Grid.from_image(lr), 2) == Grid.from_image(hr_image)
+    block = sitk.GetArrayFromImage(hr_image)[2:4, 4:6, 6:8].astype(np.float64).mean()
+    assert sitk.GetArrayFromImage(lr)[1, 2, 3] == pytest.approx(block, rel=1e-6)
+
+
+def test_interpolation_baseline():
+    label = np.zeros((8, 12, 10), np.uint8)
+    label[2:6] = 1  # a slab aligned with the 2x2x2 blocks: interpolation recovers it exactly
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(interpolation_baseline(sitk.GetImageFromArray(label), 2)), label
+    )
+    label[:] = 0
+    label[2:6, 4:10, 2:8] = 1  # an aligned box loses its corners (0.75^3 < 0.5): only the 8 corner voxels
+    baseline = sitk.GetArrayFromImage(interpolation_baseline(sitk.GetImageFromArray(label), 2))
+    assert (
+        np.array_equal(baseline <= label, np.ones_like(label, bool))
+        and int(label.sum() - baseline.sum()) == 8
+    )
+    label[:] = 0
+    label[3, 5, 3] = 1  # one voxel is an eighth of a block: lost even by a perfect LR mask
+    assert not sitk.GetArrayFromImage(interpolation_baseline(sitk.GetImageFromArray(label), 2)).any()
+    _, ball = _case(2)
+    baseline = interpolation_baseline(ball, 2)
+    assert 0.85 < metrics.overlap(baseline, geometry.crop_to_multiple(ball, 2))["dice"] < 1.0
+
+
+def test_evaluate_scores_the_validation_cases_like_segment(dataset, model, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--json", str(out)]
+    assert cli.main([*args, "--baseline-interpolation", "--progress", "quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "small < 1 mL" in printed and "interp.Dice" in printed
+    result = json.loads(out.read_text())
+    assert list(result["cases"]) == ["case1", "case2"] and result["split"] == "val"
+    assert set(result["summary"]["mean"]) == set(metrics.CASE_METRICS)
+    assert result["baseline"]["summary"]["mean"]["dice"] > 0.8
+    # The same numbers as segmenting the synthesised LR image with the `segment` command.
+    image, label = _case(1)
+    lr, hr_label, _ = synthesise_case(image, label, 2)
+    sitk.WriteImage(lr, str(tmp_path / "lr.nrrd"))
+    seg = [
+        "segment",
+        str(tmp_path / "lr.nrrd"),
+        "-o",
+        str(tmp_path / "m.nrrd"),
+        "--model",
+        str(model),
+        "--quiet",
+    ]
+    assert cli.main(seg) == 0
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    mask.CopyInformation(hr_label)
+    assert metrics.overlap(mask, hr_label)["dice"] == pytest.approx(
+        result["cases"]["case1"]["dice"], abs=1e-9
+    )
+    # The JSON is strict: NaN is written as null.
+    assert "NaN" not in out.read_text()
+    assert cli.main(args) == 2  # exists, no --overwrite
+
+
+def test_evaluate_errors(dataset, model, tiny_bundle_2d, tiny_bundle_3d, capsys):
+    base = ["evaluate", "--dataset", str(dataset), "--progress", "quiet"]
+    assert cli.main([*base, "--model", str(tiny_bundle_3d)]) == 2
+    assert "use --split all" in capsys.readouterr().err
+    assert cli.main([*base, "--model", str(tiny_bundle_2d), "--split", "all"]) == 2
+    assert "is 3D but model" in capsys.readouterr().err
+    card = json.loads((model / "model.json").read_text())
+    card["training"]["split"]["val"] = ["case1", "elsewhere"]
+    (model / "model.json").write_text(json.dumps(card))
+    assert cli.main([*base, "--model", str(model)]) == 2
+    assert "elsewhere" in capsys.readouterr().err
+
+
+def test_evaluate_on_real_ultrasound_cases(shared_data, tmp_path, tiny_bundle_2d, capsys):
+    source = shared_data / "Dataset002_BUSI"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent")
+    root = tmp_path / "Dataset902_BUSIsubset"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(source / "dataset.json", root / "dataset.json")
+    names = [
+        sorted((source / "labelsTr").glob(f"{kind}_*.png"))[0].name[:-4] for kind in ("benign", "malignant")
+    ]
+    for name in names:
+        (root / "imagesTr" / f"{name}_0000.png").symlink_to(source / "imagesTr" / f"{name}_0000.png")
+        (root / "labelsTr" / f"{name}.png").symlink_to(source / "labelsTr" / f"{name}.png")
+    out = tmp_path / "busi.json"
+    args = [
+        "evaluate",
+        "--model",
+        str(tiny_bundle_2d),
+        "--dataset",
+        str(root),
+        "--split",
+        "all",
+        "--json",
+        str(out),
+    ]
+    assert cli.main([*args, "--baseline-interpolation", "--progress", "quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == set(names)
+    assert "image area" in result["summary"]["strata_definition"]
+    for scores in result["baseline"]["cases"].values():
+        assert 0.9 < scores["dice"] <= 1.0  # a perfect LR mask, interpolated: close but not exact
+    assert all(math.isfinite(c["dice"]) for c in result["cases"].values())
+
+
+def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys):
+    from SASSRSegmentLib import models
+
+    monkeypatch.setattr(models, "bundled_models", lambda: {"tiny-2d": tiny_bundle_2d, "toy-3d": model})
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tiny-2d"]["spatial_dims"] == 2 and rows["tiny-2d"]["lr_longer_side"] == 24
+    assert rows["tiny-3d"]["lr_spacing_mm"] == [2.0, 2.0, 2.0] and rows["tiny-3d"]["weights_present"]
+    (model / "model.pt").unlink()
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-2d: 2D, x2, LR longer side 24 px" in text
+    assert "tiny-3d: 3D, x2, LR 2x2x2 mm" in text and "WEIGHTS MISSING" in text

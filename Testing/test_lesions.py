@@ -1,0 +1,102 @@
+"""Connected lesions and the lesion table, on constructed masks whose answers are known analytically."""
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SASSRSegmentLib.errors import UserError
+from SASSRSegmentLib.geometry import Grid
+from SASSRSegmentLib.lesions import connected_lesions, format_table, lesion_table, write_lesion_table
+
+# An oblique (rotated about z by 30 degrees), anisotropic, off-origin grid.
+_C, _S = math.cos(math.pi / 6), math.sin(math.pi / 6)
+GRID = Grid((60, 50, 24), (0.5, 0.6, 1.25), (-12.0, 40.0, 7.5), (_C, -_S, 0.0, _S, _C, 0.0, 0.0, 0.0, 1.0))
+
+
+def _spheres(centres_lps, radii):
+    """A uint8 mask of balls given in physical LPS millimetres, on GRID."""
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in GRID.size[::-1]], indexing="ij"), -1).reshape(-1, 3)
+    points = np.asarray(GRID.origin) + (GRID.matrix @ (zyx[:, ::-1] * np.asarray(GRID.spacing)).T).T
+    mask = np.zeros(len(points), bool)
+    for centre, radius in zip(centres_lps, radii, strict=True):
+        mask |= np.linalg.norm(points - np.asarray(centre), axis=1) <= radius
+    return GRID.image_from_array(mask.reshape(GRID.size[::-1]).astype(np.uint8))
+
+
+def test_table_of_two_balls_on_an_oblique_anisotropic_grid():
+    big_c, small_c = GRID.index_to_physical([30, 25, 12]), GRID.index_to_physical([8, 8, 4])
+    mask = _spheres([big_c, small_c], [5.0, 2.0])
+    probabilities = sitk.Cast(mask, sitk.sitkFloat32) * 0.75
+    rows = lesion_table(mask, probabilities)
+    assert [r["id"] for r in rows] == [1, 2]  # largest first
+    big, small = rows
+    voxel = float(np.prod(GRID.spacing))
+    assert big["voxels"] > small["voxels"]
+    assert big["volume_mm3"] == pytest.approx(big["voxels"] * voxel)
+    assert big["volume_mm3"] == pytest.approx(4 / 3 * math.pi * 5.0**3, rel=0.05)
+    np.testing.assert_allclose(big["centroid_lps_mm"], big_c, atol=0.15)
+    np.testing.assert_allclose(small["centroid_lps_mm"], small_c, atol=0.15)
+    ras = np.asarray(big["centroid_lps_mm"]) * [-1, -1, 1]
+    np.testing.assert_allclose(big["centroid_ras_mm"], ras)
+    # Feret diameter runs between voxel centres: within one voxel diagonal below the true diameter.
+    assert 10.0 - math.dist((0, 0, 0), GRID.spacing) <= big["longest_diameter_mm"] <= 10.0
+    lo, hi = np.asarray(big["bbox_ras_min_mm"]), np.asarray(big["bbox_ras_max_mm"])
+    centre_ras = np.asarray(big_c) * [-1, -1, 1]
+    assert np.all(lo < centre_ras - 4.5) and np.all(hi > centre_ras + 4.5)
+    # The index box (diameter plus at most a voxel per side) rotated by 30 degrees about z.
+    in_plane = (10.0 + 2 * 0.6) * (_C + _S)
+    assert np.all(hi - lo <= [in_plane, in_plane, 10.0 + 2 * 1.25])
+    start, size = big["bbox_index_start"], big["bbox_index_size"]
+    array = sitk.GetArrayFromImage(connected_lesions(mask))
+    zyx = np.argwhere(array == 1)
+    assert start == zyx.min(0)[::-1].tolist() and size == (zyx.max(0) - zyx.min(0) + 1)[::-1].tolist()
+    assert big["mean_probability"] == pytest.approx(0.75)
+
+
+def test_connectivity_option():
+    array = np.zeros((1, 4, 4), np.uint8)
+    array[0, 0, 0] = array[0, 1, 1] = 1  # diagonal neighbours
+    mask = sitk.GetImageFromArray(array)
+    assert len(lesion_table(mask, fully_connected=True)) == 1
+    assert len(lesion_table(mask, fully_connected=False)) == 2
+
+
+def test_2d_table_reports_area():
+    array = np.zeros((20, 30), np.uint8)
+    array[5:9, 10:20] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.25))
+    mask.SetOrigin((100.0, 50.0))
+    (row,) = lesion_table(mask)
+    assert "volume_mm3" not in row
+    assert row["area_mm2"] == pytest.approx(40 * 0.5 * 0.25)
+    np.testing.assert_allclose(row["centroid_lps_mm"], [100 + 14.5 * 0.5, 50 + 6.5 * 0.25])
+    np.testing.assert_allclose(row["centroid_ras_mm"], [-(100 + 14.5 * 0.5), -(50 + 6.5 * 0.25)])
+    assert row["longest_diameter_mm"] == pytest.approx(math.hypot(9 * 0.5, 3 * 0.25))
+
+
+def test_empty_mask_gives_an_empty_table():
+    assert lesion_table(sitk.Image(5, 5, 5, sitk.sitkUInt8)) == []
+    assert format_table([], ".csv") == "id\n"
+
+
+def test_csv_and_json_writers(tmp_path):
+    mask = _spheres([GRID.index_to_physical([30, 25, 12])], [3.0])
+    rows = lesion_table(mask)
+    write_lesion_table(rows, tmp_path / "t.csv")
+    parsed = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    assert len(parsed) == 1
+    assert float(parsed[0]["centroid_ras_z_mm"]) == pytest.approx(rows[0]["centroid_ras_mm"][2], abs=1e-3)
+    assert int(parsed[0]["bbox_index_size_x"]) == rows[0]["bbox_index_size"][0]
+    write_lesion_table(rows, tmp_path / "t.json", meta={"model": "m"})
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["model"] == "m" and document["lesions"][0]["voxels"] == rows[0]["voxels"]
+    with pytest.raises(UserError, match="already exists"):
+        write_lesion_table(rows, tmp_path / "t.csv")
+    with pytest.raises(UserError, match=r"\.csv or \.json"):
+        write_lesion_table(rows, tmp_path / "t.txt")

@@ -1,0 +1,463 @@
+"""`segment`: exact HR geometry, input handling, every flag, batch mode and real inputs.
+
+Geometry tests use a pointwise "network" (trilinear upsampling of the normalised input, then a steep
+logit) so that the expected mask is known: a ball in the input must come out as the same ball.
+"""
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from SASSRSegmentLib import cli, segment
+from SASSRSegmentLib.bundle import load_bundle
+from SASSRSegmentLib.errors import UserError
+from SASSRSegmentLib.geometry import Grid
+from SASSRSegmentLib.lesions import lesion_table
+
+CPU = torch.device("cpu")
+SAMPLE = segment.samples_dir() / segment.SAMPLE_NAME
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: oversubscribed torch threads make tiny convolutions hundreds of times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class Interpolator(torch.nn.Module):
+    """HR logits = steep function of the linearly upsampled input (align_corners=False is the HR rule)."""
+
+    sr_decoder = True
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def _up(self, x):
+        return F.interpolate(
+            x, scale_factor=2, mode="trilinear" if x.dim() == 5 else "bilinear", align_corners=False
+        )
+
+    def forward(self, x):
+        return (self._up(x) - 0.5) * 40
+
+    def super_resolve_image(self, x):
+        return self._up(x)
+
+
+def _card(dims: int) -> dict:
+    prep = {
+        "spatial_dims": dims,
+        "scale": 2,
+        "lr_spacing": [2.0] * 3 if dims == 3 else None,
+        "lr_longer_side": None if dims == 3 else 40,
+        "normalization": {"kind": "ct", "window": [0.0, 100.0]},
+        "patch_size_lr": [12] * dims,
+    }
+    return {
+        "name": "interpolator",
+        "network": {"in_channels": 1, "features": [4]},
+        "threshold": 0.5,
+        "preprocessing": prep,
+    }
+
+
+def _rotation(a: float, b: float) -> np.ndarray:
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return rz @ rx
+
+
+def ball_image(grid: Grid, centre, radius: float, sub: int = 4) -> sitk.Image:
+    """100 x the fraction of each voxel inside the ball (partial volume by sub^d supersampling)."""
+    d = grid.dims
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    index = (
+        np.stack(np.meshgrid(*[np.arange(n) for n in grid.size], indexing="ij"), -1)
+        .reshape(-1, d)
+        .astype(float)
+    )
+    inside = np.zeros(len(index))
+    for offset in np.stack(np.meshgrid(*[offsets] * d, indexing="ij"), -1).reshape(-1, d):
+        points = np.asarray(grid.origin) + ((index + offset) * grid.spacing) @ grid.matrix.T
+        inside += np.linalg.norm(points - np.asarray(centre), axis=1) <= radius
+    array = (100.0 * inside / sub**d).reshape(grid.size).T.astype(np.float32)
+    return grid.image_from_array(np.ascontiguousarray(array))
+
+
+OBLIQUE = Grid((40, 36, 9), (1.0, 1.0, 5.0), (12.5, -30.0, 41.0), tuple(_rotation(0.4, 0.3).ravel()))
+
+
+def _assert_same_extent(a: sitk.Image, b: sitk.Image) -> None:
+    np.testing.assert_allclose(
+        Grid.from_image(a).extent_corners(), Grid.from_image(b).extent_corners(), atol=1e-4
+    )
+
+
+def _equivalent_radius(row: dict) -> float:
+    size = row.get("volume_mm3")
+    return (3 * size / (4 * math.pi)) ** (1 / 3) if size is not None else math.sqrt(row["area_mm2"] / math.pi)
+
+
+def test_hr_output_overlays_an_oblique_anisotropic_volume():
+    centre = OBLIQUE.index_to_physical([19.3, 17.6, 4.2])
+    image = ball_image(OBLIQUE, centre, 10.0)
+    mask, probabilities = segment.segment_image(image, Interpolator(), _card(3), CPU)
+    _assert_same_extent(mask, image)
+    np.testing.assert_allclose(mask.GetSpacing(), (0.5, 0.5, 2.5))
+    assert mask.GetSize() == (80, 72, 18)
+    np.testing.assert_allclose(mask.GetDirection(), image.GetDirection(), atol=1e-12)
+    assert Grid.from_image(probabilities) == Grid.from_image(mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(probabilities) >= 0.5)
+    (ball,) = lesion_table(mask)
+    np.testing.assert_allclose(ball["centroid_lps_mm"], centre, atol=0.1)
+    assert _equivalent_radius(ball) == pytest.approx(10.0, abs=0.5)
+    # --output-grid input: the very grid of the input, the same ball.
+    on_input, _ = segment.segment_image(image, Interpolator(), _card(3), CPU, output_grid="input")
+    assert Grid.from_image(on_input) == Grid.from_image(image)
+    (ball,) = lesion_table(on_input)
+    np.testing.assert_allclose(ball["centroid_lps_mm"], centre, atol=0.2)
+
+
+def test_hr_output_overlays_a_2d_image():
+    grid = Grid((50, 34), (0.5, 0.7), (3.0, -4.0), (1.0, 0.0, 0.0, 1.0))
+    centre = grid.index_to_physical([23.6, 15.2])
+    image = ball_image(grid, centre, 6.0)
+    mask, _ = segment.segment_image(image, Interpolator(), _card(2), CPU)
+    _assert_same_extent(mask, image)
+    assert mask.GetSize() == (100, 68)
+    (disc,) = lesion_table(mask)
+    np.testing.assert_allclose(disc["centroid_lps_mm"], centre, atol=0.1)
+    assert _equivalent_radius(disc) == pytest.approx(6.0, abs=0.35)
+
+
+def test_super_resolved_image_lies_on_the_mask_grid():
+    grid = Grid((10, 8, 6), (1.0, 1.5, 3.0), (5.0, 6.0, 7.0), tuple(_rotation(0.2, 0.1).ravel()))
+    x = np.arange(10, dtype=np.float32) * 10.0  # a ramp along x: linear interpolation reproduces it
+    image = grid.image_from_array(np.broadcast_to(x, (6, 8, 10)).copy())
+    card = _card(3)
+    card["preprocessing"]["lr_spacing"] = [1.0, 1.5, 3.0]  # no resampling to a working grid
+    sr = segment.super_resolve_image(image, Interpolator(), card, CPU)
+    mask, _ = segment.segment_image(image, Interpolator(), card, CPU)
+    assert Grid.from_image(sr) == Grid.from_image(mask)
+    hr_x = (np.arange(20) + 0.5) / 2 - 0.5  # HR voxel centres in LR index units
+    expected = np.clip(hr_x, 0, 9) * 10.0 / 100.0  # ct window [0, 100] -> [0, 1]
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sr)[3, 5, 1:-1], expected[1:-1], atol=1e-5)
+
+
+def test_single_slice_volume_with_a_2d_model(tiny_bundle_2d):
+    card, net = load_bundle(tiny_bundle_2d)
+    grid = Grid((30, 20, 1), (0.6, 0.4, 3.0), (1.0, 2.0, 3.0), tuple(_rotation(0.5, 0.2).ravel()))
+    image = grid.image_from_array(np.random.default_rng(0).integers(0, 255, (1, 20, 30)).astype(np.uint8))
+    mask, probabilities = segment.segment_image(image, net, card, CPU)
+    assert mask.GetSize() == (60, 40, 1)
+    np.testing.assert_allclose(mask.GetSpacing(), (0.3, 0.2, 3.0))
+    _assert_same_extent(mask, image)
+    on_input, _ = segment.segment_image(image, net, card, CPU, output_grid="input")
+    assert Grid.from_image(on_input) == grid
+
+
+def test_roi_is_given_in_ras_and_keeps_the_geometry():
+    centre = OBLIQUE.index_to_physical([19.3, 17.6, 4.2])
+    image = ball_image(OBLIQUE, centre, 10.0)
+    ras = np.asarray(centre) * [-1, -1, 1]
+    box = [v for c in ras for v in (c - 6.0, c + 6.0)]
+    mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU, roi=box)
+    full_mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU)
+    full, roi = Grid.from_image(full_mask), Grid.from_image(mask)
+    assert all(n <= m for n, m in zip(roi.size, full.size, strict=True)) and math.prod(roi.size) < math.prod(
+        full.size
+    )
+    np.testing.assert_allclose(roi.spacing, full.spacing)
+    # The ROI grid is a sub-grid of the full HR grid: its origin falls on a full-grid voxel centre ...
+    start = full.physical_to_index(roi.origin)
+    np.testing.assert_allclose(start, np.round(start), atol=1e-6)
+    # ... it contains the whole box (given in RAS, so x and y flip sign) ...
+    corners_lps = np.array([[x, y, z] for x in box[0:2] for y in box[2:4] for z in box[4:6]]) * [-1, -1, 1]
+    inside = np.array([roi.physical_to_index(p) for p in corners_lps])
+    assert np.all(inside >= -0.5) and np.all(inside <= np.asarray(roi.size) - 0.5)
+    # ... and the mask there is the full mask's (the ROI gets context, so its faces are not extrapolated).
+    i0 = np.round(start).astype(int)
+    crop = sitk.GetArrayFromImage(full_mask)[
+        tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1], strict=True))
+    ]
+    assert np.mean(crop != sitk.GetArrayFromImage(mask)) < 0.01
+    with pytest.raises(UserError, match="does not overlap"):
+        segment.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])
+
+
+def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
+    card, net = load_bundle(tiny_bundle_3d)
+    image = sitk.Image(12, 10, 8, sitk.sitkInt16) + 7
+    warnings = []
+    mask, probabilities = segment.segment_image(image, net, card, CPU, warn=warnings.append)
+    assert mask.GetSize() == (24, 20, 16) and not sitk.GetArrayFromImage(mask).any()
+    assert warnings and "constant" in warnings[0]
+
+
+def test_image_smaller_than_a_window_is_padded_not_refused(tiny_bundle_3d):
+    card, net = load_bundle(tiny_bundle_3d)
+    image = sitk.GetImageFromArray(np.random.default_rng(1).random((2, 3, 3)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    mask, probabilities = segment.segment_image(image, net, card, CPU)
+    assert mask.GetSize() == (6, 6, 4)
+    values = sitk.GetArrayFromImage(probabilities)
+    assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+
+
+def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
+    card3, net3 = load_bundle(tiny_bundle_3d)
+    card2, net2 = load_bundle(tiny_bundle_2d)
+    volume = np.random.default_rng(2).random((6, 8, 8)).astype(np.float32)
+    bad = volume.copy()
+    bad[1, 2, 3] = np.nan
+    bad[2, 2, 3] = np.inf
+    with pytest.raises(UserError, match="2 NaN or infinite"):
+        segment.segment_image(sitk.GetImageFromArray(bad), net3, card3, CPU)
+    with pytest.raises(UserError, match="2D image but .* 3D model"):
+        segment.segment_image(sitk.GetImageFromArray(volume[0]), net3, card3, CPU)
+    with pytest.raises(UserError, match="3D volume but .* 2D model"):
+        segment.segment_image(sitk.GetImageFromArray(volume), net2, card2, CPU)
+    four_d = sitk.JoinSeries([sitk.GetImageFromArray(volume)] * 2)
+    with pytest.raises(UserError, match="4D"):
+        segment.segment_image(four_d, net3, card3, CPU)
+    mask, _ = segment.segment_image(sitk.JoinSeries([sitk.GetImageFromArray(volume)]), net3, card3, CPU)
+    assert mask.GetSize() == (16, 16, 12)
+    with pytest.raises(UserError, match="about .* GB .*--roi"):
+        segment.segment_image(sitk.GetImageFromArray(volume), net3, card3, CPU, memory_limit=10_000)
+
+
+def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
+    card, net = load_bundle(tiny_bundle_2d)
+    grey = np.random.default_rng(3).integers(0, 255, (20, 24)).astype(np.uint8)
+    rgb = sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True)
+    from_rgb, _ = segment.segment_image(rgb, net, card, CPU)
+    from_grey, _ = segment.segment_image(sitk.GetImageFromArray(grey), net, card, CPU)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(from_rgb), sitk.GetArrayFromImage(from_grey))
+    colour = np.stack([grey, grey[::-1], grey], -1)
+    with pytest.raises(UserError, match="colour image"):
+        segment.segment_image(sitk.GetImageFromArray(colour, isVector=True), net, card, CPU)
+
+
+def test_threshold_and_tta_change_the_result(tiny_bundle_3d):
+    card, net = load_bundle(tiny_bundle_3d)
+    image = sitk.GetImageFromArray(np.random.default_rng(4).random((6, 10, 10)).astype(np.float32))
+    mask, probabilities = segment.segment_image(image, net, card, CPU, threshold=0.52)
+    p = sitk.GetArrayFromImage(probabilities)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), p >= 0.52)
+    _, with_tta = segment.segment_image(image, net, card, CPU, tta=True)
+    assert np.abs(sitk.GetArrayFromImage(with_tta) - p).max() > 1e-4  # an untrained net is not flip-invariant
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def _write_volume(path, seed=0, size=(10, 12, 8)):
+    array = (np.random.default_rng(seed).random(size[::-1]) * 100).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.5, 1.5, 2.5))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def test_cli_single_input_with_every_output(tmp_path, tiny_bundle_3d, capsys):
+    image = _write_volume(tmp_path / "in.nrrd")
+    out = tmp_path / "out"
+    args = [
+        "segment",
+        str(tmp_path / "in.nrrd"),
+        "-o",
+        str(out / "mask.seg.nrrd"),
+        "--model",
+        str(tiny_bundle_3d),
+    ]
+    args += [
+        "--probabilities",
+        str(out / "p.nii.gz"),
+        "--sr-image",
+        str(out / "sr.mha"),
+        "--lesion-table",
+        str(out / "l.json"),
+    ]
+    args += ["--figure", str(out / "f.png"), "--tta", "--threshold", "0.4", "--quiet", "--device", "cpu"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    mask = sitk.ReadImage(str(out / "mask.seg.nrrd"))
+    assert mask.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+    _assert_same_extent(mask, image)
+    probabilities = sitk.ReadImage(str(out / "p.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(probabilities) >= 0.4)
+    sr = sitk.ReadImage(str(out / "sr.mha"))
+    assert sr.GetSize() == mask.GetSize() and sr.GetPixelID() == sitk.sitkFloat32
+    table = json.loads((out / "l.json").read_text())
+    assert table["threshold"] == 0.4 and len(table["lesions"]) == len(lesion_table(mask))
+    figure = sitk.ReadImage(str(out / "f.png"))
+    assert figure.GetNumberOfComponentsPerPixel() == 3 and figure.GetSize()[0] > figure.GetSize()[1]
+    assert sorted(p.name for p in out.iterdir()) == ["f.png", "l.json", "mask.seg.nrrd", "p.nii.gz", "sr.mha"]
+    # Run again: refused without --overwrite, replaced with it (and --output-grid input).
+    assert cli.main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main([*args, "--overwrite", "--output-grid", "input"]) == 0
+    assert Grid.from_image(sitk.ReadImage(str(out / "mask.seg.nrrd"))) == Grid.from_image(image)
+
+
+def test_cli_progress_json_lines(tmp_path, tiny_bundle_3d, capsys):
+    _write_volume(tmp_path / "in.nii.gz")
+    args = [
+        "segment",
+        str(tmp_path / "in.nii.gz"),
+        "-o",
+        str(tmp_path / "m.nii.gz"),
+        "--model",
+        str(tiny_bundle_3d),
+    ]
+    assert cli.main([*args, "--progress", "json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [r for r in records if "stage" in r]
+    assert {"read", "preprocess", "predict", "resample", "write"} <= {r["stage"] for r in progress}
+    assert all(set(r) == {"stage", "fraction", "message", "elapsed"} for r in progress)
+    assert progress[-1] == {**progress[-1], "stage": "write", "fraction": 1.0}
+    assert any("device: cpu" in r.get("log", "") for r in records)
+
+
+def test_cli_batch_folder_reports_a_bad_file_and_continues(tmp_path, tiny_bundle_3d, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    _write_volume(inputs / "a.nrrd", 1)
+    _write_volume(inputs / "c.nii.gz", 2)
+    (inputs / "b.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
+    out = tmp_path / "out"
+    args = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle_3d), "--quiet"]
+    args += ["--lesion-table", str(tmp_path / "all.csv"), "--probabilities", str(tmp_path / "probs")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ") and "b.nrrd" in err[0]
+    assert err[-1].startswith("error: 1 of 3 input(s) failed") and len(err) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nrrd", "c_mask.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "probs").iterdir()) == [
+        "a_probabilities.nrrd",
+        "c_probabilities.nii.gz",
+    ]
+    rows = list(csv.DictReader((tmp_path / "all.csv").open()))
+    assert {r["case"] for r in rows} <= {"a", "c"} and rows[0].keys() >= {"case", "id", "volume_mm3"}
+
+
+def test_cli_several_files_need_a_folder_and_format_applies(tmp_path, tiny_bundle_3d):
+    _write_volume(tmp_path / "a.nrrd", 1)
+    _write_volume(tmp_path / "b.nrrd", 2)
+    files = [str(tmp_path / "a.nrrd"), str(tmp_path / "b.nrrd")]
+    assert cli.main(["segment", *files, "-o", str(tmp_path / "x.nrrd"), "--model", str(tiny_bundle_3d)]) == 2
+    assert not (tmp_path / "x.nrrd").exists()
+    args = [
+        "segment",
+        *files,
+        "-o",
+        str(tmp_path / "o"),
+        "--format",
+        ".nii.gz",
+        "--model",
+        str(tiny_bundle_3d),
+        "--quiet",
+    ]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_mask.nii.gz", "b_mask.nii.gz"]
+
+
+def test_cli_png_in_png_out_keeps_the_pixel_size(tmp_path, tiny_bundle_2d):
+    image = sitk.GetImageFromArray(np.random.default_rng(5).integers(0, 255, (30, 44)).astype(np.uint8))
+    image.SetSpacing((0.25, 0.25))
+    sitk.WriteImage(image, str(tmp_path / "us.png"))
+    args = [
+        "segment",
+        str(tmp_path / "us.png"),
+        "-o",
+        str(tmp_path / "m.png"),
+        "--model",
+        str(tiny_bundle_2d),
+        "--quiet",
+    ]
+    assert cli.main([*args, "--probabilities", str(tmp_path / "p.png")]) == 0
+    mask = sitk.ReadImage(str(tmp_path / "m.png"))
+    assert mask.GetSize() == (88, 60)
+    np.testing.assert_allclose(mask.GetSpacing(), (0.125, 0.125))
+    p = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p.png")))
+    assert p.dtype == np.uint8 and p.max() > 1  # probabilities scaled to 0..255 for PNG
+
+
+def test_cli_dicom_series_folder(tmp_path, tiny_bundle_3d):
+    from test_imageio import _volume, _write_dicom_series
+
+    volume = _volume(size=(10, 8, 6), spacing=(0.9, 0.9, 2.0))
+    _write_dicom_series(volume, tmp_path / "series")
+    args = [
+        "segment",
+        str(tmp_path / "series"),
+        "-o",
+        str(tmp_path / "m.nrrd"),
+        "--model",
+        str(tiny_bundle_3d),
+        "--quiet",
+    ]
+    assert cli.main(args) == 0
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert mask.GetSize() == (20, 16, 12)
+    _assert_same_extent(mask, volume)
+
+
+def test_cli_roi_on_the_shipped_sample(tmp_path, tiny_bundle_3d):
+    if not SAMPLE.is_file():
+        pytest.skip(f"the demo sample {SAMPLE} is not in this checkout")
+    sample = sitk.ReadImage(str(SAMPLE))
+    centre_ras = np.asarray(
+        sample.TransformContinuousIndexToPhysicalPoint([n / 2 for n in sample.GetSize()])
+    ) * [-1, -1, 1]
+    box = [f"{v:.3f}" for c in centre_ras for v in (c - 9.0, c + 9.0)]
+    args = [
+        "segment",
+        str(SAMPLE),
+        "-o",
+        str(tmp_path / "roi.nrrd"),
+        "--model",
+        str(tiny_bundle_3d),
+        "--roi",
+        *box,
+        "--quiet",
+    ]
+    assert cli.main(args) == 0
+    mask = sitk.ReadImage(str(tmp_path / "roi.nrrd"))
+    np.testing.assert_allclose(mask.GetSpacing(), np.asarray(sample.GetSpacing()) / 2)
+    assert all(10 <= n <= 22 for n in mask.GetSize())  # 18 mm at 1 mm, plus the voxels the box edges touch
+
+
+def test_real_ultrasound_image(shared_data, tmp_path, tiny_bundle_2d):
+    folder = shared_data / "Dataset002_BUSI" / "imagesTr"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    source = sorted(folder.glob("*.png"))[0]
+    shutil.copy(source, tmp_path / "us.png")
+    args = [
+        "segment",
+        str(tmp_path / "us.png"),
+        "-o",
+        str(tmp_path / "m.nrrd"),
+        "--model",
+        str(tiny_bundle_2d),
+        "--quiet",
+    ]
+    assert cli.main([*args, "--lesion-table", str(tmp_path / "t.csv")]) == 0
+    image, mask = sitk.ReadImage(str(source)), sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert mask.GetSize() == tuple(2 * n for n in image.GetSize())
+    _assert_same_extent(mask, image)
+    assert (tmp_path / "t.csv").read_text().startswith("id")

@@ -1,0 +1,396 @@
+"""The train command: config, ablations, a short real training, resume, Ctrl-C, SimpleITK-free and DDP runs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_data import make_dataset
+
+from SASSRSegmentLib import preprocess, train
+from SASSRSegmentLib.bundle import load_bundle
+from SASSRSegmentLib.data import open_dataset
+from SASSRSegmentLib.errors import UserError
+from SASSRSegmentLib.sampling import lr_from_hr
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BRATS_CASES = ("Brats18_CBICA_ALU_1", "Brats18_TCIA01_499_1", "brats_2013_pat0004_1")
+REAL_CONFIG = {
+    "lr_spacing": [4.0, 4.0, 4.0],
+    "patch_size_lr": [12, 12, 12],
+    "crop_margin_lr": 2,
+    "features": [4, 8, 16],
+    "batch_size": 2,
+    "val_fraction": 0.34,
+    "val_overlap": 0.0,
+    "learning_rate": 0.003,
+    "warmup_steps": 2,
+    "log_every": 1,
+    "p_fg": 1.0,
+    "name": "test-brain",
+}
+
+
+def run_train(*argv: str) -> int:
+    """The train command in this process, with sys.argv as `python -m SASSRSegmentLib train ...` sets it."""
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args([*argv, "--progress", "quiet"])
+    saved = sys.argv
+    sys.argv = [str(Path(train.__file__).with_name("__main__.py")), "train", *argv]
+    try:
+        return train.run(args)
+    finally:
+        sys.argv = saved
+
+
+def read_log(folder: Path) -> list[dict]:
+    with open(folder / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_config_errors_are_listed(tmp_path):
+    bad = write_json(tmp_path / "bad.json", {"learning_rat": 0.1, "batch_size": "8", "scale": 3, "p_fg": 1.5})
+    with pytest.raises(UserError) as info:
+        train.load_config(bad)
+    lines = str(info.value).splitlines()
+    assert (
+        "unknown key 'learning_rat' (did you mean 'learning_rate'?)" in lines[1]
+        and 'batch_size: "8" is not a valid int' in lines[2]
+    )
+    assert len(lines) == 3  # value checks wait until the types are right
+    with pytest.raises(UserError) as info:
+        train.load_config(write_json(tmp_path / "values.json", {"scale": 3, "p_fg": 1.5, "amp": "fp8"}))
+    message = str(info.value)
+    assert (
+        "scale must be 2 or 4" in message
+        and "p_fg must be in [0, 1]" in message
+        and 'amp must be "auto"' in message
+    )
+    (tmp_path / "truncated.json").write_text('{"scale": ')
+    with pytest.raises(UserError, match="is not valid JSON"):
+        train.load_config(tmp_path / "truncated.json")
+    with pytest.raises(UserError, match="does not exist"):
+        train.load_config(tmp_path / "missing.json")
+
+
+def test_committed_configs_load():
+    brain = train.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
+    assert brain.scale == 2 and brain.lr_spacing == [2.0, 2.0, 2.0] and brain.features == [16, 32, 64, 128]
+    assert brain.normalization == {"kind": "mri"} and Path(brain.split_file).is_file()
+    busi = train.load_config(REPO / "configs" / "breast-ultrasound-2d.json")
+    assert busi.lr_longer_side == 160 and busi.normalization == {"kind": "uint8"} and busi.batch_size == 16
+    assert busi.patch_size(2, 160) == [160, 160] and busi.flip_axes == [1]
+
+
+@pytest.mark.parametrize("ablation", sorted(train.ABLATIONS))
+def test_ablations_build_and_train_every_parameter(ablation):
+    torch.manual_seed(0)
+    cfg = train.TrainConfig(features=[4, 8], dilations=[1, 2])
+    prep = {"spatial_dims": 2, "scale": 2, "channels": ["a"]}
+    net = train.build_network(cfg, prep, ablation)
+    loss_fn = train.build_loss(cfg, ablation)
+    hr_image = torch.rand(2, 1, 32, 32)
+    hr_mask = (hr_image > 0.6).float()
+    net.train()
+    total, terms = loss_fn(net(lr_from_hr(hr_image, 2)), hr_mask, hr_image)
+    total.backward()
+    # DistributedDataParallel needs every parameter to get a gradient (no find_unused_parameters).
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    assert unused == []
+    c = net.config
+    expected = {
+        "full": (True, True, True, {"seg", "rec", "fa", "sa"}),
+        "no-image-sr": (False, True, True, {"seg"}),
+        "no-sdc": (True, False, True, {"seg", "rec", "fa"}),
+        "no-fa": (True, True, True, {"seg", "rec", "sa"}),
+        "no-sa": (True, True, True, {"seg", "rec", "fa"}),
+        "no-learned-upsampling": (True, True, False, {"seg", "rec", "fa", "sa"}),
+        "baseline": (False, False, False, {"seg"}),
+        "sr": (True, False, False, {"seg", "rec"}),
+        "sr-fa": (True, False, False, {"seg", "rec", "fa"}),
+        "sr-fa-sdc": (True, True, False, {"seg", "rec", "fa"}),
+    }[ablation]
+    assert (c.image_sr, c.sdc, c.learned_upsampling, set(terms)) == expected
+    assert torch.isfinite(total)
+
+
+def test_learning_rate_schedule():
+    cfg = train.TrainConfig(warmup_steps=10, min_lr_ratio=0.01)
+    f = train.lr_lambda(cfg, 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
+    poly = train.lr_lambda(train.TrainConfig(schedule="poly", warmup_steps=0), 100)
+    assert poly(0) == pytest.approx(1.0) and poly(50) == pytest.approx(0.01 + 0.99 * 0.5**0.9)
+    # A time limit that runs out before the steps do drives the decay instead.
+    halfway_in_time = train.lr_lambda(cfg, 100, time_fraction=lambda: 0.5)
+    assert halfway_in_time(20) == pytest.approx(0.505)
+    assert train.lr_lambda(cfg, 100, time_fraction=lambda: 2.0)(20) == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------------------------- real training
+
+
+@pytest.fixture(scope="module")
+def real_run(shared_data, tmp_path_factory):
+    """20 steps on three real BraTS cases (2 train, 1 validation) at a small patch size."""
+    source = shared_data / "Dataset001_BraTSFLAIR"
+    base = tmp_path_factory.mktemp("real")
+    root = base / "brats3"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    (root / "dataset.json").symlink_to(source / "dataset.json")
+    for case in BRATS_CASES:
+        (root / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(source / "imagesTr" / f"{case}_0000.nii.gz")
+        (root / "labelsTr" / f"{case}.nii.gz").symlink_to(source / "labelsTr" / f"{case}.nii.gz")
+    config = write_json(base / "config.json", REAL_CONFIG)
+    output = base / "run"
+    torch.set_num_threads(2)
+    code = run_train(
+        "--dataset",
+        str(root),
+        "--output",
+        str(output),
+        "--config",
+        str(config),
+        "--max-steps",
+        "20",
+        "--workers",
+        "0",
+        "--seed",
+        "3",
+    )
+    assert code == 0
+    return {"root": root, "config": config, "output": output}
+
+
+def test_real_training_lowers_the_loss_and_writes_a_bundle(real_run):
+    output = real_run["output"]
+    rows = read_log(output)
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    seg = np.array([float(r["seg"]) for r in rows])
+    assert seg[-5:].mean() < seg[:5].mean() - 0.05
+    assert rows[-1]["val_dice"] != "" and 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+    card, net = load_bundle(output, torch.device("cpu"))
+    assert card["name"] == "test-brain" and card["preprocessing"]["lr_spacing"] == [4.0, 4.0, 4.0]
+    assert card["preprocessing"]["patch_size_lr"] == [12, 12, 12] and card["preprocessing"][
+        "normalization"
+    ] == {"kind": "mri"}
+    assert card["training"]["steps"] == 20 and card["training"]["steps_total"] == 20
+    assert card["training"]["split"]["val"] and set(card["training"]["split"]["train"]) | set(
+        card["training"]["split"]["val"]
+    ) == set(BRATS_CASES)
+    assert card["training"]["torch"] == torch.__version__ and "CPU cores" in card["training"]["hardware"]
+    assert card["training"]["command"].startswith("python -m SASSRSegmentLib train --dataset ")
+    assert card["training"]["command"].endswith("--max-steps 20 --workers 0 --seed 3")
+    assert set(card["validation"]["per_case"]) == set(card["training"]["split"]["val"])
+    assert card["network"]["features"] == [4, 8, 16] and card["network"]["sdc"] is True
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 12, 16, 16))
+    assert out.shape == (1, 1, 24, 32, 32) and torch.isfinite(out).all()
+    state = torch.load(output / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    plot = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "curves.png")))
+    assert plot.shape == (400, 720, 3) and (plot[..., 2] > plot[..., 0] + 100).sum() > 50  # a blue loss curve
+    best = torch.load(output / "checkpoint_best.pt", weights_only=False)
+    assert best["step"] == 20 and best["best_metric"] == card["validation"]["dice_mean"]
+
+
+def test_resume_continues_the_run(real_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(real_run["output"], output)
+    with pytest.raises(UserError, match="already holds files; pass --resume"):
+        run_train("--dataset", str(output / "cache"), "--output", str(output))
+    other = write_json(tmp_path / "other.json", {**REAL_CONFIG, "learning_rate": 0.01})
+    with pytest.raises(UserError, match="--config differs from the config of the run"):
+        run_train(
+            "--dataset", str(output / "cache"), "--output", str(output), "--resume", "--config", str(other)
+        )
+    with pytest.raises(UserError, match="has no checkpoint_last.pt"):
+        run_train("--dataset", str(output / "cache"), "--output", str(tmp_path / "empty"), "--resume")
+    before = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    code = run_train(
+        "--dataset",
+        str(output / "cache"),
+        "--output",
+        str(output),
+        "--resume",
+        "--max-steps",
+        "23",
+        "--workers",
+        "0",
+    )
+    assert code == 0
+    after = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    assert after["step"] == 23 and after["scheduler"]["last_epoch"] == 23
+    assert after["split"] == before["split"] and after["elapsed_s"] > before["elapsed_s"]
+    assert not torch.equal(
+        after["model"]["encoder.stages.0.0.0.weight"], before["model"]["encoder.stages.0.0.0.weight"]
+    )
+    assert [int(r["step"]) for r in read_log(output)] == list(range(1, 24))
+    card = json.loads((output / "model.json").read_text())
+    assert card["training"]["steps_total"] == 23 and "--resume" in card["training"]["command"]
+
+
+# -------------------------------------------------------------------------- subprocesses, tiny data
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    """Six 2D 8-bit images with one or two blobs each, preprocessed to a 32-pixel HR grid."""
+    base = tmp_path_factory.mktemp("tiny")
+    cases = {
+        f"us{i}": {"shape": (24 + 4 * (i % 3), 32), "lesions": [((12, 8 + 3 * i), 3 + i % 2)]}
+        for i in range(6)
+    }
+    root = make_dataset(base / "us", cases, channels=("ultrasound",), ending=".png")
+    prep = {
+        "spatial_dims": 2,
+        "scale": 2,
+        "channels": ["ultrasound"],
+        "lr_spacing": None,
+        "lr_longer_side": 16,
+        "normalization": {"kind": "uint8"},
+        "patch_size_lr": [16, 16],
+        "labels": [1],
+    }
+    return preprocess.build_cache(open_dataset(root), prep, base / "cache", workers=1)
+
+
+def tiny_config(folder: Path) -> Path:
+    return write_json(
+        folder / "tiny.json",
+        {
+            "features": [4, 8],
+            "dilations": [1, 2],
+            "patch_size_lr": [16, 16],
+            "val_fraction": 0.34,
+            "warmup_steps": 1,
+            "log_every": 1,
+        },
+    )
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+NO_SITK = (
+    "import sys; sys.modules['SimpleITK'] = None; from SASSRSegmentLib.train import main; sys.exit(main())"
+)
+
+
+def test_ctrl_c_checkpoints_and_cache_training_needs_no_simpleitk(tiny_cache, tmp_path):
+    output = tmp_path / "run"
+    argv = [
+        "--dataset",
+        str(tiny_cache),
+        "--output",
+        str(output),
+        "--config",
+        str(tiny_config(tmp_path)),
+        "--workers",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        [PYTHON, "-c", NO_SITK, *argv, "--max-steps", "100000", "--progress", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        for line in proc.stdout:
+            step = re.match(r"step (\d+)/", json.loads(line).get("message", ""))
+            if step and int(step.group(1)) >= 3:
+                proc.send_signal(signal.SIGINT)
+                break
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()
+    finally:
+        proc.kill()
+    checkpoint = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    stopped_at = checkpoint["step"]
+    assert 3 <= stopped_at < 100 and not (output / "model.json").exists()
+    done = subprocess.run(
+        [PYTHON, "-c", NO_SITK, *argv[:4], "--resume", "--max-steps", str(stopped_at + 3)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SimpleITK is not installed here: curves.png skipped" in done.stderr
+    assert not (output / "curves.png").exists()
+    card = json.loads((output / "model.json").read_text())
+    assert card["training"]["steps_total"] == stopped_at + 3
+    assert (
+        card["preprocessing"]["normalization"] == {"kind": "uint8"}
+        and card["preprocessing"]["lr_longer_side"] == 16
+    )
+
+
+def test_torchrun_two_processes(tiny_cache, tmp_path):
+    output = tmp_path / "ddp"
+    command = [
+        PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "SASSRSegmentLib.train",
+        "--dataset", str(tiny_cache), "--output", str(output), "--config", str(tiny_config(tmp_path)),
+        "--max-steps", "6", "--val-every", "3", "--workers", "1", "--device", "cpu", "--progress", "quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((output / "model.json").read_text())
+    assert card["training"]["processes"] == 2 and card["training"]["command"].startswith(
+        "torchrun --nproc_per_node 2"
+    )
+    last = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    assert last["step"] == 6 and last["world"] == 2 and len(last["rng"]) == 2
+    assert [r["val_dice"] != "" for r in read_log(output)] == [False, False, True, False, False, True]
+    load_bundle(output, torch.device("cpu"))
+
+
+def test_options_checked_against_the_data(tiny_cache, tmp_path):
+    def error(config: dict) -> str:
+        path = write_json(tmp_path / "c.json", {"features": [4, 8], **config})
+        output = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(UserError) as info:
+            run_train(
+                "--dataset",
+                str(tiny_cache),
+                "--output",
+                str(output),
+                "--config",
+                str(path),
+                "--max-steps",
+                "1",
+            )
+        return str(info.value)
+
+    assert "cache" in error({"lr_longer_side": 20}) and "lr_longer_side 20 vs 16" in error(
+        {"lr_longer_side": 20}
+    )
+    message = error({"patch_size_lr": [16, 8, 8], "flip_axes": [2], "rot90": True})
+    assert "has 3 axes; the data is 2D" in message and "flip_axes [2] must be axes 0..1" in message
+    assert "rot90 needs a square patch" in error({"patch_size_lr": [16, 8], "rot90": True})
+    assert "loss_rec must be > 0" in error({"loss_rec": 0.0})

@@ -1,0 +1,199 @@
+"""Inference speed and memory of `segment` for the default 3D and 2D models, beside plain U-Nets.
+
+    python benchmarks/inference.py [--device cpu|cuda] [--only 3d|2d] [--rows ROW...] [--large]
+
+Each row runs in its own process (peak RSS is per process) through `segment.segment_image`, the code
+the `segment` command runs, from the LR image in memory to the thresholded HR mask. Rows:
+  SASR              the default network (bundled weights when installed, else freshly initialised:
+                    speed and memory do not depend on the weights)
+  SASR + TTA        the same with flip test-time augmentation (2^d passes)
+  U-Net, LR input   the `baseline` ablation (no image-SR branch, no SDC, no learned upsampling), same
+                    widths: LR in, HR mask by interpolating the logits
+  U-Net on HR       the same plain U-Net run on the HR-interpolated image (what a user would otherwise
+                    do: upsample the image, then segment at HR); its HR logits are pooled back by `scale`
+                    so that its output grid and the work after it match the other rows.
+--large adds the issue's 512x512x300 LR volume (SASR only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "3d": REPO / "configs" / "brain-tumour-flair-3d.json",
+    "2d": REPO / "configs" / "breast-ultrasound-2d.json",
+}
+ROWS = ("SASR", "SASR + TTA", "U-Net, LR input", "U-Net on HR")
+
+
+def _card(dims: str) -> tuple[dict, str]:
+    """(card, where the weights come from) for the default model of `dims`."""
+    from SASSRSegmentLib.bundle import bundled_models, read_card
+
+    config = json.loads(CONFIGS[dims].read_text())
+    models = bundled_models()
+    if config["name"] in models:
+        return read_card(models[config["name"]]), f"bundled {config['name']}"
+    spatial_dims = 3 if dims == "3d" else 2
+    prep = {
+        "spatial_dims": spatial_dims,
+        "scale": config["scale"],
+        "channels": ["image"],
+        "lr_spacing": config.get("lr_spacing"),
+        "lr_longer_side": config.get("lr_longer_side"),
+        "normalization": config["normalization"],
+        "patch_size_lr": config["patch_size_lr"],
+        "labels": [1],
+    }
+    network = {"spatial_dims": spatial_dims, "scale": config["scale"], "features": config["features"]}
+    return {
+        "name": config["name"],
+        "preprocessing": prep,
+        "network": network,
+        "threshold": 0.5,
+    }, "freshly initialised"
+
+
+def _input(dims: str, large: bool):
+    """The LR image: the shipped 2 mm brain sample (120x120x77) or a synthetic one; a 500x400 8-bit image."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    if dims == "2d":
+        image = sitk.GetImageFromArray(rng.integers(0, 255, (400, 500)).astype(np.uint8))
+        image.SetSpacing((0.1, 0.1))
+        return image, "500x400 px 8-bit (synthetic)"
+    if large:
+        image = sitk.GetImageFromArray((rng.random((300, 512, 512), dtype=np.float32) * 500).astype(np.int16))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        return image, "512x512x300 at 2 mm (synthetic)"
+    sample = REPO / "SASSRSegment" / "Resources" / "Samples" / "brats_2013_pat0005_1_flair_2mm.nrrd"
+    if sample.is_file():
+        return sitk.ReadImage(str(sample)), "120x120x77 at 2 mm (brain sample)"
+    image = sitk.GetImageFromArray((rng.random((78, 120, 120), dtype=np.float32) * 500).astype(np.int16))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image, "120x120x78 at 2 mm (synthetic)"
+
+
+class UNetOnHR(torch.nn.Module):
+    """A plain scale-2 U-Net applied to HR input; its HR x scale logits are average-pooled back to HR."""
+
+    def __init__(self, net: torch.nn.Module, scale: int):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
+        return pool(self.net(x), self.scale)
+
+
+def _as_hr_run(image, card: dict, net: torch.nn.Module):
+    """The U-Net-on-HR row: the image interpolated to its HR grid, a card whose 'LR' is that HR grid."""
+    from SASSRSegmentLib import geometry
+    from SASSRSegmentLib.geometry import Grid
+
+    scale = int(card["preprocessing"]["scale"])
+    image = geometry.resample(image, geometry.hr_grid(Grid.from_image(image), scale), "linear", False)
+    card = json.loads(json.dumps(card))
+    prep = card["preprocessing"]
+    if prep.get("lr_spacing"):
+        prep["lr_spacing"] = [s / scale for s in prep["lr_spacing"]]
+    else:
+        prep["lr_longer_side"] *= scale
+    prep["patch_size_lr"] = [w * scale for w in prep["patch_size_lr"]]
+    prep["scale"] = 1
+    return image, card, UNetOnHR(net, scale)
+
+
+def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
+    from SASSRSegmentLib.bundle import bundled_models, load_bundle
+    from SASSRSegmentLib.devices import select_device
+    from SASSRSegmentLib.network import SASRConfig, SASRNet
+    from SASSRSegmentLib.segment import segment_image
+
+    device = select_device(device_name)
+    card, source = _card(dims)
+    image, what = _input(dims, large)
+    if row.startswith("SASR") and card["name"] in bundled_models():
+        card, net = load_bundle(card["name"], device)
+    else:
+        switches = {} if row.startswith("SASR") else dict(image_sr=False, sdc=False, learned_upsampling=False)
+        net = SASRNet(SASRConfig.from_dict({**card["network"], **switches})).eval().to(device)
+        source = "freshly initialised"
+    if row == "U-Net on HR":
+        image, card, net = _as_hr_run(image, card, net)
+    batch = 1 if device.type == "cpu" else 4
+    start = time.perf_counter()
+    mask, _ = segment_image(image, net, card, device, tta=row == "SASR + TTA", batch_size=batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    voxels = math.prod(mask.GetSize())
+    return {
+        "dims": dims,
+        "row": row,
+        "input": what,
+        "output": "x".join(map(str, mask.GetSize())),
+        "weights": source,
+        "wall_s": wall,
+        "peak_rss_gib": peak_kib / 2**20,
+        "hr_voxels_per_s": voxels / wall,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", choices=("3d", "2d"))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which models to run")
+    parser.add_argument("--large", action="store_true", help="also the 512x512x300 LR volume (SASR, 3D)")
+    parser.add_argument("--one", nargs=2, metavar=("DIMS", "ROW"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-large", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.device, args.one_large)))
+        return
+    jobs = [(d, r, False) for d in ("3d", "2d") if args.only in (None, d) for r in args.rows]
+    if args.large:
+        jobs.append(("3d", "SASR", True))
+    results = []
+    for dims, row, large in jobs:
+        command = [sys.executable, __file__, "--device", args.device, "--one", dims, row]
+        done = subprocess.run(
+            command + (["--one-large"] if large else []), capture_output=True, text=True, env=os.environ
+        )
+        if done.returncode != 0:
+            print(f"{dims} {row}: failed\n{done.stderr}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  done {dims} {row}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    print(f"device {args.device}, torch threads {results[0]['threads'] if results else '?'}")
+    header = f"{'model':<16} {'input':<36} {'HR output':<14} {'wall s':>8} {'peak RSS GiB':>13} {'HR Mvox/s':>10}  weights"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['row']:<16} {r['input']:<36} {r['output']:<14} {r['wall_s']:>8.2f} {r['peak_rss_gib']:>13.2f} "
+            f"{r['hr_voxels_per_s'] / 1e6:>10.2f}  {r['weights']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
