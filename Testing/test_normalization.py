@@ -8,20 +8,42 @@ from SASSRSegmentLib.normalization import choose_normalization, foreground_mask,
 
 def _head(background: float, gain: float, offset: float) -> np.ndarray:
     rng = np.random.default_rng(0)
-    vol = np.full((20, 24, 24), background, np.float32)
-    vol[4:16, 5:19, 5:19] = offset + gain * rng.normal(0, 1, (12, 14, 14))
+    vol = np.full((40, 48, 48), background, np.float32)
+    vol[4:36, 5:43, 5:43] = offset + gain * rng.normal(0, 1, (32, 38, 38))
     return vol
 
 
 def test_mri_zscore_is_the_same_for_raw_and_prenormalised_conventions():
+    # The same head in both conventions: raw scanner units, and pre-normalised (an affine map of the raw
+    # one, whose background lands at -5 instead of 0).
     raw = _head(background=0.0, gain=80.0, offset=400.0)
-    pre = _head(background=-1.3, gain=1.0, offset=0.0)
+    pre = _head(background=-5.0, gain=1.0, offset=0.0)
     a, b = normalize(raw, {"kind": "mri"}), normalize(pre, {"kind": "mri"})
     fg = foreground_mask(raw)
     assert np.array_equal(fg, foreground_mask(pre))
-    assert abs(a[fg].mean()) < 0.05 and abs(a[fg].std() - 1) < 0.05
+    inner = np.zeros_like(fg)
+    inner[6:34, 7:41, 7:41] = True
+    assert abs(a[inner].mean()) < 0.05 and abs(a[inner].std() - 1) < 0.05
     assert np.allclose(a, b, atol=1e-3)
     assert np.all(a[~fg] == 0)
+
+
+def test_mri_normalising_before_or_after_block_averaging_agrees():
+    """Training normalises HR then block-averages; inference normalises the LR scan it is given."""
+    from SASSRSegmentLib.geometry import downsample_block
+
+    z, y, x = np.mgrid[:64, :64, :64]
+    ball = (z - 31.5) ** 2 + (y - 30.0) ** 2 + (x - 33.0) ** 2 < 25.3**2
+    tissue = 300 + 2.0 * x + 40 * ((z // 8) % 2)  # smooth gradient and slabs, no noise
+    hr = np.where(ball, tissue, 0.0).astype(np.float32)
+    lr = downsample_block(hr, 2)
+    trained = downsample_block(normalize(hr, {"kind": "mri"}), 2)
+    given = normalize(lr, {"kind": "mri"})
+    cover = downsample_block(ball.astype(np.float32), 2)
+    rim = (cover > 0) & (cover < 1)
+    assert rim.sum() > 100
+    assert np.abs(trained - given)[rim].mean() < 0.25
+    assert np.abs(trained - given)[lr > 0].mean() < 0.1
 
 
 def test_mri_outliers_do_not_set_the_scale():

@@ -6,6 +6,11 @@ kinds:
   0 and pre-normalised scans with a background of, say, -1.2 are treated alike. Intensities are first
   clipped to the foreground's 0.5 / 99.5 percentiles so a few hot voxels do not set the scale.
   Background voxels are set to 0 (the foreground mean) after normalisation.
+  Voxels on the foreground's rim are partial volumes of background and tissue. Training normalises the
+  HR image and then block-averages it, which mixes a rim voxel's tissue with 0; an LR scan arrives
+  already mixed with the raw background. So rim voxels are normalised as `f * z(tissue)`, with the
+  tissue fraction f estimated from the voxel's value and the mean of the interior voxels around it:
+  the two orders then agree, and an LR input looks to the network like what it was trained on.
 - "ct": clip to `window` [lo, hi] HU, scale to [0, 1].
 - "uint8": 8-bit images (ultrasound, photographs): value / 255.
 """
@@ -31,6 +36,43 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _neighbourhood_min(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the full 3^d neighbourhood (edges count as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    out = np.ones_like(mask)
+    for offset in np.ndindex(*(3,) * mask.ndim):
+        out &= padded[tuple(slice(o, o + n) for o, n in zip(offset, mask.shape, strict=True))]
+    return out
+
+
+def _box_sum(array: np.ndarray, width: int) -> np.ndarray:
+    """Sum over a centred box of `width` voxels per axis (zero outside), by cumulative sums."""
+    out = array.astype(np.float64)
+    half = width // 2
+    for axis in range(out.ndim):
+        padded = np.pad(out, [(half + 1, half) if a == axis else (0, 0) for a in range(out.ndim)])
+        c = np.cumsum(padded, axis=axis)
+        n = out.shape[axis]
+        out = np.take(c, np.arange(width, width + n), axis=axis) - np.take(c, np.arange(n), axis=axis)
+    return out
+
+
+def tissue_fraction(
+    data: np.ndarray, mask: np.ndarray, interior: np.ndarray, background: float, mean: float
+) -> np.ndarray:
+    """Per-voxel tissue fraction: 1 inside the foreground, 0 outside, in between on its rim.
+
+    A rim voxel's value is f * tissue + (1 - f) * background; its tissue value is taken as the mean of
+    the interior voxels within 2 voxels (the global foreground mean where there are none).
+    """
+    count = _box_sum(interior, 5)
+    local = np.where(count > 0, _box_sum(np.where(interior, data, 0), 5) / np.maximum(count, 1), mean)
+    contrast = local - background
+    safe = np.where(np.abs(contrast) > 1e-6, contrast, 1.0)
+    rim = np.clip((data - background) / safe, 0.0, 1.0)
+    return np.where(interior, 1.0, np.where(mask, rim, 0.0))
+
+
 def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
     """Normalise one channel (any dims) as `spec` says; returns float32. Constant images give zeros."""
     kind = spec.get("kind")
@@ -41,15 +83,22 @@ def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
         lo, hi = (float(v) for v in spec.get("window", (-1000.0, 400.0)))
         return (np.clip(data, lo, hi) - lo) / (hi - lo)
     if kind == "mri":
+        background = _border_mode(data)
         mask = foreground_mask(data)
-        values = data[mask]
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        clipped = np.clip(data, lo, hi)
-        values = clipped[mask]
+        # Statistics of the interior only: rim voxels are partial volumes, and there are more of them
+        # at LR than at HR, which would make the two scales disagree.
+        interior = _neighbourhood_min(mask)
+        stats = interior if interior.sum() >= max(16, 0.25 * mask.sum()) else mask
+        lo, hi = np.percentile(data[stats], [0.5, 99.5])
+        values = np.clip(data[stats], lo, hi)
         std = float(values.std())
         if std < 1e-8:
             return np.zeros_like(data)
-        out = (clipped - float(values.mean())) / std
+        mean = float(values.mean())
+        fraction = tissue_fraction(data, mask, interior, background, mean)
+        # value = f * tissue + (1 - f) * background: clip and standardise the tissue part only.
+        tissue = background + (data - background) / np.maximum(fraction, 1e-6)
+        out = fraction * (np.clip(tissue, lo, hi) - mean) / std
         out[~mask] = 0.0
         return out.astype(np.float32)
     raise ValueError(f"unknown normalisation kind {kind!r}; expected one of {KINDS}")

@@ -619,6 +619,7 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest convolution once
     net = build_network(cfg, prep, ablation)
+    init = checkpoint.get("init") if checkpoint else (initialise_from(net, args.init) if args.init else None)
     loss_fn = build_loss(cfg, ablation)
     amp_dtype, needs_scaler = amp_settings(cfg, device)
     channels_last = use_channels_last(cfg, device, d)
@@ -709,6 +710,7 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
             "ablation": ablation,
             "split": split,
             "prep": prep,
+            "init": init,
         }
         _atomic_torch_save(state, output / name)
 
@@ -829,6 +831,7 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
             "torch": torch.__version__,
             "ablation": ablation,
             "config": asdict(cfg),
+            "initialised_from": init,
         }
         validation = dict(best_state.get("best_validation") or {}, step=best_state["step"])
         write_bundle(output, net, cfg, prep, training, validation)
@@ -848,6 +851,26 @@ def command_line(world: int) -> str:
     if world > 1:
         prog = f"torchrun --nproc_per_node {world} -m {prog.removeprefix('python -m ')}"
     return shlex.join([prog, *sys.argv[1:]]).replace(f"'{prog}'", prog, 1)
+
+
+def initialise_from(net, bundle: str) -> dict:
+    """Start from a bundle's weights (fine-tuning); returns its provenance for the new card."""
+    from .bundle import load_bundle
+
+    card, source = load_bundle(bundle)
+    if card["network"] != net.config.to_dict():
+        raise UserError(
+            f"--init {bundle}: its network differs from this run's (config or --ablation); "
+            "use a bundle trained with the same network settings"
+        )
+    net.load_state_dict(source.state_dict())
+    keep = ("command", "dataset", "steps", "steps_total", "wall_time_s", "hardware", "precision", "torch")
+    return {
+        "bundle": str(bundle),
+        "training": {k: card.get("training", {}).get(k) for k in keep},
+        "validation_dice": card.get("validation", {}).get("dice_mean"),
+        "initialised_from": card.get("training", {}).get("initialised_from"),
+    }
 
 
 def write_bundle(output: Path, net, cfg: TrainConfig, prep: dict, training: dict, validation: dict) -> None:
@@ -979,6 +1002,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, help="stop after this many minutes and write the bundle")
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    parser.add_argument(
+        "--init",
+        metavar="BUNDLE",
+        help="start from this bundle's weights (fine-tuning; same network settings)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
