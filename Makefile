@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m SASSRSegmentLib segment --demo -o demo-output
+	$(PY) -m SASSRSegmentLib segment --demo -o demo-output --overwrite
 
 bench: venv
 	$(PY) benchmarks/inference.py

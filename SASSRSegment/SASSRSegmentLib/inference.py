@@ -53,13 +53,27 @@ def sliding_window_predict(
     tta: bool = False,
     progress: Callable[[float], None] | None = None,
     amp: bool = True,
+    output: str = "mask",
 ) -> torch.Tensor:
     """HR lesion probabilities (float32, CPU, shape spatial * scale) for one LR image (C, *spatial).
 
-    Windows larger than the image shrink to it (the network pads internally). With `tta`, every
-    combination of axis flips is averaged. `progress(fraction)` is called after each batch; a
-    KeyboardInterrupt raised there (or anywhere) stops the work at once.
+    With output="image", the image-SR decoder's HR image (C, *spatial * scale) instead: only then
+    does that decoder run. Windows larger than the image shrink to it (the network pads internally).
+    With `tta`, every combination of axis flips is averaged. `progress(fraction)` is called after each
+    batch; a KeyboardInterrupt raised there (or anywhere) stops the work at once.
     """
+    if output == "mask":
+        channels = 1
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(net(x).float())
+    elif output == "image":
+        channels = lr.shape[0]
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return net.super_resolve_image(x).float()
+    else:
+        raise ValueError(f"output must be 'mask' or 'image', got {output!r}")
     was_training = net.training
     net.eval()
     device = device or next(net.parameters()).device
@@ -68,8 +82,8 @@ def sliding_window_predict(
     window = tuple(min(w, n) for w, n in zip(window_lr, spatial, strict=True))
     hr_window = tuple(w * scale for w in window)
     importance = gaussian_importance(hr_window)
-    accumulated = torch.zeros(tuple(n * scale for n in spatial), dtype=torch.float32)
-    weights = torch.zeros_like(accumulated)
+    accumulated = torch.zeros((channels, *(n * scale for n in spatial)), dtype=torch.float32)
+    weights = torch.zeros(accumulated.shape[1:], dtype=torch.float32)
     starts = list(
         itertools.product(*(window_starts(n, w, overlap) for n, w in zip(spatial, window, strict=True)))
     )
@@ -83,19 +97,20 @@ def sliding_window_predict(
                     for st in chunk
                 ]
             ).to(device)
-            prob = torch.zeros((len(chunk), 1, *hr_window), device=device)
+            pred = torch.zeros((len(chunk), channels, *hr_window), device=device)
             for axes in flips:
                 x = torch.flip(batch, axes) if axes else batch
                 with autocast(device, amp):
-                    logits = net(x).float()
-                prob += torch.sigmoid(torch.flip(logits, axes) if axes else logits)
-            prob = (prob / len(flips)).cpu()
-            for st, p in zip(chunk, prob, strict=True):
+                    y = predict(x)
+                pred += torch.flip(y, axes) if axes else y
+            pred = (pred / len(flips)).cpu()
+            for st, p in zip(chunk, pred, strict=True):
                 region = tuple(slice(s * scale, (s + w) * scale) for s, w in zip(st, window, strict=True))
-                accumulated[region] += p[0] * importance
+                accumulated[(slice(None), *region)] += p * importance
                 weights[region] += importance
             if progress is not None:
                 progress(min(1.0, (b + len(chunk)) / len(starts)))
     finally:
         net.train(was_training)
-    return accumulated / weights
+    accumulated /= weights  # in place: the HR volume is the largest thing held
+    return accumulated[0] if output == "mask" else accumulated

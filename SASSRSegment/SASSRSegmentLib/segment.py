@@ -9,7 +9,6 @@ covers exactly the physical extent of its input, so it overlays it in any viewer
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 from collections.abc import Callable
@@ -336,48 +335,6 @@ def segment_image(
     return _lift(mask, prepared), _lift(probabilities, prepared)
 
 
-def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
-    dims = range(2, 2 + spatial_dims)
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)] if tta else [()]
-
-
-def _sliding_window_image(
-    net, prepared: _Prepared, scale: int, overlap: float, device, tta: bool, report
-) -> np.ndarray:
-    """The image-SR decoder over Gaussian-blended windows (the mask predictor runs only the mask decoder)."""
-    import torch
-
-    from .devices import autocast
-    from .inference import gaussian_importance, window_starts
-
-    lr = prepared.lr
-    spatial = tuple(lr.shape[1:])
-    window = prepared.window
-    hr_window = tuple(w * scale for w in window)
-    importance = gaussian_importance(hr_window)
-    out = torch.zeros((lr.shape[0], *(n * scale for n in spatial)), dtype=torch.float32)
-    weights = torch.zeros(out.shape[1:], dtype=torch.float32)
-    starts = list(
-        itertools.product(*(window_starts(n, w, overlap) for n, w in zip(spatial, window, strict=True)))
-    )
-    flips = _flip_sets(len(spatial), tta)
-    with torch.no_grad():
-        for k, start in enumerate(starts):
-            x = lr[(slice(None), *(slice(s, s + w) for s, w in zip(start, window, strict=True)))][None].to(
-                device
-            )
-            y = 0
-            for axes in flips:
-                with autocast(device):
-                    pred = net.super_resolve_image(torch.flip(x, axes) if axes else x).float()
-                y = y + (torch.flip(pred, axes) if axes else pred)
-            region = tuple(slice(s * scale, (s + w) * scale) for s, w in zip(start, window, strict=True))
-            out[(slice(None), *region)] += (y[0] / len(flips)).cpu() * importance
-            weights[region] += importance
-            report("super-resolve", (k + 1) / len(starts))
-    return (out / weights).numpy()
-
-
 def super_resolve_image(
     image: sitk.Image,
     net,
@@ -398,6 +355,8 @@ def super_resolve_image(
         raise UserError(
             f"model {card.get('name', '?')!r} has no image-SR decoder (image_sr=false); drop --sr-image"
         )
+    from .inference import sliding_window_predict
+
     report = progress or (lambda stage, fraction: None)
     prepared = _prepare(image, card, roi, output_grid, 1, memory_limit, lambda m: None)
     scale = int(card["preprocessing"]["scale"])
@@ -405,7 +364,18 @@ def super_resolve_image(
         # A constant image normalises to zeros everywhere: so is its super-resolved version.
         return _lift(prepared.output_grid.reference_image(sitk.sitkFloat32), prepared)
     device = device or next(net.parameters()).device
-    hr = _sliding_window_image(net, prepared, scale, overlap, device, tta, report)
+    hr = sliding_window_predict(
+        net,
+        prepared.lr,
+        prepared.window,
+        scale,
+        overlap=overlap,
+        batch_size=1,
+        device=device,
+        tta=tta,
+        progress=lambda f: report("super-resolve", f),
+        output="image",
+    ).numpy()
     if hr.shape[0] == 1:
         out = _to_output(hr[0], prepared)
     else:
