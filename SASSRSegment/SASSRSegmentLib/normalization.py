@@ -36,7 +36,7 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _neighbourhood_min(mask: np.ndarray) -> np.ndarray:
+def erode(mask: np.ndarray) -> np.ndarray:
     """Binary erosion by the full 3^d neighbourhood (edges count as outside)."""
     padded = np.pad(mask, 1, constant_values=False)
     out = np.ones_like(mask)
@@ -87,7 +87,7 @@ def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
         mask = foreground_mask(data)
         # Statistics of the interior only: rim voxels are partial volumes, and there are more of them
         # at LR than at HR, which would make the two scales disagree.
-        interior = _neighbourhood_min(mask)
+        interior = erode(mask)
         stats = interior if interior.sum() >= max(16, 0.25 * mask.sum()) else mask
         lo, hi = np.percentile(data[stats], [0.5, 99.5])
         values = np.clip(data[stats], lo, hi)

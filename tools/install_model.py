@@ -1,0 +1,63 @@
+"""Install a trained bundle as a bundled model, with the numbers `evaluate` measured in its card.
+
+    python tools/install_model.py BUNDLE NAME --evaluation EVAL.json --evaluate-command "..." [--provenance TEXT]
+
+Copies model.pt unchanged (its checksum stays valid) and writes model.json = the training card plus an
+"evaluation" section (the summary `evaluate --json` wrote) and free-text provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "SASSRSegment"))
+
+from SASSRSegmentLib.bundle import MODELS_DIR, sha256_file  # noqa: E402
+
+MAX_BYTES = 20 * 1024 * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--evaluation", type=Path, required=True, help="JSON written by `evaluate --json`")
+    parser.add_argument("--evaluate-command", required=True, help="the evaluate command that wrote it")
+    parser.add_argument("--provenance", default="", help="how the weights were produced, in words")
+    args = parser.parse_args()
+
+    card = json.loads((args.bundle / "model.json").read_text())
+    weights = args.bundle / "model.pt"
+    if sha256_file(weights) != card["weights_sha256"]:
+        sys.exit(f"error: {weights} does not match its card's checksum")
+    if weights.stat().st_size > MAX_BYTES:
+        sys.exit(f"error: {weights} is larger than 20 MB")
+    evaluation = json.loads(args.evaluation.read_text())
+    card["name"] = args.name
+    card["evaluation"] = {
+        "command": args.evaluate_command,
+        "split": evaluation["split"],
+        "lr_input": evaluation["lr_input"],
+        "tta": evaluation["tta"],
+        "threshold": evaluation["threshold"],
+        "summary": evaluation["summary"],
+        "interpolation_of_perfect_lr_mask": evaluation.get("baseline", {}).get("summary"),
+        "per_case_dice": {k: round(v["dice"], 4) for k, v in evaluation["cases"].items()},
+    }
+    if args.provenance:
+        card["provenance"] = args.provenance
+    target = MODELS_DIR / args.name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, target / "model.pt")
+    (target / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"installed {args.name}: validation Dice {evaluation['summary']['mean']['dice']:.3f} -> {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
