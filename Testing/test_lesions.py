@@ -100,3 +100,19 @@ def test_csv_and_json_writers(tmp_path):
         write_lesion_table(rows, tmp_path / "t.csv")
     with pytest.raises(UserError, match=r"\.csv or \.json"):
         write_lesion_table(rows, tmp_path / "t.txt")
+
+
+def test_drop_small_components_keeps_the_main_masses():
+    from SASSRSegmentLib.lesions import drop_small_components
+
+    arr = np.zeros((1, 40, 40), np.uint8)
+    arr[0, 2:22, 2:22] = 1  # 400 voxels
+    arr[0, 30:38, 30:38] = 1  # 64 voxels: 16% of the largest
+    arr[0, 30:33, 2:5] = 1  # 9 voxels: 2%
+    mask = sitk.GetImageFromArray(arr)
+    mask.SetSpacing((0.5, 0.5, 2.0))
+    kept = drop_small_components(mask, 0.1)
+    out = sitk.GetArrayFromImage(kept)
+    assert out.sum() == 464 and out[0, 31, 3] == 0 and out[0, 31, 31] == 1
+    assert kept.GetSpacing() == mask.GetSpacing()
+    assert sitk.GetArrayFromImage(drop_small_components(mask, 0.0)).sum() == 473

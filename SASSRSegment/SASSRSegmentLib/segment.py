@@ -331,6 +331,9 @@ def segment_image(
         probabilities = _to_output(hr.numpy(), prepared)
         del hr
     mask = sitk.Cast(probabilities >= threshold, sitk.sitkUInt8)
+    mask = lesions.drop_small_components(
+        mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
+    )
     report("resample", 1.0)
     return _lift(mask, prepared), _lift(probabilities, prepared)
 
