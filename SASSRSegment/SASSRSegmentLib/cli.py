@@ -46,20 +46,25 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(run, args: argparse.Namespace) -> int:
+    """Run a command's `run(args)` with the exit-status contract: 2 user error, 130 cancelled."""
     # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    args = parser.parse_args(argv)
-    if not getattr(args, "_module", None):
-        parser.print_help(sys.stderr)
-        return 2
     try:
-        return int(_load(args._module).run(args) or 0)
+        return int(run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return run_command(_load(args._module).run, args)

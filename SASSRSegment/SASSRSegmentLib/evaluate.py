@@ -107,15 +107,7 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 def format_report(result: dict) -> str:
     """The per-case table, the means and the size strata as text."""
-    columns = (
-        "dice",
-        "iou",
-        "hd95_mm",
-        "precision",
-        "recall",
-        "lesion_sensitivity",
-        "false_positive_lesions",
-    )
+    columns = metrics.CASE_METRICS
     heads = ("Dice", "IoU", "HD95mm", "prec", "recall", "les.sens", "FP les")
     baseline = result.get("baseline")
     width = max([len(n) for n in result["cases"]] + [len("mean")])
