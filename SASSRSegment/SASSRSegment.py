@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from SASSRSegmentLib.bundle import bundled_models
+from SASSRSegmentLib.bundle import bundled_models, validation_dice
 
 try:
     import slicer
@@ -155,8 +155,7 @@ def expectedInputText(card):
 
 def modelSummary(card):
     """The model combo box tooltip: modality, expected input, scale and validation Dice from the card."""
-    validation = card.get("validation") or {}
-    dice = validation.get("dice_mean")
+    dice = validation_dice(card)
     diceText = f"{float(dice):.3f}" if isinstance(dice, (int, float)) else _("not recorded")
     lines = [
         card["name"] + (f": {card['description']}" if card.get("description") else ""),

@@ -52,6 +52,12 @@ def read_card(folder: Path) -> dict:
     return card
 
 
+def validation_dice(card: dict) -> float | None:
+    """The card's validation Dice: what `evaluate` measured if recorded, else training's own validation."""
+    evaluated = ((card.get("evaluation") or {}).get("summary") or {}).get("mean", {}).get("dice")
+    return evaluated if evaluated is not None else (card.get("validation") or {}).get("dice_mean")
+
+
 def bundled_models(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
     """Bundled model name -> folder, for folders holding a model.json."""
     if not models_dir.is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .bundle import MODELS_DIR, bundled_models, read_card
+from .bundle import MODELS_DIR, bundled_models, read_card, validation_dice
 from .errors import UserError
 
 
@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summarise(name: str, card: dict) -> dict:
     """The few card fields a user picks a model by."""
     prep = card.get("preprocessing", {})
-    validation = card.get("validation") or {}
     return {
         "name": card.get("name", name),
         "modality": card.get("modality"),
@@ -26,7 +25,7 @@ def summarise(name: str, card: dict) -> dict:
         "lr_spacing_mm": prep.get("lr_spacing"),
         "lr_longer_side": prep.get("lr_longer_side"),
         "threshold": card.get("threshold"),
-        "validation_dice": validation.get("dice_mean"),
+        "validation_dice": validation_dice(card),
         "description": card.get("description"),
     }
 
