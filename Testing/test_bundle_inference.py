@@ -96,8 +96,25 @@ def test_sliding_window_with_a_real_network_and_small_image(dims):
     with torch.no_grad():
         whole = torch.sigmoid(net(lr[None]))[0, 0]
     # A window larger than the image shrinks to it: one pass, same result as the plain forward.
-    single = sliding_window_predict(net, lr, window_lr=(64,) * dims, scale=2)
+    single = sliding_window_predict(net, lr, window_lr=(64,) * dims, scale=2, amp=False)
     assert torch.allclose(single, whole, atol=1e-5)
+    # Mixed precision (bf16 on CPUs that have it) changes probabilities only slightly.
+    mixed = sliding_window_predict(net, lr, window_lr=(64,) * dims, scale=2, amp=True)
+    assert (mixed - whole).abs().max() < 0.05
+
+
+def test_autocast_choice(monkeypatch):
+    from SASSRSegmentLib import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    with devices.autocast(cpu):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    with devices.autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with devices.autocast(cpu, enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_tta_and_progress_and_cancel():

@@ -281,6 +281,8 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | 
         else:
             # CPUs with bf16 instructions ran the default configs 1.5-1.6x faster in bf16
             # (benchmarks/training.py); elsewhere bf16 is emulated and slower.
+            from .devices import cpu_has_native_bf16
+
             mode = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
     if mode == "off":
         return None, False
@@ -289,14 +291,6 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | 
             raise UserError('amp "fp16" needs a CUDA GPU; use "bf16" or "off" on this device')
         return torch.float16, True
     return torch.bfloat16, False
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device, spatial_dims: int) -> bool:
