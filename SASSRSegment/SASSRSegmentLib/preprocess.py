@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .bundle import atomic_write
 from .errors import UserError
 from .normalization import normalize
 from .progress import Progress
@@ -34,19 +33,8 @@ OPEN_CASES = 512  # memory maps kept open at once (each holds a file descriptor)
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_json(path: Path, obj) -> None:
-    _atomic_save(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def _hash(obj) -> str:
@@ -182,8 +170,8 @@ def process_case(dataset, case, prep: dict, crop_margin_lr: int, folder: Path, k
         "components": lesion_components(seg),
         "background": background,
     }
-    _atomic_save(folder / f"{case.name}_img.npy", lambda f: np.save(f, stored))
-    _atomic_save(folder / f"{case.name}_seg.npy", lambda f: np.save(f, seg))
+    atomic_write(folder / f"{case.name}_img.npy", lambda f: np.save(f, stored))
+    atomic_write(folder / f"{case.name}_seg.npy", lambda f: np.save(f, seg))
     _atomic_json(folder / f"{case.name}.json", entry)
     return entry
 
