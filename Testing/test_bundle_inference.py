@@ -129,3 +129,21 @@ def test_tta_and_progress_and_cancel():
 
     with pytest.raises(KeyboardInterrupt):
         sliding_window_predict(net, lr, (8, 8), 2, batch_size=1, progress=cancel)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_streamed_slabs_reassemble_the_whole_prediction(dims):
+    net = _tiny(dims).eval()
+    lr = torch.rand(1, *(40, 12, 10)[:dims])
+    whole = sliding_window_predict(net, lr, (16,) * dims, scale=2, amp=False)
+    slabs = []
+    returned = sliding_window_predict(
+        net, lr, (16,) * dims, scale=2, amp=False, sink=lambda row, block: slabs.append((row, block.clone()))
+    )
+    assert returned is None
+    rows = [row for row, _ in slabs]
+    assert rows[0] == 0 and all(b.shape[1] <= 32 for _, b in slabs)  # at most one HR window deep
+    ends = [row + block.shape[1] for row, block in slabs]
+    assert rows[1:] == ends[:-1] and ends[-1] == 80  # in order, with no gap or overlap
+    assert torch.allclose(torch.cat([b for _, b in slabs], dim=1)[0], whole, atol=1e-6)
+    assert len(slabs) > 2

@@ -129,6 +129,20 @@ def test_hr_output_overlays_an_oblique_anisotropic_volume():
     np.testing.assert_allclose(ball["centroid_lps_mm"], centre, atol=0.2)
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 5.0), (2.0, 2.0, 2.0)])
+def test_mask_alone_is_the_same_mask(spacing):
+    # (2, 2, 2) is the card's LR spacing: the mask is streamed slab by slab; (1, 1, 5) is resampled.
+    grid = Grid((30, 26, 8), spacing, (4.0, -3.0, 2.0), tuple(_rotation(0.3, 0.2).ravel()))
+    image = ball_image(grid, grid.index_to_physical([14.2, 12.7, 3.6]), 7.0)
+    card = _card(3)
+    card["preprocessing"]["patch_size_lr"] = [4, 8, 8]  # several windows on every axis
+    mask, probabilities = segment.segment_image(image, Interpolator(), card, CPU)
+    alone, none = segment.segment_image(image, Interpolator(), card, CPU, probabilities=False)
+    assert none is None and Grid.from_image(alone) == Grid.from_image(mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(alone), sitk.GetArrayFromImage(mask))
+    assert 0 < sitk.GetArrayFromImage(mask).sum() < math.prod(mask.GetSize())
+
+
 def test_hr_output_overlays_a_2d_image():
     grid = Grid((50, 34), (0.5, 0.7), (3.0, -4.0), (1.0, 0.0, 0.0, 1.0))
     centre = grid.index_to_physical([23.6, 15.2])

@@ -137,7 +137,9 @@ def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
         image, card, net = _as_hr_run(image, card, net)
     batch = 1 if device.type == "cpu" else 4
     start = time.perf_counter()
-    mask, _ = segment_image(image, net, card, device, tta=row == "SASR + TTA", batch_size=batch)
+    mask, _ = segment_image(
+        image, net, card, device, tta=row == "SASR + TTA", batch_size=batch, probabilities=False
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start

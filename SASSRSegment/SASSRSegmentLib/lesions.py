@@ -33,6 +33,25 @@ def connected_lesions(mask: sitk.Image, fully_connected: bool = True) -> sitk.Im
     return sitk.RelabelComponent(labels, sortByObjectSize=True)
 
 
+def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
+    """Index start and size of the box around the mask's nonzero voxels; None for an empty mask.
+
+    Component labelling runs inside this box only: lesions are small beside a large HR volume, and
+    the labels are four bytes a voxel.
+    """
+    if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32):
+        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(mask)
+    if not shape.GetLabels():
+        return None
+    d = mask.GetDimension()
+    boxes = np.array([shape.GetBoundingBox(label) for label in shape.GetLabels()])
+    start = boxes[:, :d].min(axis=0)
+    stop = (boxes[:, :d] + boxes[:, d:]).max(axis=0)
+    return start.tolist(), (stop - start).tolist()
+
+
 def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     """Remove connected components smaller than `min_fraction` of the largest (uint8 0/1 result).
 
@@ -40,16 +59,21 @@ def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     positives far more often than satellite lesions; models whose validation says so set this in
     their card. min_fraction <= 0 keeps everything.
     """
-    if min_fraction <= 0:
+    region = lesion_region(mask) if min_fraction > 0 else None
+    if region is None:
         return mask
-    labels = connected_lesions(mask)
+    start, size = region
+    labels = connected_lesions(sitk.RegionOfInterest(mask, size, start))
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(labels)
     sizes = {label: stats.GetNumberOfPixels(label) for label in stats.GetLabels()}
     if len(sizes) < 2:
         return mask
     keep = [label for label, n in sizes.items() if n >= min_fraction * max(sizes.values())]
-    kept = np.isin(sitk.GetArrayFromImage(labels), keep).astype(np.uint8)
+    kept = np.zeros(mask.GetSize()[::-1], np.uint8)
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1], strict=True))
+    kept[box] = np.isin(sitk.GetArrayViewFromImage(labels), keep)
+    del labels
     out = sitk.GetImageFromArray(kept)
     out.CopyInformation(mask)
     return out
@@ -83,6 +107,13 @@ def lesion_table(
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
+    region = lesion_region(mask)
+    if region is None:
+        return []
+    offset, size = region
+    mask = sitk.RegionOfInterest(mask, size, offset)
+    if probabilities is not None:
+        probabilities = sitk.RegionOfInterest(probabilities, size, offset)
     labels = connected_lesions(mask, fully_connected)
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.ComputeFeretDiameterOn()
@@ -110,7 +141,7 @@ def lesion_table(
             size_key: float(shape.GetPhysicalSize(label)),
             "centroid_lps_mm": centroid.tolist(),
             "centroid_ras_mm": _lps_to_ras(centroid).tolist(),
-            "bbox_index_start": [int(v) for v in box[:d]],
+            "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset, strict=True)],
             "bbox_index_size": [int(v) for v in box[d:]],
             "bbox_ras_min_mm": corners.min(axis=0).tolist(),
             "bbox_ras_max_mm": corners.max(axis=0).tolist(),

@@ -13,6 +13,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,14 @@ from .progress import Progress
 
 SAMPLE_NAME = "brats_2013_pat0005_1_flair_2mm.nrrd"
 MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX = "_mask", "_probabilities", "_sr"
-# Bytes per voxel held at the peak: the HR working grid while windows are blended (sum, weights and
-# their quotient, float32); the output grid's float32 probabilities and uint8 mask, plus a float32 copy
-# when they are resampled from the working grid; the input as float32 while it is resampled. Network
-# activations: about _ACTIVATION_COPIES float32 maps of the first width per HR window voxel.
-_BYTES_HR_WORK, _BYTES_OUT, _BYTES_OUT_RESAMPLED, _BYTES_IN = 12, 5, 4, 8
+# Bytes per voxel held at the peak. Output grid: the uint8 mask (numpy, then its image copy) and the
+# uint32 component labels of post-processing and the lesion table; float32 probabilities twice (numpy,
+# image) when kept. When the output grid is not the HR working grid, the working grid's float32
+# probabilities are resampled: one float32 array there and two on the output grid. The slab being
+# blended: window depth x HR plane, float32, three copies. The input as float32 while it is resampled.
+# Network activations: about _ACTIVATION_COPIES float32 maps of the first width per HR window voxel.
+_BYTES_MASK, _BYTES_LABELS, _BYTES_PROBABILITIES, _BYTES_IN = 2, 4, 8, 8
+_BYTES_RESAMPLED_WORK, _BYTES_RESAMPLED_OUT, _BYTES_SLAB = 4, 8, 12
 _ACTIVATION_COPIES = 10
 CONTEXT_LR_VOXELS = 8
 
@@ -152,16 +156,30 @@ def same_grid(a: Grid, b: Grid) -> bool:
 
 
 def estimate_bytes(
-    input_grid: Grid, output_grid: Grid, hr_work: Grid, window_hr_voxels: int, card: dict, batch: int
+    input_grid: Grid,
+    output_grid: Grid,
+    hr_work: Grid,
+    window_hr: tuple[int, ...],
+    card: dict,
+    batch: int,
+    probabilities: bool = True,
 ) -> int:
     """Peak memory of one image's segmentation (an estimate that errs high)."""
     width = int(card["network"]["features"][0])
-    per_output = _BYTES_OUT + (0 if same_grid(hr_work, output_grid) else _BYTES_OUT_RESAMPLED)
+    per_output = _BYTES_MASK + _BYTES_LABELS
+    work = 0
+    if not same_grid(hr_work, output_grid):
+        per_output += _BYTES_RESAMPLED_OUT
+        work = _BYTES_RESAMPLED_WORK * math.prod(hr_work.size)
+    elif probabilities:
+        per_output += _BYTES_PROBABILITIES
+    slab = _BYTES_SLAB * window_hr[0] * math.prod(hr_work.size[::-1][1:])
     return int(
-        _BYTES_HR_WORK * math.prod(hr_work.size)
+        work
+        + slab
         + per_output * math.prod(output_grid.size)
         + _BYTES_IN * math.prod(input_grid.size)
-        + _ACTIVATION_COPIES * 4 * width * window_hr_voxels * batch
+        + _ACTIVATION_COPIES * 4 * width * math.prod(window_hr) * batch
     )
 
 
@@ -212,6 +230,7 @@ def _prepare(
     batch_size: int,
     memory_limit: int | None,
     warn: Callable[[str], None],
+    probabilities: bool = True,
 ) -> _Prepared:
     import torch
 
@@ -244,8 +263,8 @@ def _prepare(
     hr_work = geometry.hr_grid(work_lr, scale)
     # The card's window is in array order (z, y, x), like the tensor; clipped to the image.
     window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1], strict=True))
-    window_hr = math.prod(w * scale for w in window)
-    need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size)
+    window_hr = tuple(w * scale for w in window)
+    need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
     limit = memory_limit if memory_limit is not None else available_memory_bytes()
     if need > limit:
         raise UserError(
@@ -299,9 +318,12 @@ def segment_image(
     memory_limit: int | None = None,
     progress: Callable[[str, float], None] | None = None,
     warn: Callable[[str], None] | None = None,
-) -> tuple[sitk.Image, sitk.Image]:
+    probabilities: bool = True,
+) -> tuple[sitk.Image, sitk.Image | None]:
     """(uint8 mask, float32 probabilities), both on the output grid: `hr_grid(input, scale)` (or of the ROI's
-    input voxels), or the input grid with output_grid="input".
+    input voxels), or the input grid with output_grid="input". With probabilities=False the second is
+    None and, on the HR grid, the mask is thresholded slab by slab: memory then holds about one byte
+    per HR voxel (what makes very large volumes fit).
 
     roi: (xmin, xmax, ymin, ymax[, zmin, zmax]) in RAS mm; the input voxels it touches are segmented.
     progress(stage, fraction) is called as work proceeds; warn(message) for non-fatal problems.
@@ -311,31 +333,62 @@ def segment_image(
     threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
     report = progress or (lambda stage, fraction: None)
     report("preprocess", 0.0)
-    prepared = _prepare(image, card, roi, output_grid, batch_size, memory_limit, warn or (lambda m: None))
+    prepared = _prepare(
+        image, card, roi, output_grid, batch_size, memory_limit, warn or (lambda m: None), probabilities
+    )
     report("preprocess", 1.0)
+    predict = partial(
+        sliding_window_predict,
+        net,
+        prepared.lr,
+        prepared.window,
+        int(card["preprocessing"]["scale"]),
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        tta=tta,
+        progress=lambda f: report("predict", f),
+    )
     if prepared.lr is None:
-        probabilities = prepared.output_grid.reference_image(sitk.sitkFloat32)
+        probs = prepared.output_grid.reference_image(sitk.sitkFloat32)
+        mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
+    elif same_grid(prepared.hr_work, prepared.output_grid):
+        mask, probs = _predict_streamed(predict, prepared.hr_work, threshold, probabilities)
+        prepared.lr = predict = None  # the LR input is not needed after prediction
     else:
-        hr = sliding_window_predict(
-            net,
-            prepared.lr,
-            prepared.window,
-            int(card["preprocessing"]["scale"]),
-            overlap=overlap,
-            batch_size=batch_size,
-            device=device,
-            tta=tta,
-            progress=lambda f: report("predict", f),
-        )
+        hr = predict()
+        prepared.lr = predict = None
         report("resample", 0.0)
-        probabilities = _to_output(hr.numpy(), prepared)
+        probs = _to_output(hr.numpy(), prepared)
         del hr
-    mask = sitk.Cast(probabilities >= threshold, sitk.sitkUInt8)
+        mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
     mask = lesions.drop_small_components(
         mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
     )
     report("resample", 1.0)
-    return _lift(mask, prepared), _lift(probabilities, prepared)
+    return _lift(mask, prepared), (_lift(probs, prepared) if probabilities else None)
+
+
+def _predict_streamed(
+    predict: Callable, grid: Grid, threshold: float, keep_probabilities: bool
+) -> tuple[sitk.Image, sitk.Image | None]:
+    """Threshold each finished slab as it arrives: the HR volume is never held as float32 unless
+    the probabilities are wanted."""
+    shape = grid.size[::-1]
+    arrays = {"mask": np.empty(shape, np.uint8)}
+    if keep_probabilities:
+        arrays["probabilities"] = np.empty(shape, np.float32)
+
+    def sink(first_row: int, block) -> None:
+        rows = slice(first_row, first_row + block.shape[1])
+        arrays["mask"][rows] = (block[0] >= threshold).numpy()
+        if keep_probabilities:
+            arrays["probabilities"][rows] = block[0].numpy()
+
+    predict(sink=sink)
+    # Each array is released as soon as its image copy exists.
+    mask = grid.image_from_array(arrays.pop("mask"))
+    return mask, (grid.image_from_array(arrays.pop("probabilities")) if keep_probabilities else None)
 
 
 def super_resolve_image(
@@ -651,6 +704,9 @@ class _Session:
             batch_size=self.batch_size,
             progress=report,
             warn=lambda m: self.warn(f"{job.item.name}: {m}" if self.batch else m),
+            # The table's mean probabilities need them too; without either, memory stays near a byte
+            # per HR voxel.
+            probabilities=bool(job.probabilities or args.lesion_table),
             **common,
         )
         sr = None
