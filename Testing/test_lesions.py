@@ -116,3 +116,16 @@ def test_drop_small_components_keeps_the_main_masses():
     assert out.sum() == 464 and out[0, 31, 3] == 0 and out[0, 31, 31] == 1
     assert kept.GetSpacing() == mask.GetSpacing()
     assert sitk.GetArrayFromImage(drop_small_components(mask, 0.0)).sum() == 473
+
+
+def test_lesion_region_is_the_box_around_the_voxels():
+    from SASSRSegmentLib.lesions import lesion_region
+
+    arr = np.zeros((20, 30, 40), np.uint8)
+    assert lesion_region(sitk.GetImageFromArray(arr)) is None
+    arr[3, 5:9, 30:33] = 1
+    arr[17, 20, 2] = 1
+    start, size = lesion_region(sitk.GetImageFromArray(arr))  # x, y, z order, like SimpleITK indices
+    assert start == [2, 5, 3] and size == [31, 16, 15]
+    flat = sitk.GetImageFromArray(arr[3])
+    assert lesion_region(flat) == ([30, 5], [3, 4])

@@ -33,23 +33,31 @@ def connected_lesions(mask: sitk.Image, fully_connected: bool = True) -> sitk.Im
     return sitk.RelabelComponent(labels, sortByObjectSize=True)
 
 
+_ROWS_PER_CHUNK = 8  # first-axis rows per step of the voxel loops below: small temporaries
+
+
 def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
-    """Index start and size of the box around the mask's nonzero voxels; None for an empty mask.
+    """Index start and size (x, y, z) of the box around the mask's nonzero voxels; None if empty.
 
     Component labelling runs inside this box only: lesions are small beside a large HR volume, and
-    the labels are four bytes a voxel.
+    labels take four bytes a voxel.
     """
-    if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32):
-        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.Execute(mask)
-    if not shape.GetLabels():
+    array = sitk.GetArrayViewFromImage(mask)
+    occupied = [np.zeros(n, bool) for n in array.shape]
+    for first in range(0, array.shape[0], _ROWS_PER_CHUNK):
+        chunk = array[first : first + _ROWS_PER_CHUNK] != 0
+        for axis in range(array.ndim):
+            others = tuple(a for a in range(array.ndim) if a != axis)
+            hit = chunk.any(axis=others) if others else chunk
+            if axis == 0:
+                occupied[0][first : first + len(chunk)] = hit
+            else:
+                occupied[axis] |= hit
+    if not occupied[0].any():
         return None
-    d = mask.GetDimension()
-    boxes = np.array([shape.GetBoundingBox(label) for label in shape.GetLabels()])
-    start = boxes[:, :d].min(axis=0)
-    stop = (boxes[:, :d] + boxes[:, d:]).max(axis=0)
-    return start.tolist(), (stop - start).tolist()
+    start = [int(np.argmax(o)) for o in occupied]
+    stop = [len(o) - int(np.argmax(o[::-1])) for o in occupied]
+    return start[::-1], [b - a for a, b in zip(start, stop, strict=True)][::-1]
 
 
 def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
@@ -63,17 +71,23 @@ def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     if region is None:
         return mask
     start, size = region
-    labels = connected_lesions(sitk.RegionOfInterest(mask, size, start))
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(labels)
-    sizes = {label: stats.GetNumberOfPixels(label) for label in stats.GetLabels()}
-    if len(sizes) < 2:
+    labels = sitk.ConnectedComponent(sitk.Cast(sitk.RegionOfInterest(mask, size, start) > 0, sitk.sitkUInt8))
+    values = sitk.GetArrayViewFromImage(labels)
+    counts = np.zeros(1, np.int64)
+    for first in range(0, values.shape[0], _ROWS_PER_CHUNK):
+        chunk = np.bincount(values[first : first + _ROWS_PER_CHUNK].ravel())
+        counts = np.pad(counts, (0, max(0, len(chunk) - len(counts))))
+        counts[: len(chunk)] += chunk
+    counts[0] = 0
+    if np.count_nonzero(counts) < 2:
         return mask
-    keep = [label for label, n in sizes.items() if n >= min_fraction * max(sizes.values())]
+    keep = (counts >= min_fraction * counts.max()).astype(np.uint8)
     kept = np.zeros(mask.GetSize()[::-1], np.uint8)
     box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1], strict=True))
-    kept[box] = np.isin(sitk.GetArrayViewFromImage(labels), keep)
-    del labels
+    inside = kept[box]
+    for first in range(0, values.shape[0], _ROWS_PER_CHUNK):
+        inside[first : first + _ROWS_PER_CHUNK] = keep[values[first : first + _ROWS_PER_CHUNK]]
+    del values, labels
     out = sitk.GetImageFromArray(kept)
     out.CopyInformation(mask)
     return out
