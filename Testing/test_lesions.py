@@ -129,3 +129,21 @@ def test_lesion_region_is_the_box_around_the_voxels():
     assert start == [2, 5, 3] and size == [31, 16, 15]
     flat = sitk.GetImageFromArray(arr[3])
     assert lesion_region(flat) == ([30, 5], [3, 4])
+
+
+@pytest.mark.parametrize("shape", [(9, 23, 31), (37, 41)])
+@pytest.mark.parametrize("fully_connected", [True, False])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
+def test_slab_wise_components_agree_with_whole_volume_labelling(shape, fully_connected, density):
+    from SASSRSegmentLib.lesions import keep_large_components
+
+    rng = np.random.default_rng(len(shape) * 100 + int(density * 10))
+    array = (rng.random(shape) < density).astype(np.uint8)
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(array), fully_connected))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    expected = (sizes >= 0.1 * sizes.max())[labels] & (labels > 0)
+    for rows in (1, 2, 4, 100):  # one row per slab up to the whole array in one slab
+        out = np.full(shape, 7, np.uint8)
+        keep_large_components(array, 0.1, out, fully_connected, rows)
+        np.testing.assert_array_equal(out, expected.astype(np.uint8))

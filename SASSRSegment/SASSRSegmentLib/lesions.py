@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -60,6 +61,65 @@ def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
     return start[::-1], [b - a for a, b in zip(start, stop, strict=True)][::-1]
 
 
+def _slab_labels(array: np.ndarray, first: int, rows: int, fully_connected: bool) -> np.ndarray:
+    chunk = sitk.GetImageFromArray((array[first : first + rows] != 0).astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(chunk, fully_connected))
+
+
+def _neighbour_pairs(a: np.ndarray, b: np.ndarray, fully_connected: bool) -> np.ndarray:
+    """(label in a, label in b) for every pair of touching foreground voxels of two adjacent planes."""
+    shifts = itertools.product((-1, 0, 1), repeat=a.ndim) if fully_connected else [(0,) * a.ndim]
+    pairs = []
+    for shift in shifts:
+        sa = tuple(slice(max(0, -k), n - max(0, k)) for k, n in zip(shift, a.shape, strict=True))
+        sb = tuple(slice(max(0, k), n - max(0, -k)) for k, n in zip(shift, a.shape, strict=True))
+        la, lb = a[sa].ravel(), b[sb].ravel()
+        both = (la > 0) & (lb > 0)
+        pairs.append(np.stack([la[both], lb[both]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def keep_large_components(
+    array: np.ndarray, min_fraction: float, out: np.ndarray, fully_connected: bool = True, rows: int = 32
+) -> None:
+    """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
+    least `min_fraction` of the largest one's voxels.
+
+    Components are labelled `rows` first-axis rows at a time and joined across slab faces
+    (union-find), so memory holds one slab of four-byte labels, not the whole volume's.
+    """
+    # Slab k's local label j > 0 is global label bases[k] + j; global label 0 is the background.
+    bases, sizes, boundary = [], [np.zeros(1, np.int64)], None
+    parent = np.zeros(1, np.int64)
+    for first in range(0, array.shape[0], rows):
+        labels = _slab_labels(array, first, rows, fully_connected)
+        count, base = int(labels.max()), len(parent) - 1
+        bases.append(base)
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:])
+        parent = np.concatenate([parent, np.arange(base + 1, base + count + 1)])
+        if boundary is not None:
+            for a, b in _neighbour_pairs(boundary, labels[0], fully_connected):
+                ra, rb = _root(parent, int(a)), _root(parent, int(b) + base)
+                parent[max(ra, rb)] = min(ra, rb)
+        boundary = np.where(labels[-1] > 0, labels[-1].astype(np.int64) + base, 0)
+    while not np.array_equal(parent, parent[parent]):
+        parent = parent[parent]
+    root_sizes = np.bincount(parent, weights=np.concatenate(sizes), minlength=len(parent))
+    root_sizes[0] = 0
+    keep = (root_sizes[parent] >= min_fraction * root_sizes.max()).astype(np.uint8)
+    keep[0] = 0
+    for base, first in zip(bases, range(0, array.shape[0], rows), strict=True):
+        labels = _slab_labels(array, first, rows, fully_connected).astype(np.int64)
+        out[first : first + rows] = keep[np.where(labels > 0, labels + base, 0)]
+
+
+def _root(parent: np.ndarray, label: int) -> int:
+    while parent[label] != label:
+        parent[label] = parent[parent[label]]
+        label = int(parent[label])
+    return label
+
+
 def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     """Remove connected components smaller than `min_fraction` of the largest (uint8 0/1 result).
 
@@ -71,23 +131,9 @@ def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     if region is None:
         return mask
     start, size = region
-    labels = sitk.ConnectedComponent(sitk.Cast(sitk.RegionOfInterest(mask, size, start) > 0, sitk.sitkUInt8))
-    values = sitk.GetArrayViewFromImage(labels)
-    counts = np.zeros(1, np.int64)
-    for first in range(0, values.shape[0], _ROWS_PER_CHUNK):
-        chunk = np.bincount(values[first : first + _ROWS_PER_CHUNK].ravel())
-        counts = np.pad(counts, (0, max(0, len(chunk) - len(counts))))
-        counts[: len(chunk)] += chunk
-    counts[0] = 0
-    if np.count_nonzero(counts) < 2:
-        return mask
-    keep = (counts >= min_fraction * counts.max()).astype(np.uint8)
-    kept = np.zeros(mask.GetSize()[::-1], np.uint8)
     box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1], strict=True))
-    inside = kept[box]
-    for first in range(0, values.shape[0], _ROWS_PER_CHUNK):
-        inside[first : first + _ROWS_PER_CHUNK] = keep[values[first : first + _ROWS_PER_CHUNK]]
-    del values, labels
+    kept = np.zeros(mask.GetSize()[::-1], np.uint8)
+    keep_large_components(sitk.GetArrayViewFromImage(mask)[box], min_fraction, out=kept[box])
     out = sitk.GetImageFromArray(kept)
     out.CopyInformation(mask)
     return out
