@@ -45,32 +45,28 @@ def erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _box_sum(array: np.ndarray, width: int) -> np.ndarray:
-    """Sum over a centred box of `width` voxels per axis (zero outside), by cumulative sums."""
-    out = array.astype(np.float64)
-    half = width // 2
-    for axis in range(out.ndim):
-        padded = np.pad(out, [(half + 1, half) if a == axis else (0, 0) for a in range(out.ndim)])
-        c = np.cumsum(padded, axis=axis)
-        n = out.shape[axis]
-        out = np.take(c, np.arange(width, width + n), axis=axis) - np.take(c, np.arange(n), axis=axis)
-    return out
-
-
-def tissue_fraction(
-    data: np.ndarray, mask: np.ndarray, interior: np.ndarray, background: float, mean: float
+def _rim_tissue_fraction(
+    data: np.ndarray, interior: np.ndarray, rim: tuple[np.ndarray, ...], background: float, mean: float
 ) -> np.ndarray:
-    """Per-voxel tissue fraction: 1 inside the foreground, 0 outside, in between on its rim.
+    """Tissue fraction of the rim voxels (index arrays `rim`), each between 0 and 1.
 
     A rim voxel's value is f * tissue + (1 - f) * background; its tissue value is taken as the mean of
-    the interior voxels within 2 voxels (the global foreground mean where there are none).
+    the interior voxels within 2 voxels (the global foreground mean where there are none). Only the
+    rim is visited, so memory scales with the rim, not the volume.
     """
-    count = _box_sum(interior, 5)
-    local = np.where(count > 0, _box_sum(np.where(interior, data, 0), 5) / np.maximum(count, 1), mean)
+    count = np.zeros(len(rim[0]))
+    total = np.zeros(len(rim[0]))
+    for offset in np.ndindex(*(5,) * data.ndim):
+        index = tuple(r + (o - 2) for r, o in zip(rim, offset, strict=True))
+        inside = np.all([(i >= 0) & (i < n) for i, n in zip(index, data.shape, strict=True)], axis=0)
+        index = tuple(np.where(inside, i, 0) for i in index)
+        hit = inside & interior[index]
+        count += hit
+        total += np.where(hit, data[index], 0.0)
+    local = np.where(count > 0, total / np.maximum(count, 1), mean)
     contrast = local - background
     safe = np.where(np.abs(contrast) > 1e-6, contrast, 1.0)
-    rim = np.clip((data - background) / safe, 0.0, 1.0)
-    return np.where(interior, 1.0, np.where(mask, rim, 0.0))
+    return np.clip((data[rim] - background) / safe, 0.0, 1.0)
 
 
 def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
@@ -95,12 +91,15 @@ def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
         if std < 1e-8:
             return np.zeros_like(data)
         mean = float(values.mean())
-        fraction = tissue_fraction(data, mask, interior, background, mean)
-        # value = f * tissue + (1 - f) * background: clip and standardise the tissue part only.
-        tissue = background + (data - background) / np.maximum(fraction, 1e-6)
-        out = fraction * (np.clip(tissue, lo, hi) - mean) / std
-        out[~mask] = 0.0
-        return out.astype(np.float32)
+        # value = f * tissue + (1 - f) * background: clip and standardise the tissue part only
+        # (f = 1 in the interior, 0 outside the foreground).
+        out = np.zeros_like(data)
+        out[interior] = (np.clip(data[interior], lo, hi) - mean) / std
+        rim = np.nonzero(mask & ~interior)
+        fraction = _rim_tissue_fraction(data, interior, rim, background, mean)
+        tissue = background + (data[rim] - background) / np.maximum(fraction, 1e-6)
+        out[rim] = fraction * (np.clip(tissue, lo, hi) - mean) / std
+        return out
     raise ValueError(f"unknown normalisation kind {kind!r}; expected one of {KINDS}")
 
 

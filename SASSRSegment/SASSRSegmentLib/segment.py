@@ -26,13 +26,14 @@ from .progress import Progress
 
 SAMPLE_NAME = "brats_2013_pat0005_1_flair_2mm.nrrd"
 MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX = "_mask", "_probabilities", "_sr"
-# Bytes per voxel held at the peak. Output grid: the uint8 mask (numpy, then its image copy) and the
-# uint32 component labels of post-processing and the lesion table; float32 probabilities twice (numpy,
-# image) when kept. When the output grid is not the HR working grid, the working grid's float32
-# probabilities are resampled: one float32 array there and two on the output grid. The slab being
-# blended: window depth x HR plane, float32, three copies. The input as float32 while it is resampled.
-# Network activations: about _ACTIVATION_COPIES float32 maps of the first width per HR window voxel.
-_BYTES_MASK, _BYTES_LABELS, _BYTES_PROBABILITIES, _BYTES_IN = 2, 4, 8, 8
+# Bytes per voxel held at the peak. Output grid: the uint8 mask image and, while small components are
+# dropped, the kept array and its image; float32 probabilities twice (numpy, image) when kept, with the
+# uint32 component labels of the lesion table that needs them. When the output grid is not the HR working
+# grid, the working grid's float32 probabilities are resampled: one float32 array there and two on the
+# output grid. The slab being blended: window depth x HR plane, float32, three copies. The input as
+# float32 while it is resampled. Network activations: about _ACTIVATION_COPIES float32 maps of the first
+# width per HR window voxel.
+_BYTES_MASK, _BYTES_LABELS, _BYTES_PROBABILITIES, _BYTES_IN = 3, 4, 8, 8
 _BYTES_RESAMPLED_WORK, _BYTES_RESAMPLED_OUT, _BYTES_SLAB = 4, 8, 12
 _ACTIVATION_COPIES = 10
 CONTEXT_LR_VOXELS = 8
@@ -166,13 +167,11 @@ def estimate_bytes(
 ) -> int:
     """Peak memory of one image's segmentation (an estimate that errs high)."""
     width = int(card["network"]["features"][0])
-    per_output = _BYTES_MASK + _BYTES_LABELS
+    per_output = _BYTES_MASK + (_BYTES_PROBABILITIES + _BYTES_LABELS if probabilities else 0)
     work = 0
     if not same_grid(hr_work, output_grid):
         per_output += _BYTES_RESAMPLED_OUT
         work = _BYTES_RESAMPLED_WORK * math.prod(hr_work.size)
-    elif probabilities:
-        per_output += _BYTES_PROBABILITIES
     slab = _BYTES_SLAB * window_hr[0] * math.prod(hr_work.size[::-1][1:])
     return int(
         work
