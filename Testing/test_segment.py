@@ -273,6 +273,33 @@ def test_threshold_and_tta_change_the_result(tiny_bundle_3d):
     assert np.abs(sitk.GetArrayFromImage(with_tta) - p).max() > 1e-4  # an untrained net is not flip-invariant
 
 
+class _FlipRecorder(Interpolator):
+    """Records which of the input's rows and columns come first: a flipped input arrives reversed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def forward(self, x):
+        ramp = x[0, 0]
+        self.seen.add((bool(ramp[0, 0] > ramp[-1, 0]), bool(ramp[0, 0] > ramp[0, -1])))
+        return super().forward(x)
+
+
+def test_tta_flips_only_the_axes_the_model_was_trained_to_flip():
+    y, x = np.mgrid[:20, :30]
+    image = sitk.GetImageFromArray((y * 100 + x).astype(np.float32))
+    card = _card(2)
+    card["preprocessing"]["normalization"] = {"kind": "ct", "window": [0.0, 3000.0]}
+    recorder = _FlipRecorder()
+    segment.segment_image(image, recorder, card, CPU, tta=True)
+    assert recorder.seen == {(False, False), (True, False), (False, True), (True, True)}
+    card["training"] = {"config": {"flip_axes": [1]}}  # left-right only, like the ultrasound model
+    recorder = _FlipRecorder()
+    segment.segment_image(image, recorder, card, CPU, tta=True)
+    assert recorder.seen == {(False, False), (False, True)}
+
+
 # ------------------------------------------------------------------------------------- command line
 
 

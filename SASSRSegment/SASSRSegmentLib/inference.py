@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,11 +36,11 @@ def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> t
     return weight
 
 
-def _flips(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
+def _flips(spatial_dims: int, tta: bool, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
     if not tta:
         return [()]
-    dims = range(2, 2 + spatial_dims)
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
+    dims = [2 + a for a in (range(spatial_dims) if axes is None else axes)]
+    return [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
 
 
 class _SlabBlender:
@@ -103,12 +103,14 @@ def sliding_window_predict(
     amp: bool = True,
     output: str = "mask",
     sink: Callable[[int, torch.Tensor], None] | None = None,
+    tta_axes: Sequence[int] | None = None,
 ) -> torch.Tensor | None:
     """HR lesion probabilities (float32, CPU, shape spatial * scale) for one LR image (C, *spatial).
 
     With output="image", the image-SR decoder's HR image (C, *spatial * scale) instead: only then
     does that decoder run. Windows larger than the image shrink to it (the network pads internally).
-    With `tta`, every combination of axis flips is averaged. `progress(fraction)` is called after each
+    With `tta`, every combination of flips of `tta_axes` (spatial axes in tensor order; all by default)
+    is averaged. `progress(fraction)` is called after each
     batch; a KeyboardInterrupt raised there (or anywhere) stops the work at once.
 
     With `sink`, nothing is returned: finished slabs of HR rows along the first spatial axis are passed
@@ -143,7 +145,7 @@ def sliding_window_predict(
             result[:, first_row : first_row + block.shape[1]] = block
 
     blender = _SlabBlender(channels, hr_shape, tuple(w * scale for w in window), starts_per_axis, scale, sink)
-    flips = _flips(len(spatial), tta)
+    flips = _flips(len(spatial), tta, tta_axes)
     try:
         for b in range(0, len(starts), batch_size):
             chunk = starts[b : b + batch_size]

@@ -303,6 +303,16 @@ def _lift(image: sitk.Image, prepared: _Prepared) -> sitk.Image:
     return prepared.plane.lift(image) if prepared.plane is not None else image
 
 
+def tta_axes(card: dict) -> list[int] | None:
+    """The axes (array order) the model saw flipped in training; None when the card does not say.
+
+    Flipping any other axis at test time shows the model images unlike its training data (an
+    upside-down ultrasound image), which lowers accuracy instead of raising it.
+    """
+    axes = card.get("training", {}).get("config", {}).get("flip_axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
 def segment_image(
     image: sitk.Image,
     net,
@@ -346,6 +356,7 @@ def segment_image(
         batch_size=batch_size,
         device=device,
         tta=tta,
+        tta_axes=tta_axes(card),
         progress=lambda f: report("predict", f),
     )
     if prepared.lr is None:
@@ -428,6 +439,7 @@ def super_resolve_image(
         batch_size=1,
         device=device,
         tta=tta,
+        tta_axes=tta_axes(card),
         progress=lambda f: report("super-resolve", f),
         output="image",
     ).numpy()
@@ -453,7 +465,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bundled model name or bundle folder (default: the bundled model for the input's dims)",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--tta", action="store_true", help="average over all axis flips (2^d times slower)")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the axis flips the model was trained with (up to 2^d times slower)",
+    )
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
     parser.add_argument(
         "--roi",
