@@ -130,17 +130,26 @@ def test_hr_output_overlays_an_oblique_anisotropic_volume():
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 5.0), (2.0, 2.0, 2.0)])
-def test_mask_alone_is_the_same_mask(spacing):
+def test_mask_alone_or_with_8_bit_probabilities_is_the_same_mask(spacing):
     # (2, 2, 2) is the card's LR spacing: the mask is streamed slab by slab; (1, 1, 5) is resampled.
     grid = Grid((30, 26, 8), spacing, (4.0, -3.0, 2.0), tuple(_rotation(0.3, 0.2).ravel()))
     image = ball_image(grid, grid.index_to_physical([14.2, 12.7, 3.6]), 7.0)
     card = _card(3)
     card["preprocessing"]["patch_size_lr"] = [4, 8, 8]  # several windows on every axis
     mask, probabilities = segment.segment_image(image, Interpolator(), card, CPU)
-    alone, none = segment.segment_image(image, Interpolator(), card, CPU, probabilities=False)
+    alone, none = segment.segment_image(image, Interpolator(), card, CPU, probabilities="none")
     assert none is None and Grid.from_image(alone) == Grid.from_image(mask)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(alone), sitk.GetArrayFromImage(mask))
     assert 0 < sitk.GetArrayFromImage(mask).sum() < math.prod(mask.GetSize())
+    with_8_bit, p8 = segment.segment_image(image, Interpolator(), card, CPU, probabilities="uint8")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(with_8_bit), sitk.GetArrayFromImage(mask))
+    assert p8.GetPixelID() == sitk.sitkUInt8 and Grid.from_image(p8) == Grid.from_image(mask)
+    p = sitk.GetArrayFromImage(probabilities)
+    assert np.abs(sitk.GetArrayFromImage(p8) / 255.0 - p).max() <= 0.5 / 255 + 1e-6
+    (ball,) = lesion_table(mask, probabilities)
+    (ball_8_bit,) = lesion_table(mask, p8)
+    assert ball_8_bit["mean_probability"] == pytest.approx(ball["mean_probability"], abs=0.5 / 255)
+    assert 0.5 < ball["mean_probability"] <= 1.0
 
 
 def test_hr_output_overlays_a_2d_image():

@@ -142,7 +142,7 @@ def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
     batch = 1 if device.type == "cpu" else 4
     start = time.perf_counter()
     mask, _ = segment_image(
-        image, net, card, device, tta=row == "SASR + TTA", batch_size=batch, probabilities=False
+        image, net, card, device, tta=row == "SASR + TTA", batch_size=batch, probabilities="none"
     )
     if device.type == "cuda":
         torch.cuda.synchronize()

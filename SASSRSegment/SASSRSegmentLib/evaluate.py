@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             batch_size=1 if device.type == "cpu" else 4,
             progress=lambda stage, f, where=where: progress.update(stage, f, where),
-            probabilities=False,
+            probabilities="none",
         )
         if not same_grid(Grid.from_image(mask), Grid.from_image(hr_label)):
             raise RuntimeError(

@@ -163,7 +163,8 @@ def lesion_table(
     Keys: id, voxels, volume_mm3 (area_mm2 for 2D images), centroid_lps_mm, centroid_ras_mm,
     bbox_index_start, bbox_index_size (voxels, x y z), bbox_ras_min_mm, bbox_ras_max_mm (the RAS
     axis-aligned box around the lesion's voxels, voxel edges included), longest_diameter_mm, and
-    mean_probability when `probabilities` (on the mask's grid) is given.
+    mean_probability when `probabilities` (on the mask's grid) is given: values 0..1, or uint8 values
+    round(255 p).
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
@@ -179,7 +180,9 @@ def lesion_table(
     shape.ComputeFeretDiameterOn()
     shape.Execute(labels)
     stats = None
+    probability_unit = 1.0
     if probabilities is not None:
+        probability_unit = 255.0 if probabilities.GetPixelID() == sitk.sitkUInt8 else 1.0
         stats = sitk.LabelStatisticsImageFilter()
         stats.Execute(sitk.Cast(probabilities, sitk.sitkFloat32), labels)
     grid = Grid.from_image(mask)
@@ -208,7 +211,7 @@ def lesion_table(
             "longest_diameter_mm": float(shape.GetFeretDiameter(label)),
         }
         if stats is not None:
-            row["mean_probability"] = float(stats.GetMean(label))
+            row["mean_probability"] = float(stats.GetMean(label)) / probability_unit
         rows.append(row)
     return rows
 

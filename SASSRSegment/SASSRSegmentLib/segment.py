@@ -27,13 +27,15 @@ from .progress import Progress
 SAMPLE_NAME = "brats_2013_pat0005_1_flair_2mm.nrrd"
 MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX = "_mask", "_probabilities", "_sr"
 # Bytes per voxel held at the peak. Output grid: the uint8 mask image and, while small components are
-# dropped, the kept array and its image; float32 probabilities twice (numpy, image) when kept, with the
-# uint32 component labels of the lesion table that needs them. When the output grid is not the HR working
+# dropped, the kept array and its image; probabilities twice (numpy, image) when kept, as float32 or as
+# 8-bit, with the uint32 component labels of the lesion table that needs them. When the output grid is not the HR working
 # grid, the working grid's float32 probabilities are resampled: one float32 array there and two on the
 # output grid. The slab being blended: window depth x HR plane, float32, three copies. The input as
 # float32 while it is resampled. Network activations: about _ACTIVATION_COPIES float32 maps of the first
 # width per HR window voxel.
-_BYTES_MASK, _BYTES_LABELS, _BYTES_PROBABILITIES, _BYTES_IN = 3, 4, 8, 8
+_BYTES_MASK, _BYTES_LABELS, _BYTES_IN = 3, 4, 8
+_BYTES_PROBABILITIES = {"none": 0, "uint8": 2, "float32": 8}
+PROBABILITY_KINDS = tuple(_BYTES_PROBABILITIES)
 _BYTES_RESAMPLED_WORK, _BYTES_RESAMPLED_OUT, _BYTES_SLAB = 4, 8, 12
 _ACTIVATION_COPIES = 10
 CONTEXT_LR_VOXELS = 8
@@ -163,11 +165,13 @@ def estimate_bytes(
     window_hr: tuple[int, ...],
     card: dict,
     batch: int,
-    probabilities: bool = True,
+    probabilities: str = "float32",
 ) -> int:
     """Peak memory of one image's segmentation (an estimate that errs high)."""
     width = int(card["network"]["features"][0])
-    per_output = _BYTES_MASK + (_BYTES_PROBABILITIES + _BYTES_LABELS if probabilities else 0)
+    per_output = (
+        _BYTES_MASK + _BYTES_PROBABILITIES[probabilities] + (_BYTES_LABELS if probabilities != "none" else 0)
+    )
     work = 0
     if not same_grid(hr_work, output_grid):
         per_output += _BYTES_RESAMPLED_OUT
@@ -229,7 +233,7 @@ def _prepare(
     batch_size: int,
     memory_limit: int | None,
     warn: Callable[[str], None],
-    probabilities: bool = True,
+    probabilities: str = "float32",
 ) -> _Prepared:
     import torch
 
@@ -327,16 +331,20 @@ def segment_image(
     memory_limit: int | None = None,
     progress: Callable[[str, float], None] | None = None,
     warn: Callable[[str], None] | None = None,
-    probabilities: bool = True,
+    probabilities: str = "float32",
 ) -> tuple[sitk.Image, sitk.Image | None]:
-    """(uint8 mask, float32 probabilities), both on the output grid: `hr_grid(input, scale)` (or of the ROI's
-    input voxels), or the input grid with output_grid="input". With probabilities=False the second is
-    None and, on the HR grid, the mask is thresholded slab by slab: memory then holds about one byte
-    per HR voxel (what makes very large volumes fit).
+    """(uint8 mask, probabilities), both on the output grid: `hr_grid(input, scale)` (or of the ROI's
+    input voxels), or the input grid with output_grid="input".
 
+    probabilities: "float32" (values 0..1), "uint8" (round(255 p): a quarter of the memory, enough for
+    the lesion table's mean probabilities) or "none" (the second result is None). Unless float32 ones
+    are asked for, on the HR grid the mask is thresholded slab by slab from the exact probabilities, so
+    memory holds a few bytes per HR voxel (what makes very large volumes fit).
     roi: (xmin, xmax, ymin, ymax[, zmin, zmax]) in RAS mm; the input voxels it touches are segmented.
     progress(stage, fraction) is called as work proceeds; warn(message) for non-fatal problems.
     """
+    if probabilities not in PROBABILITY_KINDS:
+        raise ValueError(f"probabilities must be one of {PROBABILITY_KINDS}, got {probabilities!r}")
     from .inference import sliding_window_predict
 
     threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
@@ -362,6 +370,7 @@ def segment_image(
     if prepared.lr is None:
         probs = prepared.output_grid.reference_image(sitk.sitkFloat32)
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
+        probs = _as_kind(probs, probabilities)
     elif same_grid(prepared.hr_work, prepared.output_grid):
         mask, probs = _predict_streamed(predict, prepared.hr_work, threshold, probabilities)
         prepared.lr = predict = None  # the LR input is not needed after prediction
@@ -372,33 +381,48 @@ def segment_image(
         probs = _to_output(hr.numpy(), prepared)
         del hr
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
+        probs = _as_kind(probs, probabilities)
     mask = lesions.drop_small_components(
         mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
     )
     report("resample", 1.0)
-    return _lift(mask, prepared), (_lift(probs, prepared) if probabilities else None)
+    return _lift(mask, prepared), (None if probs is None else _lift(probs, prepared))
+
+
+def _as_kind(probabilities: sitk.Image, kind: str) -> sitk.Image | None:
+    if kind == "none":
+        return None
+    if kind == "uint8":
+        return sitk.Cast(
+            sitk.Clamp(probabilities * 255.0 + 0.5, sitk.sitkFloat32, 0.0, 255.0), sitk.sitkUInt8
+        )
+    return probabilities
 
 
 def _predict_streamed(
-    predict: Callable, grid: Grid, threshold: float, keep_probabilities: bool
+    predict: Callable, grid: Grid, threshold: float, probabilities: str
 ) -> tuple[sitk.Image, sitk.Image | None]:
     """Threshold each finished slab as it arrives: the HR volume is never held as float32 unless
-    the probabilities are wanted."""
+    float32 probabilities are asked for."""
+    import torch
+
     shape = grid.size[::-1]
     arrays = {"mask": np.empty(shape, np.uint8)}
-    if keep_probabilities:
-        arrays["probabilities"] = np.empty(shape, np.float32)
+    if probabilities != "none":
+        arrays["probabilities"] = np.empty(shape, np.dtype(probabilities))
 
     def sink(first_row: int, block) -> None:
         rows = slice(first_row, first_row + block.shape[1])
         arrays["mask"][rows] = (block[0] >= threshold).numpy()
-        if keep_probabilities:
+        if probabilities == "float32":
             arrays["probabilities"][rows] = block[0].numpy()
+        elif probabilities == "uint8":
+            arrays["probabilities"][rows] = (block[0] * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 
     predict(sink=sink)
     # Each array is released as soon as its image copy exists.
     mask = grid.image_from_array(arrays.pop("mask"))
-    return mask, (grid.image_from_array(arrays.pop("probabilities")) if keep_probabilities else None)
+    return mask, (grid.image_from_array(arrays.pop("probabilities")) if len(arrays) else None)
 
 
 def super_resolve_image(
@@ -719,9 +743,9 @@ class _Session:
             batch_size=self.batch_size,
             progress=report,
             warn=lambda m: self.warn(f"{job.item.name}: {m}" if self.batch else m),
-            # The table's mean probabilities need them too; without either, memory stays near a byte
-            # per HR voxel.
-            probabilities=bool(job.probabilities or args.lesion_table),
+            # The table's mean probabilities need 8-bit ones only; without either, memory stays at a
+            # few bytes per HR voxel.
+            probabilities="float32" if job.probabilities else ("uint8" if args.lesion_table else "none"),
             **common,
         )
         sr = None
