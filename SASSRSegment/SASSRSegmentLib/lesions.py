@@ -172,10 +172,14 @@ def lesion_table(
     if region is None:
         return []
     offset, size = region
-    mask = sitk.RegionOfInterest(mask, size, offset)
-    if probabilities is not None:
-        probabilities = sitk.RegionOfInterest(probabilities, size, offset)
-    labels = connected_lesions(mask, fully_connected)
+    if list(size) != list(mask.GetSize()):
+        mask = sitk.RegionOfInterest(mask, size, offset)
+        if probabilities is not None:
+            probabilities = sitk.RegionOfInterest(probabilities, size, offset)
+    if mask.GetPixelID() != sitk.sitkUInt8:
+        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    # Not relabelled by size (that would be a second four-byte label volume): rows are sorted instead.
+    labels = sitk.ConnectedComponent(mask, fully_connected)
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.ComputeFeretDiameterOn()
     shape.Execute(labels)
@@ -184,12 +188,13 @@ def lesion_table(
     if probabilities is not None:
         probability_unit = 255.0 if probabilities.GetPixelID() == sitk.sitkUInt8 else 1.0
         stats = sitk.LabelStatisticsImageFilter()
-        stats.Execute(sitk.Cast(probabilities, sitk.sitkFloat32), labels)
+        stats.Execute(probabilities, labels)
     grid = Grid.from_image(mask)
     d = grid.dims
     size_key = "volume_mm3" if d == 3 else "area_mm2"
     rows = []
-    for label in shape.GetLabels():
+    by_size = sorted(shape.GetLabels(), key=lambda label: (-shape.GetNumberOfPixels(label), label))
+    for rank, label in enumerate(by_size, 1):
         box = shape.GetBoundingBox(label)
         start, size = np.asarray(box[:d], dtype=float), np.asarray(box[d:], dtype=float)
         corners = []
@@ -199,7 +204,7 @@ def lesion_table(
         corners = np.stack(corners)
         centroid = np.asarray(shape.GetCentroid(label))
         row = {
-            "id": int(label),
+            "id": rank,
             "voxels": int(shape.GetNumberOfPixels(label)),
             size_key: float(shape.GetPhysicalSize(label)),
             "centroid_lps_mm": centroid.tolist(),
