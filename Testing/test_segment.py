@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from SASSRSegmentLib import cli, segment
+from SASSRSegmentLib import cli, geometry, segment
 from SASSRSegmentLib.bundle import load_bundle
 from SASSRSegmentLib.errors import UserError
 from SASSRSegmentLib.geometry import Grid
@@ -280,6 +280,27 @@ def test_threshold_and_tta_change_the_result(tiny_bundle_3d):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), p >= 0.52)
     _, with_tta = segment.segment_image(image, net, card, CPU, tta=True)
     assert np.abs(sitk.GetArrayFromImage(with_tta) - p).max() > 1e-4  # an untrained net is not flip-invariant
+
+
+def test_memory_check_prices_what_is_kept():
+    grid = Grid((64, 64, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = ball_image(grid, grid.index_to_physical([30, 30, 20]), 12.0)
+    card = _card(3)
+    hr = geometry.hr_grid(grid, 2)
+    need = {
+        kind: segment.estimate_bytes(grid, hr, hr, (24, 24, 24), card, 1, kind)
+        for kind in segment.PROBABILITY_KINDS
+    }
+    assert need["none"] < need["uint8"] < need["float32"]
+    # Each extra byte per HR voxel shows: 2 for 8-bit probabilities, 8 for float32 ones.
+    assert need["float32"] - need["uint8"] == 6 * math.prod(hr.size)
+    limit = (need["none"] + need["uint8"]) // 2  # enough for the mask alone, not for a lesion table
+    mask, _ = segment.segment_image(
+        image, Interpolator(), card, CPU, memory_limit=limit, probabilities="none"
+    )
+    assert sitk.GetArrayFromImage(mask).any()
+    with pytest.raises(UserError, match="--roi"):
+        segment.segment_image(image, Interpolator(), card, CPU, memory_limit=limit, probabilities="uint8")
 
 
 class _FlipRecorder(Interpolator):
