@@ -67,6 +67,23 @@ def _card(dims: str) -> tuple[dict, str]:
     }, "freshly initialised"
 
 
+SAMPLE = REPO / "SASSRSegment" / "Resources" / "Samples" / "brats_2013_pat0005_1_flair_2mm.nrrd"
+
+
+def tiled_sample(size: tuple[int, int, int]):
+    """The brain sample tiled to `size` (x, y, z) at 2 mm: real anatomy and lesions, so post-processing
+    sees a plausible mask (uniform noise would make the brain model's mask noise, a case no lesion
+    model meets)."""
+    import SimpleITK as sitk
+
+    tile = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE)))
+    shape = size[::-1]
+    reps = [math.ceil(n / t) for n, t in zip(shape, tile.shape, strict=True)]
+    image = sitk.GetImageFromArray(np.tile(tile, reps)[: shape[0], : shape[1], : shape[2]].copy())
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image
+
+
 def _input(dims: str, large: bool):
     """The LR image: the shipped 2 mm brain sample (120x120x77) or a synthetic one; a 500x400 8-bit image."""
     import SimpleITK as sitk
@@ -76,17 +93,10 @@ def _input(dims: str, large: bool):
         image = sitk.GetImageFromArray(rng.integers(0, 255, (400, 500)).astype(np.uint8))
         image.SetSpacing((0.1, 0.1))
         return image, "500x400 px 8-bit (synthetic)"
-    sample = REPO / "SASSRSegment" / "Resources" / "Samples" / "brats_2013_pat0005_1_flair_2mm.nrrd"
     if large:
-        # Tiles of the brain sample: real anatomy and lesions, so post-processing sees a plausible mask
-        # (uniform noise would make the brain model's mask noise, a case no lesion model meets).
-        tile = sitk.GetArrayFromImage(sitk.ReadImage(str(sample)))
-        reps = [math.ceil(n / t) for n, t in zip((300, 512, 512), tile.shape, strict=True)]
-        image = sitk.GetImageFromArray(np.tile(tile, reps)[:300, :512, :512].copy())
-        image.SetSpacing((2.0, 2.0, 2.0))
-        return image, "512x512x300 at 2 mm (sample tiled)"
-    if sample.is_file():
-        return sitk.ReadImage(str(sample)), "120x120x77 at 2 mm (brain sample)"
+        return tiled_sample((512, 512, 300)), "512x512x300 at 2 mm (sample tiled)"
+    if SAMPLE.is_file():
+        return sitk.ReadImage(str(SAMPLE)), "120x120x77 at 2 mm (brain sample)"
     image = sitk.GetImageFromArray((rng.random((78, 120, 120), dtype=np.float32) * 500).astype(np.int16))
     image.SetSpacing((2.0, 2.0, 2.0))
     return image, "120x120x78 at 2 mm (synthetic)"

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "SASSRSegment" / "Resources" / "Samples" / "brats_2013_pat0005_1_flair_2mm.nrrd"
 KINDS = ("none", "uint8", "float32")
 
 
@@ -47,19 +42,14 @@ class Upsampler(torch.nn.Module):
 
 
 def run_one(kind: str, size: list[int]) -> dict:
-    import SimpleITK as sitk
+    from inference import tiled_sample  # benchmarks/inference.py, beside this file
 
     from SASSRSegmentLib import lesions
     from SASSRSegmentLib.bundle import bundled_models, read_card
     from SASSRSegmentLib.segment import segment_image
 
     card = read_card(bundled_models()["brain-tumour-flair-3d"])
-    tile = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE)))
-    shape = size[::-1]
-    reps = [math.ceil(n / t) for n, t in zip(shape, tile.shape, strict=True)]
-    image = sitk.GetImageFromArray(np.tile(tile, reps)[: shape[0], : shape[1], : shape[2]].copy())
-    image.SetSpacing((2.0, 2.0, 2.0))
-    del tile
+    image = tiled_sample(tuple(size))
     net = Upsampler(int(card["preprocessing"]["scale"]))
     start = time.perf_counter()
     mask, probabilities = segment_image(image, net, card, torch.device("cpu"), probabilities=kind)
