@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,12 +28,17 @@ def gaussian_weights(n: int, sigma_scale: float = 0.125) -> torch.Tensor:
     return (weight / weight.max()).clamp_min(1e-3)
 
 
+def _outer(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The outer product of 1D tensors."""
+    product = torch.ones(())
+    for v in vectors:
+        product = product[..., None] * v
+    return product
+
+
 def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
     """A window's blending weights: the outer product of `gaussian_weights` along each axis."""
-    weight = torch.ones(())
-    for n in shape:
-        weight = weight[..., None] * gaussian_weights(n, sigma_scale)
-    return weight
+    return _outer(gaussian_weights(n, sigma_scale) for n in shape)
 
 
 def _flips(spatial_dims: int, tta: bool, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
@@ -55,18 +60,16 @@ class _SlabBlender:
 
     def __init__(self, channels, hr_shape, hr_window, starts_per_axis, scale, sink):
         self.sink = sink
-        self.axis_weights = [gaussian_weights(w) for w in hr_window]
+        axis_weights = [gaussian_weights(w) for w in hr_window]
         sums = []
-        for n, starts, w in zip(hr_shape, starts_per_axis, self.axis_weights, strict=True):
+        for n, starts, w in zip(hr_shape, starts_per_axis, axis_weights, strict=True):
             total = torch.zeros(n)
             for s in starts:
                 total[s * scale : s * scale + len(w)] += w
             sums.append(total)
         self.row_sums = sums[0]
-        self.plane_sums = torch.ones(())
-        for total in sums[1:]:
-            self.plane_sums = self.plane_sums[..., None] * total
-        self.importance = gaussian_importance(hr_window)
+        self.plane_sums = _outer(sums[1:])
+        self.importance = _outer(axis_weights)
         self.buffer = torch.zeros((channels, hr_window[0], *hr_shape[1:]))
         self.first_row = 0  # the HR row that buffer[:, 0] holds
         self.n_rows = hr_shape[0]

@@ -34,7 +34,7 @@ def connected_lesions(mask: sitk.Image, fully_connected: bool = True) -> sitk.Im
     return sitk.RelabelComponent(labels, sortByObjectSize=True)
 
 
-_ROWS_PER_CHUNK = 8  # first-axis rows per step of the voxel loops below: small temporaries
+_SLAB_ROWS = 32  # first-axis rows per step of the voxel loops below: temporaries stay small
 
 
 def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
@@ -45,8 +45,8 @@ def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
     """
     array = sitk.GetArrayViewFromImage(mask)
     occupied = [np.zeros(n, bool) for n in array.shape]
-    for first in range(0, array.shape[0], _ROWS_PER_CHUNK):
-        chunk = array[first : first + _ROWS_PER_CHUNK] != 0
+    for first in range(0, array.shape[0], _SLAB_ROWS):
+        chunk = array[first : first + _SLAB_ROWS] != 0
         for axis in range(array.ndim):
             others = tuple(a for a in range(array.ndim) if a != axis)
             hit = chunk.any(axis=others) if others else chunk
@@ -80,7 +80,11 @@ def _neighbour_pairs(a: np.ndarray, b: np.ndarray, fully_connected: bool) -> np.
 
 
 def keep_large_components(
-    array: np.ndarray, min_fraction: float, out: np.ndarray, fully_connected: bool = True, rows: int = 32
+    array: np.ndarray,
+    min_fraction: float,
+    out: np.ndarray,
+    fully_connected: bool = True,
+    rows: int = _SLAB_ROWS,
 ) -> None:
     """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
     least `min_fraction` of the largest one's voxels.

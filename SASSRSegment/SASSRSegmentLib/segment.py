@@ -367,21 +367,19 @@ def segment_image(
         tta_axes=tta_axes(card),
         progress=lambda f: report("predict", f),
     )
-    if prepared.lr is None:
-        probs = prepared.output_grid.reference_image(sitk.sitkFloat32)
-        mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
-        probs = _as_kind(probs, probabilities)
-    elif same_grid(prepared.hr_work, prepared.output_grid):
+    if prepared.lr is not None and same_grid(prepared.hr_work, prepared.output_grid):
         mask, probs = _predict_streamed(predict, prepared.hr_work, threshold, probabilities)
-        prepared.lr = predict = None  # the LR input is not needed after prediction
     else:
-        hr = predict()
-        prepared.lr = predict = None
-        report("resample", 0.0)
-        probs = _to_output(hr.numpy(), prepared)
-        del hr
+        if prepared.lr is None:
+            probs = prepared.output_grid.reference_image(sitk.sitkFloat32)
+        else:
+            hr = predict()
+            report("resample", 0.0)
+            probs = _to_output(hr.numpy(), prepared)
+            del hr
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
         probs = _as_kind(probs, probabilities)
+    prepared.lr = predict = None  # the LR input is not needed after prediction
     mask = lesions.drop_small_components(
         mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
     )
