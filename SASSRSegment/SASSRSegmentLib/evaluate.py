@@ -24,7 +24,13 @@ from . import data, geometry, imageio, metrics
 from .errors import UserError
 from .geometry import Grid
 from .progress import Progress
-from .segment import same_grid, segment_image
+from .segment import (
+    add_prediction_arguments,
+    card_threshold,
+    check_prediction_arguments,
+    same_grid,
+    segment_image,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also score the interpolated perfect LR segmentation",
     )
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
-    parser.add_argument("--face-connected", action="store_true", help="lesions connect through faces only")
+    add_prediction_arguments(parser)
     parser.add_argument("--progress", choices=("bar", "json", "quiet"), default="bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -146,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .devices import describe, select_device
 
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise UserError(f"--threshold must lie between 0 and 1, got {args.threshold}")
+    check_prediction_arguments(args)
     if args.json:
         imageio.check_output_path(args.json, args.overwrite, (".json",))
     progress = Progress(args.progress)
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": str(Path(args.dataset).resolve()),
         "split": args.split,
         "scale": scale,
-        "threshold": float(card.get("threshold", 0.5) if args.threshold is None else args.threshold),
+        "threshold": card_threshold(card, args.threshold),
         "tta": args.tta,
         "lr_input": "HR image cropped to a multiple of the scale, block-averaged (as in training)",
         "wall_time_s": round(time.monotonic() - started, 1),

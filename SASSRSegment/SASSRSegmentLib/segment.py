@@ -347,7 +347,7 @@ def segment_image(
         raise ValueError(f"probabilities must be one of {PROBABILITY_KINDS}, got {probabilities!r}")
     from .inference import sliding_window_predict
 
-    threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
+    threshold = card_threshold(card, threshold)
     report = progress or (lambda stage, fraction: None)
     report("preprocess", 0.0)
     prepared = _prepare(
@@ -475,6 +475,32 @@ def super_resolve_image(
 # ---------------------------------------------------------------------------------- the command
 
 
+def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `segment` and `evaluate` share; `check_prediction_arguments` checks them."""
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the axis flips the model was trained with (up to 2^d times slower)",
+    )
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
+    parser.add_argument(
+        "--face-connected",
+        action="store_true",
+        help="lesions connect through faces only (default: also diagonals)",
+    )
+
+
+def check_prediction_arguments(args: argparse.Namespace) -> None:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise UserError(f"--threshold must lie between 0 and 1, got {args.threshold}")
+
+
+def card_threshold(card: dict, threshold: float | None = None) -> float:
+    """`threshold` when given, else the model card's (0.5 when it has none)."""
+    return float(card.get("threshold", 0.5) if threshold is None else threshold)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="*", metavar="INPUT", help="image files, DICOM series folders or folders of images"
@@ -486,13 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         help="bundled model name or bundle folder (default: the bundled model for the input's dims)",
     )
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="average over the axis flips the model was trained with (up to 2^d times slower)",
-    )
-    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model card's)")
+    add_prediction_arguments(parser)
     parser.add_argument(
         "--roi",
         nargs="+",
@@ -522,11 +542,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format", choices=imageio.OUTPUT_EXTENSIONS, help="output extension when -o is a folder"
-    )
-    parser.add_argument(
-        "--face-connected",
-        action="store_true",
-        help="lesions connect through faces only (default: also diagonals)",
     )
     parser.add_argument(
         "--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to 0.9 (default 0.5)"
@@ -642,8 +657,7 @@ def _to_png_range(image: sitk.Image, factor: float) -> sitk.Image:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise UserError(f"--threshold must lie between 0 and 1, got {args.threshold}")
+    check_prediction_arguments(args)
     if not 0.0 <= args.overlap <= 0.9:
         raise UserError(f"--overlap must lie between 0 and 0.9, got {args.overlap}")
     if args.roi is not None and len(args.roi) not in (4, 6):
@@ -766,7 +780,7 @@ class _Session:
         self.progress.log(
             f"{job.item.name}: {len(rows)} lesion(s), {total:.1f} {unit[-3:]} in total -> {job.mask}"
         )
-        threshold = float(card.get("threshold", 0.5) if args.threshold is None else args.threshold)
+        threshold = card_threshold(card, args.threshold)
         return rows, {"model": card.get("name", args.model), "threshold": threshold}
 
 
