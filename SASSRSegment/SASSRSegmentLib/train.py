@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .losses import LossWeights, SASRLoss
 from .progress import Progress
 
 ABLATIONS: dict[str, tuple[dict, dict]] = {
@@ -84,12 +85,12 @@ class TrainConfig:
     norm: str = "instance"
     dropout: float = 0.0
     dilations: list[int] = field(default_factory=lambda: [1, 2, 5])
-    # loss weights
-    loss_seg: float = 1.0
-    loss_rec: float = 1.0
-    loss_fa: float = 1.0
-    loss_sa: float = 0.5
-    rec_background_weight: float = 0.2
+    # loss weights (defaults: those of losses.LossWeights)
+    loss_seg: float = LossWeights.seg
+    loss_rec: float = LossWeights.rec
+    loss_fa: float = LossWeights.fa
+    loss_sa: float = LossWeights.sa
+    rec_background_weight: float = LossWeights.background_weight
     # optimisation
     max_steps: int = 10000
     max_minutes: float | None = None
@@ -324,9 +325,7 @@ def build_network(cfg: TrainConfig, prep: dict, ablation: str):
     return SASRNet(net_cfg)
 
 
-def build_loss(cfg: TrainConfig, ablation: str):
-    from .losses import LossWeights, SASRLoss
-
+def build_loss(cfg: TrainConfig, ablation: str) -> SASRLoss:
     _, zeroed = ABLATIONS[ablation]
     weights = {"seg": cfg.loss_seg, "rec": cfg.loss_rec, "fa": cfg.loss_fa, "sa": cfg.loss_sa, **zeroed}
     return SASRLoss(LossWeights(**weights, background_weight=cfg.rec_background_weight))
