@@ -262,6 +262,13 @@ def test_split_file_checks(tmp_path):
     path.write_text(json.dumps({"train": ["a", "c"], "val": ["b"]}))
     with pytest.raises(UserError, match="same-patient cases b, c are split between train and val"):
         data.read_split_file(path, names, groups=[["b", "c"]])
+    path.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(UserError, match="split file .* cannot be read as JSON"):
+        data.read_split_file(path, names)
+    with pytest.raises(UserError, match="group file .* cannot be read as JSON"):
+        data.read_groups(path)
+    with pytest.raises(UserError, match="cannot be read as JSON"):
+        data.read_split_file(tmp_path / "absent.json", names)
 
 
 def test_brain_config_split_keeps_the_same_patient_together(shared_data):

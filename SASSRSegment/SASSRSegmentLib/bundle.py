@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -46,14 +47,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def read_json(path: Path, unreadable: Callable[[Exception], str], missing: str | None = None):
+    """The JSON value in `path`, or a UserError: `missing` for a file that does not exist (when given),
+    `unreadable(exc)` for any other failure to read or parse it (bad UTF-8 included)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise UserError(unreadable(exc) if missing is None else missing) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(unreadable(exc)) from None
+
+
 def read_card(folder: Path) -> dict:
     path = Path(folder) / "model.json"
-    try:
-        card = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} is not a model bundle: model.json is missing") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read model card {path}: {exc}") from None
+    card = read_json(
+        path,
+        lambda exc: f"cannot read model card {path}: {exc}",
+        missing=f"{folder} is not a model bundle: model.json is missing",
+    )
     for key in ("network", "preprocessing"):
         if key not in card:
             raise UserError(f"model card {path} has no '{key}' section; re-export the bundle with `train`")

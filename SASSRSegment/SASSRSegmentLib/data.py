@@ -9,7 +9,6 @@ uses the split helpers of this module on machines that have torch and numpy but 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import read_json
 from .errors import UserError
 
 # Geometry differences below these are rounding in file headers, not a different grid.
@@ -70,10 +70,7 @@ def read_dataset_json(root: Path) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         raise UserError(f"{root} has no dataset.json; is it an nnU-Net v2 raw dataset folder?")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    meta = read_json(path, lambda exc: f"{path} is not valid JSON ({exc})")
     problems = []
     if not isinstance(meta, dict):
         raise UserError(f"{path} must hold a JSON object")
@@ -310,10 +307,7 @@ def read_case(dataset: RawDataset, case: Case):
 def read_groups(path: str | Path) -> list[list[str]]:
     """A groups file: JSON list of lists of case names that must stay on one side of the split."""
     path = Path(path)
-    try:
-        groups = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"group file {path}: cannot be read as JSON ({exc})") from None
+    groups = read_json(path, lambda exc: f"group file {path}: cannot be read as JSON ({exc})")
     check_groups(groups, str(path))
     return groups
 
@@ -381,10 +375,7 @@ def read_split_file(
     Cases listed on neither side are left out of training.
     """
     path = Path(path)
-    try:
-        split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"split file {path}: cannot be read as JSON ({exc})") from None
+    split = read_json(path, lambda exc: f"split file {path}: cannot be read as JSON ({exc})")
     if isinstance(split, list):
         if not 0 <= fold < len(split):
             raise UserError(f"split file {path}: has {len(split)} folds, fold {fold} asked for")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import atomic_write
+from .bundle import atomic_write, read_json
 from .errors import UserError
 from .normalization import normalize
 from .progress import Progress
@@ -368,14 +368,11 @@ def open_cache(folder: str | Path) -> Cache:
     """Open and check a cache folder; one UserError listing every missing or inconsistent array."""
     folder = Path(folder)
     path = folder / CACHE_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{folder} is not a training cache ({CACHE_FILE} missing); run `preprocess` first"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read ({exc}); run `preprocess` again") from None
+    meta = read_json(
+        path,
+        lambda exc: f"{path} cannot be read ({exc}); run `preprocess` again",
+        missing=f"{folder} is not a training cache ({CACHE_FILE} missing); run `preprocess` first",
+    )
     if meta.get("format_version") != CACHE_FORMAT_VERSION:
         raise UserError(
             f"{path} has cache format {meta.get('format_version')}, this version reads {CACHE_FORMAT_VERSION}; "

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .bundle import atomic_write_bytes, load_bundle, read_json, save_bundle
 from .errors import UserError
 from .losses import LossWeights, SASRLoss
 from .progress import Progress
@@ -217,12 +218,11 @@ def load_config(path: str | Path | None = None, group_file: str | Path | None = 
     values: dict = {}
     if path:
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise UserError(f"config file {path} is not valid JSON ({exc})") from None
+        values = read_json(
+            path,
+            lambda exc: f"config file {path} is not valid JSON ({exc})",
+            missing=f"config file {path} does not exist",
+        )
         if not isinstance(values, dict):
             raise UserError(f"config file {path} must hold a JSON object of hyper-parameters")
         values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys
@@ -402,8 +402,6 @@ def validate(net, cache, names, prep, cfg: TrainConfig, device, amp: bool, progr
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    from .bundle import atomic_write_bytes
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -433,8 +431,6 @@ class CsvLog:
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        from .bundle import atomic_write_bytes
-
         text = io.StringIO()
         writer = csv.DictWriter(text, CSV_COLUMNS)
         writer.writeheader()
@@ -848,8 +844,6 @@ def command_line(world: int) -> str:
 
 def initialise_from(net, bundle: str) -> dict:
     """Start from a bundle's weights (fine-tuning); returns its provenance for the new card."""
-    from .bundle import load_bundle
-
     card, source = load_bundle(bundle)
     if card["network"] != net.config.to_dict():
         raise UserError(
@@ -868,8 +862,6 @@ def initialise_from(net, bundle: str) -> dict:
 
 def write_bundle(output: Path, net, cfg: TrainConfig, prep: dict, training: dict, validation: dict) -> None:
     """model.pt (fp16 state dict) + model.json (the card) in `output`."""
-    from .bundle import save_bundle
-
     card = {
         "name": cfg.name,
         "description": cfg.description,
