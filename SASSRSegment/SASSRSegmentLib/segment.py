@@ -391,9 +391,7 @@ def _as_kind(probabilities: sitk.Image, kind: str) -> sitk.Image | None:
     if kind == "none":
         return None
     if kind == "uint8":
-        return sitk.Cast(
-            sitk.Clamp(probabilities * 255.0 + 0.5, sitk.sitkFloat32, 0.0, 255.0), sitk.sitkUInt8
-        )
+        return to_8_bit(probabilities, 255.0)
     return probabilities
 
 
@@ -652,7 +650,8 @@ def _demo(args: argparse.Namespace) -> None:
     args.figure = args.figure or str(folder / f"{stem}_figure.png")
 
 
-def _to_png_range(image: sitk.Image, factor: float) -> sitk.Image:
+def to_8_bit(image: sitk.Image, factor: float) -> sitk.Image:
+    """round(factor * value), clamped to 0..255, as uint8 (8-bit probabilities, PNG outputs)."""
     return sitk.Cast(sitk.Clamp(image * factor + 0.5, sitk.sitkFloat32, 0.0, 255.0), sitk.sitkUInt8)
 
 
@@ -729,7 +728,7 @@ class _Session:
     def _write_float(self, image: sitk.Image, path: Path) -> None:
         # PNG stores 8 bits: probabilities and 8-bit intensities in [0, 1] become 0..255.
         is_png = imageio.split_extension(path)[1] == ".png"
-        imageio.write_image(_to_png_range(image, 255.0) if is_png else image, path, self.args.overwrite)
+        imageio.write_image(to_8_bit(image, 255.0) if is_png else image, path, self.args.overwrite)
 
     def segment(self, job: _Job, where: str) -> tuple[list[dict], dict]:
         """Segment one input and write its outputs; returns its lesion rows and the table's metadata."""
