@@ -32,7 +32,7 @@ def blob_label(shape, centres_radii) -> np.ndarray:
     grid = np.indices(shape)
     label = np.zeros(shape, np.uint8)
     for centre, radius in centres_radii:
-        dist2 = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True))
+        dist2 = sum((g - c) ** 2 for g, c in zip(grid, centre))
         label[dist2 <= radius**2] = 1
     return label
 

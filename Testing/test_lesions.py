@@ -23,7 +23,7 @@ def _spheres(centres_lps, radii):
     zyx = np.stack(np.meshgrid(*[np.arange(n) for n in GRID.size[::-1]], indexing="ij"), -1).reshape(-1, 3)
     points = np.asarray(GRID.origin) + (GRID.matrix @ (zyx[:, ::-1] * np.asarray(GRID.spacing)).T).T
     mask = np.zeros(len(points), bool)
-    for centre, radius in zip(centres_lps, radii, strict=True):
+    for centre, radius in zip(centres_lps, radii):
         mask |= np.linalg.norm(points - np.asarray(centre), axis=1) <= radius
     return GRID.image_from_array(mask.reshape(GRID.size[::-1]).astype(np.uint8))
 

@@ -21,7 +21,7 @@ def _border(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1)
     interior = np.ones_like(mask)
     for offset in np.ndindex(*(3,) * mask.ndim):
-        window = tuple(slice(o, o + n) for o, n in zip(offset, mask.shape, strict=True))
+        window = tuple(slice(o, o + n) for o, n in zip(offset, mask.shape))
         interior &= padded[window]
     return mask & ~interior
 

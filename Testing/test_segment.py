@@ -198,9 +198,7 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
     mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU, roi=box)
     full_mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU)
     full, roi = Grid.from_image(full_mask), Grid.from_image(mask)
-    assert all(n <= m for n, m in zip(roi.size, full.size, strict=True)) and math.prod(roi.size) < math.prod(
-        full.size
-    )
+    assert all(n <= m for n, m in zip(roi.size, full.size)) and math.prod(roi.size) < math.prod(full.size)
     np.testing.assert_allclose(roi.spacing, full.spacing)
     # The ROI grid is a sub-grid of the full HR grid: its origin falls on a full-grid voxel centre ...
     start = full.physical_to_index(roi.origin)
@@ -211,9 +209,7 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
     assert np.all(inside >= -0.5) and np.all(inside <= np.asarray(roi.size) - 0.5)
     # ... and the mask there is the full mask's (the ROI gets context, so its faces are not extrapolated).
     i0 = np.round(start).astype(int)
-    crop = sitk.GetArrayFromImage(full_mask)[
-        tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1], strict=True))
-    ]
+    crop = sitk.GetArrayFromImage(full_mask)[tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1]))]
     assert np.mean(crop != sitk.GetArrayFromImage(mask)) < 0.01
     with pytest.raises(UserError, match="does not overlap"):
         segment.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])

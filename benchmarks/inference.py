@@ -78,7 +78,7 @@ def tiled_sample(size: tuple[int, int, int]):
 
     tile = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE)))
     shape = size[::-1]
-    reps = [math.ceil(n / t) for n, t in zip(shape, tile.shape, strict=True)]
+    reps = [math.ceil(n / t) for n, t in zip(shape, tile.shape)]
     image = sitk.GetImageFromArray(np.tile(tile, reps)[: shape[0], : shape[1], : shape[2]].copy())
     image.SetSpacing((2.0, 2.0, 2.0))
     return image

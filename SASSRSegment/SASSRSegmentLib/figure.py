@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from . import geometry, imageio, lesions
 from .geometry import Grid
-from .normalization import foreground_mask
+from .normalization import tissue_mask
 
 OUTLINE_RGB = (255, 40, 40)
 MIN_SIDE_PIXELS = 480
@@ -88,7 +88,7 @@ def render(image: sitk.Image, mask: sitk.Image) -> np.ndarray:
         centre = np.asarray(display.size) // 2
     # Window on the foreground so a large black background does not wash the anatomy out.
     values = sitk.GetArrayFromImage(image)
-    lo, hi = np.percentile(values[foreground_mask(values)], [0.5, 99.5])
+    lo, hi = np.percentile(values[tissue_mask(values)], [0.5, 99.5])
     panels = []
     volumetric = display.dims == 3 and display.size[2] > 1
     for axis in (2, 1, 0) if volumetric else (None,):

@@ -128,7 +128,7 @@ def working_lr_grid(grid: Grid, prep: dict) -> Grid:
         spacing = np.full(grid.dims, extent.max() / float(prep["lr_longer_side"]))
     else:
         raise ValueError("preprocessing needs 'lr_spacing' or 'lr_longer_side'")
-    size = [max(1, math.ceil(e / s - 1e-6)) for e, s in zip(extent, spacing, strict=True)]
+    size = [max(1, math.ceil(e / s - 1e-6)) for e, s in zip(extent, spacing)]
     corner = grid.index_to_physical(-0.5 * np.ones(grid.dims))
     origin = corner + grid.matrix @ (spacing / 2)
     return Grid(

@@ -62,7 +62,7 @@ class _SlabBlender:
         self.sink = sink
         axis_weights = [gaussian_weights(w) for w in hr_window]
         sums = []
-        for n, starts, w in zip(hr_shape, starts_per_axis, axis_weights, strict=True):
+        for n, starts, w in zip(hr_shape, starts_per_axis, axis_weights):
             total = torch.zeros(n)
             for s in starts:
                 total[s * scale : s * scale + len(w)] += w
@@ -77,7 +77,7 @@ class _SlabBlender:
     def add(self, hr_start: tuple[int, ...], prediction: torch.Tensor) -> None:
         if hr_start[0] > self.first_row:
             self.finish(hr_start[0])
-        region = tuple(slice(s, s + n) for s, n in zip(hr_start[1:], prediction.shape[2:], strict=True))
+        region = tuple(slice(s, s + n) for s, n in zip(hr_start[1:], prediction.shape[2:]))
         self.buffer[(slice(None), slice(0, prediction.shape[1]), *region)] += prediction * self.importance
 
     def finish(self, upto: int | None = None) -> None:
@@ -136,9 +136,9 @@ def sliding_window_predict(
     net.eval()
     device = device or next(net.parameters()).device
     spatial = tuple(lr.shape[1:])
-    window = tuple(min(w, n) for w, n in zip(window_lr, spatial, strict=True))
+    window = tuple(min(w, n) for w, n in zip(window_lr, spatial))
     hr_shape = tuple(n * scale for n in spatial)
-    starts_per_axis = [window_starts(n, w, overlap) for n, w in zip(spatial, window, strict=True)]
+    starts_per_axis = [window_starts(n, w, overlap) for n, w in zip(spatial, window)]
     starts = list(itertools.product(*starts_per_axis))
     result = None
     if sink is None:
@@ -153,10 +153,7 @@ def sliding_window_predict(
         for b in range(0, len(starts), batch_size):
             chunk = starts[b : b + batch_size]
             batch = torch.stack(
-                [
-                    lr[(slice(None), *(slice(s, s + w) for s, w in zip(st, window, strict=True)))]
-                    for st in chunk
-                ]
+                [lr[(slice(None), *(slice(s, s + w) for s, w in zip(st, window)))] for st in chunk]
             ).to(device)
             pred = None
             for axes in flips:
@@ -166,7 +163,7 @@ def sliding_window_predict(
                 y = torch.flip(y, axes) if axes else y
                 pred = y if pred is None else pred + y
             pred = (pred / len(flips)).cpu()
-            for st, p in zip(chunk, pred, strict=True):
+            for st, p in zip(chunk, pred):
                 blender.add(tuple(s * scale for s in st), p)
             if progress is not None:
                 progress(min(1.0, (b + len(chunk)) / len(starts)))

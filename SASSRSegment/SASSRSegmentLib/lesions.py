@@ -58,7 +58,7 @@ def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
         return None
     start = [int(np.argmax(o)) for o in occupied]
     stop = [len(o) - int(np.argmax(o[::-1])) for o in occupied]
-    return start[::-1], [b - a for a, b in zip(start, stop, strict=True)][::-1]
+    return start[::-1], [b - a for a, b in zip(start, stop)][::-1]
 
 
 def _slab_labels(array: np.ndarray, first: int, rows: int, fully_connected: bool) -> np.ndarray:
@@ -71,8 +71,8 @@ def _neighbour_pairs(a: np.ndarray, b: np.ndarray, fully_connected: bool) -> np.
     shifts = itertools.product((-1, 0, 1), repeat=a.ndim) if fully_connected else [(0,) * a.ndim]
     pairs = []
     for shift in shifts:
-        sa = tuple(slice(max(0, -k), n - max(0, k)) for k, n in zip(shift, a.shape, strict=True))
-        sb = tuple(slice(max(0, k), n - max(0, -k)) for k, n in zip(shift, a.shape, strict=True))
+        sa = tuple(slice(max(0, -k), n - max(0, k)) for k, n in zip(shift, a.shape))
+        sb = tuple(slice(max(0, k), n - max(0, -k)) for k, n in zip(shift, a.shape))
         la, lb = a[sa].ravel(), b[sb].ravel()
         both = (la > 0) & (lb > 0)
         pairs.append(np.stack([la[both], lb[both]], axis=1))
@@ -112,7 +112,7 @@ def keep_large_components(
     root_sizes[0] = 0
     keep = (root_sizes[parent] >= min_fraction * root_sizes.max()).astype(np.uint8)
     keep[0] = 0
-    for base, first in zip(bases, range(0, array.shape[0], rows), strict=True):
+    for base, first in zip(bases, range(0, array.shape[0], rows)):
         labels = _slab_labels(array, first, rows, fully_connected).astype(np.int64)
         out[first : first + rows] = keep[np.where(labels > 0, labels + base, 0)]
 
@@ -135,7 +135,7 @@ def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     if region is None:
         return mask
     start, size = region
-    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1], strict=True))
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1]))
     kept = np.zeros(mask.GetSize()[::-1], np.uint8)
     keep_large_components(sitk.GetArrayViewFromImage(mask)[box], min_fraction, out=kept[box])
     out = sitk.GetImageFromArray(kept)
@@ -213,7 +213,7 @@ def lesion_table(
             size_key: float(shape.GetPhysicalSize(label)),
             "centroid_lps_mm": centroid.tolist(),
             "centroid_ras_mm": _lps_to_ras(centroid).tolist(),
-            "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset, strict=True)],
+            "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset)],
             "bbox_index_size": [int(v) for v in box[d:]],
             "bbox_ras_min_mm": corners.min(axis=0).tolist(),
             "bbox_ras_max_mm": corners.max(axis=0).tolist(),
@@ -231,7 +231,7 @@ def _flatten(row: dict) -> dict:
         if isinstance(value, list):
             # "centroid_ras_mm" -> centroid_ras_x_mm, ...: the unit stays last.
             base, unit = (key[:-3], "_mm") if key.endswith("_mm") else (key, "")
-            for axis, v in zip(_AXES, value, strict=False):
+            for axis, v in zip(_AXES, value):
                 flat[f"{base}_{axis}{unit}"] = round(v, 4) if isinstance(v, float) else v
         else:
             flat[key] = round(value, 4) if isinstance(value, float) else value

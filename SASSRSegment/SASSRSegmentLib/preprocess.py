@@ -109,7 +109,7 @@ def lesion_components(mask: np.ndarray) -> list[dict]:
             {
                 "centroid": [round(v, 2) for v in stats.GetCentroid(label)[::-1]],
                 "size": int(stats.GetNumberOfPixels(label)),
-                "box": [start, [s + n for s, n in zip(start, size, strict=True)]],
+                "box": [start, [s + n for s, n in zip(start, size)]],
             }
         )
     return sorted(out, key=lambda c: -c["size"])
@@ -140,10 +140,10 @@ def process_case(dataset, case, prep: dict, crop_margin_lr: int, folder: Path, k
         start, stop = body_box(raw, seg, crop_margin_lr * scale, scale)
     else:
         start, stop = [0] * seg.ndim, list(seg.shape)
-    region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    region = tuple(slice(a, b) for a, b in zip(start, stop))
     norm = [normalize(a, prep["normalization"]) for a in raw]
     background = []
-    for a, n in zip(raw, norm, strict=True):
+    for a, n in zip(raw, norm):
         values, counts = np.unique(
             a[tuple(slice(None, None, max(1, s // 64)) for s in a.shape)], return_counts=True
         )

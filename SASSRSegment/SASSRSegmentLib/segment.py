@@ -246,7 +246,7 @@ def _prepare(
         start, size = geometry.roi_region(full, list(roi))
         context_start, context_size = _with_context(full, start, size, prep)
         image = sitk.RegionOfInterest(image, context_size, context_start)
-        start = [a - b for a, b in zip(start, context_start, strict=True)]
+        start = [a - b for a, b in zip(start, context_start)]
     plane = None
     if _single_slice(image):
         plane = _Plane(Grid.from_image(image))
@@ -265,7 +265,7 @@ def _prepare(
     work_lr = geometry.working_lr_grid(input_grid, prep)
     hr_work = geometry.hr_grid(work_lr, scale)
     # The card's window is in array order (z, y, x), like the tensor; clipped to the image.
-    window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1], strict=True))
+    window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1]))
     window_hr = tuple(w * scale for w in window)
     need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
     limit = memory_limit if memory_limit is not None else available_memory_bytes()
