@@ -188,3 +188,38 @@ def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys)
     text = capsys.readouterr().out
     assert "tiny-2d: 2D, x2, LR longer side 24 px" in text
     assert "tiny-3d: 3D, x2, LR 2x2x2 mm" in text and "WEIGHTS MISSING" in text
+
+
+def test_evaluate_scores_each_lr_input_and_tabulates_robustness(dataset, model, tmp_path, capsys):
+    out = tmp_path / "robust.json"
+    args = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--progress", "quiet"]
+    assert cli.main([*args, "--lr-input", "block,thick-slice-5mm,hr", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "LR input: thick-slice-5mm" in printed and "worst case" in printed
+    result = json.loads(out.read_text())
+    assert list(result["robustness"]) == ["block", "thick-slice-5mm", "hr"]
+    for name, row in result["robustness"].items():
+        dice = [result["generators"][name]["cases"][c]["dice"] for c in ("case1", "case2")]
+        assert row["min_dice"] == pytest.approx(min(dice)) and row["mean_dice"] == pytest.approx(
+            np.mean(dice)
+        )
+    # The first generator is the one the top-level scores describe; block is the plain evaluation.
+    plain = tmp_path / "plain.json"
+    assert cli.main([*args, "--json", str(plain)]) == 0
+    assert json.loads(plain.read_text())["cases"] == result["cases"]
+    # The thick slices made a different input, so (an untrained network) a different mask.
+    assert result["robustness"]["thick-slice-5mm"]["cases"] != result["robustness"]["block"]["cases"]
+
+
+def test_evaluate_lr_input_errors(dataset, model, tiny_bundle_2d, capsys):
+    base = ["evaluate", "--dataset", str(dataset), "--progress", "quiet"]
+    assert cli.main([*base, "--model", str(model), "--lr-input", "block,bicubic"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "unknown generator bicubic" in err and "gaussian-linear" in err and len(err.strip().splitlines()) == 1
+    )
+    assert (
+        cli.main([*base, "--model", str(tiny_bundle_2d), "--lr-input", "thick-slice-5mm", "--split", "all"])
+        == 2
+    )
+    assert "3D models only" in capsys.readouterr().err

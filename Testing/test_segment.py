@@ -215,6 +215,75 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
         segment.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])
 
 
+def _mri_card(**postprocess) -> dict:
+    card = _card(3)
+    card["preprocessing"]["normalization"] = {"kind": "mri"}
+    card["postprocess"] = postprocess
+    return card
+
+
+def _head_with_lesion() -> sitk.Image:
+    """A 2 mm "head" (tissue 100 with a gradient) holding a bright ball, on a dark background."""
+    grid = Grid((40, 44, 36), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    head = sitk.GetArrayFromImage(ball_image(grid, grid.index_to_physical([20, 22, 18]), 30.0, sub=2))
+    z = np.arange(36, dtype=np.float32)[:, None, None]
+    lesion = sitk.GetArrayFromImage(ball_image(grid, grid.index_to_physical([26, 25, 20]), 7.0, sub=2))
+    return grid.image_from_array(head * (1 + z / 70) + 2.0 * lesion)
+
+
+def test_an_roi_is_normalised_with_the_whole_volume_levels():
+    image = _head_with_lesion()
+    card = _mri_card()
+    full_mask, _ = segment.segment_image(image, Interpolator(), card, CPU)
+    lesion = np.asarray([26, 25, 20]) * 2.0
+    ras = lesion * [-1, -1, 1]
+    box = [v for c in ras for v in (c - 12.0, c + 12.0)]
+    mask, _ = segment.segment_image(image, Interpolator(), card, CPU, roi=box)
+    full, roi = Grid.from_image(full_mask), Grid.from_image(mask)
+    i0 = np.round(full.physical_to_index(roi.origin)).astype(int)
+    crop = sitk.GetArrayFromImage(full_mask)[tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1]))]
+    # The pointwise network thresholds z-scores: with the crop's own statistics (a crop that is mostly
+    # lesion) the mask would shrink; with the whole volume's it is the same mask.
+    assert sitk.GetArrayFromImage(mask).sum() > 1000
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), crop)
+
+
+def test_a_1mm_scan_reaches_a_2mm_model_by_block_averaging():
+    rng = np.random.default_rng(0)
+    grid = Grid((21, 20, 13), (1.0, 1.0, 1.0), (3.0, -4.0, 7.0), tuple(_rotation(0.3, 0.2).ravel()))
+    image = grid.image_from_array(rng.uniform(0, 100, grid.size[::-1]).astype(np.float32))
+    work = geometry.working_lr_grid(grid, _card(3)["preprocessing"])
+    assert work.size == (11, 10, 7)  # overshoots the odd axes by half an LR voxel
+    got = segment.to_working_grid(image, work)
+    padded = np.pad(sitk.GetArrayFromImage(image), [(0, 1), (0, 0), (0, 1)], mode="edge")
+    expected = geometry.downsample_block(padded, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # 1.5 mm does not tile 2 mm: the input is resampled (antialiased linear) instead.
+    coarse = Grid((14, 14, 9), (1.5, 1.5, 1.5), grid.origin, grid.direction)
+    other = coarse.image_from_array(rng.uniform(0, 100, coarse.size[::-1]).astype(np.float32))
+    work = geometry.working_lr_grid(coarse, _card(3)["preprocessing"])
+    assert geometry.block_factors(coarse, work) is None
+    np.testing.assert_allclose(
+        segment.to_working_grid(other, work),
+        sitk.GetArrayFromImage(geometry.resample(other, work)),
+        rtol=1e-6,
+    )
+
+
+def test_a_mask_covering_too_much_of_the_tissue_is_flagged():
+    image = _head_with_lesion()
+    warnings = []
+    segment.segment_image(
+        image, Interpolator(), _mri_card(max_tissue_fraction=0.01), CPU, warn=warnings.append
+    )
+    assert len(warnings) == 1 and "% of the tissue" in warnings[0] and "more than any lesion" in warnings[0]
+    warnings.clear()
+    segment.segment_image(
+        image, Interpolator(), _mri_card(max_tissue_fraction=0.9), CPU, warn=warnings.append
+    )
+    assert warnings == []
+
+
 def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
     card, net = load_bundle(tiny_bundle_3d)
     image = sitk.Image(12, 10, 8, sitk.sitkInt16) + 7

@@ -4,6 +4,10 @@ For each case the HR image and label are cropped to a multiple of the scale, the
 block average of the HR image (`geometry.make_lr_image`), and `segment.segment_image` (the code the
 `segment` command runs) predicts the HR mask, which is scored against the HR label.
 
+`--lr-input` names other ways of making the LR input (`lowres.GENERATORS`: Gaussian + linear or
+B-spline resampling, k-space truncation, decimation, Lanczos, thick slices, Rician noise, or the HR image
+itself); with several, each is scored and a robustness table (mean and worst Dice per generator) follows.
+
 The interpolation baseline (`--baseline-interpolation`) scores what a perfect LR segmentation gives
 once interpolated: the HR label block-averaged to LR, upsampled linearly to HR, thresholded at 0.5.
 The gap between the two is what super-resolution adds.
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import data, geometry, imageio, metrics
+from . import data, geometry, imageio, lowres, metrics
 from .errors import UserError
 from .geometry import Grid
 from .progress import Progress
@@ -50,18 +54,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also score the interpolated perfect LR segmentation",
     )
+    parser.add_argument(
+        "--lr-input",
+        default="block",
+        metavar="NAME[,NAME]",
+        help=f"how the LR input is made: {', '.join(lowres.GENERATORS)}, or all (default: block, as in training)",
+    )
     add_prediction_arguments(parser)
     parser.add_argument("--progress", choices=("bar", "json", "quiet"), default="bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def synthesise_case(
-    image: sitk.Image, label: sitk.Image, scale: int
+    image: sitk.Image, label: sitk.Image, scale: int, generator: str = "block", seed: int = 0
 ) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
-    """(LR input, cropped HR label, cropped HR image) exactly as training makes them."""
+    """(LR input made by `generator`, cropped HR label, cropped HR image); "block" is exactly as training
+    makes its inputs."""
     hr_image = geometry.crop_to_multiple(image, scale)
     hr_label = geometry.crop_to_multiple(label, scale)
-    return geometry.make_lr_image(hr_image, scale), hr_label, hr_image
+    return lowres.make_lr(generator, hr_image, scale, seed), hr_label, hr_image
 
 
 def interpolation_baseline(hr_label: sitk.Image, scale: int) -> sitk.Image:
@@ -145,6 +156,30 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def lr_inputs(text: str, dims: int) -> list[str]:
+    """The generator names of `--lr-input` for a `dims`-D model."""
+    names = (
+        lowres.names_for(dims) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    )
+    unknown = [n for n in names if n not in lowres.GENERATORS]
+    if unknown or not names:
+        raise UserError(
+            f"--lr-input: unknown generator {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(lowres.names_for(dims))} or all"
+        )
+    wrong = [n for n in names if dims not in lowres.GENERATORS[n][1]]
+    if wrong:
+        raise UserError(f"--lr-input: {', '.join(wrong)} applies to 3D models only")
+    return names
+
+
+def format_robustness(result: dict) -> str:
+    lines = ["LR input             mean Dice  worst case", "-" * 42]
+    for name, row in result["robustness"].items():
+        lines.append(f"{name:<20} {_fmt(row['mean_dice']):>9}  {_fmt(row['min_dice']):>10}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .devices import describe, select_device
@@ -157,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
     card, net = load_bundle(args.model, device)
     prep = card["preprocessing"]
     scale = int(prep["scale"])
+    dims = int(prep["spatial_dims"])
+    generators = lr_inputs(args.lr_input, dims)
     dataset = data.open_dataset(args.dataset, labels=prep.get("labels"))
-    if dataset.spatial_dims != int(prep["spatial_dims"]):
+    if dataset.spatial_dims != dims:
         raise UserError(
             f"dataset {dataset.name} is {dataset.spatial_dims}D but model {card.get('name', args.model)!r} is "
             f"{prep['spatial_dims']}D"
@@ -166,36 +203,41 @@ def run(args: argparse.Namespace) -> int:
     names = _case_names(dataset, card, args.split)
     progress.log(f"device: {describe(device)}; {len(names)} case(s) of {dataset.name}")
     fully = not args.face_connected
-    cases, baseline_cases = {}, {}
+    cases = {g: {} for g in generators}
+    baseline_cases = {}
     started = time.monotonic()
     for k, name in enumerate(names):
-        where = f"{name} ({k + 1}/{len(names)})"
         images, label = data.read_case(dataset, dataset.case(name))
         image = images[0] if len(images) == 1 else sitk.Compose(images)
-        lr, hr_label, _ = synthesise_case(image, label, scale)
-        mask, _ = segment_image(
-            lr,
-            net,
-            card,
-            device,
-            tta=args.tta,
-            threshold=args.threshold,
-            batch_size=1 if device.type == "cpu" else 4,
-            progress=lambda stage, f, where=where: progress.update(stage, f, where),
-            probabilities="none",
-        )
-        if not same_grid(Grid.from_image(mask), Grid.from_image(hr_label)):
-            raise RuntimeError(
-                f"{name}: the HR mask's grid differs from the HR label's; the geometry rule is broken"
+        for g in generators:
+            where = f"{name} ({k + 1}/{len(names)}, {g})"
+            lr, hr_label, _ = synthesise_case(image, label, scale, g, seed=k)
+            mask, _ = segment_image(
+                lr,
+                net,
+                card,
+                device,
+                tta=args.tta,
+                threshold=args.threshold,
+                batch_size=1 if device.type == "cpu" else 4,
+                progress=lambda stage, f, where=where: progress.update(stage, f, where),
+                probabilities="none",
+                # The HR image is segmented at the model's working resolution, onto its own grid.
+                output_grid="input" if g == "hr" else "hr",
             )
-        mask.CopyInformation(hr_label)  # equal up to float rounding
-        cases[name] = metrics.score_case(mask, hr_label, fully)
+            if not same_grid(Grid.from_image(mask), Grid.from_image(hr_label)):
+                raise RuntimeError(
+                    f"{name}: the HR mask's grid differs from the HR label's; the geometry rule is broken"
+                )
+            mask.CopyInformation(hr_label)  # equal up to float rounding
+            cases[g][name] = metrics.score_case(mask, hr_label, fully)
+            progress.log(f"{where}: Dice {cases[g][name]['dice']:.3f}")
         if args.baseline_interpolation:
             baseline_cases[name] = metrics.score_case(
                 interpolation_baseline(hr_label, scale), hr_label, fully
             )
-        progress.update("evaluate", (k + 1) / len(names), f"{name}: Dice {cases[name]['dice']:.3f}")
-    dims = int(prep["spatial_dims"])
+        progress.update("evaluate", (k + 1) / len(names), name)
+    first = generators[0]
     result = {
         "model": card.get("name", str(args.model)),
         "dataset": str(Path(args.dataset).resolve()),
@@ -203,11 +245,23 @@ def run(args: argparse.Namespace) -> int:
         "scale": scale,
         "threshold": card_threshold(card, args.threshold),
         "tta": args.tta,
-        "lr_input": "HR image cropped to a multiple of the scale, block-averaged (as in training)",
+        "lr_input": first,
         "wall_time_s": round(time.monotonic() - started, 1),
-        "cases": cases,
-        "summary": metrics.summarise(cases, dims),
+        "cases": cases[first],
+        "summary": metrics.summarise(cases[first], dims),
     }
+    if len(generators) > 1:
+        result["generators"] = {
+            g: {"cases": cases[g], "summary": metrics.summarise(cases[g], dims)} for g in generators
+        }
+        result["robustness"] = {
+            g: {
+                "mean_dice": result["generators"][g]["summary"]["mean"]["dice"],
+                "min_dice": float(min(c["dice"] for c in cases[g].values())),
+                "cases": {n: c["dice"] for n, c in cases[g].items()},
+            }
+            for g in generators
+        }
     if args.baseline_interpolation:
         result["baseline"] = {
             "method": "HR label block-averaged to LR, upsampled linearly, thresholded at 0.5",
@@ -215,7 +269,13 @@ def run(args: argparse.Namespace) -> int:
             "summary": metrics.summarise(baseline_cases, dims),
         }
     if args.progress != "json":
-        print(format_report(result))
+        for g in generators:
+            if len(generators) > 1:
+                print(f"\nLR input: {g}")
+            shown = dict(result, cases=cases[g], summary=metrics.summarise(cases[g], dims))
+            print(format_report(shown))
+        if len(generators) > 1:
+            print("\n" + format_robustness(result))
     if args.json:
         imageio.write_text(json.dumps(_json_safe(result), indent=2) + "\n", args.json, args.overwrite)
     return 0

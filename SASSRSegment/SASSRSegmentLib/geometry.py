@@ -199,20 +199,51 @@ def crop_to_multiple(image: sitk.Image, scale: int) -> sitk.Image:
     return sitk.RegionOfInterest(image, size, [0] * image.GetDimension())
 
 
-def downsample_block(array: np.ndarray, scale: int, spatial_dims: int | None = None) -> np.ndarray:
-    """Mean over each scale^d block of the last `spatial_dims` axes (all axes by default).
+def downsample_block(array: np.ndarray, scale, spatial_dims: int | None = None) -> np.ndarray:
+    """Mean over each block of the last `spatial_dims` axes (all axes by default): `scale` voxels a side,
+    or `scale[i]` along spatial axis i (numpy order).
 
     This is how an LR voxel integrates the HR voxels it covers, and it keeps the physical extent.
     """
     d = array.ndim if spatial_dims is None else spatial_dims
     lead, spatial = array.shape[: array.ndim - d], array.shape[array.ndim - d :]
-    if any(n % scale for n in spatial):
+    factors = [int(scale)] * d if np.isscalar(scale) else [int(f) for f in scale]
+    if any(n % f for n, f in zip(spatial, factors)):
         raise ValueError(f"spatial shape {spatial} is not a multiple of {scale}")
     shape = list(lead)
-    for n in spatial:
-        shape += [n // scale, scale]
+    for n, f in zip(spatial, factors):
+        shape += [n // f, f]
     axes = tuple(len(lead) + 2 * i + 1 for i in range(d))
     return array.reshape(shape).mean(axis=axes, dtype=np.float64).astype(np.float32)
+
+
+def block_factors(source: Grid, target: Grid) -> tuple[int, ...] | None:
+    """Whole numbers of `source` voxels per `target` voxel along each axis (x, y, z order) when the
+    target's voxels are tiled exactly by the source's (same direction, integer spacing ratios, a shared
+    extent corner); None otherwise."""
+    if source.dims != target.dims or not np.allclose(source.direction, target.direction, atol=1e-6):
+        return None
+    ratio = np.asarray(target.spacing) / np.asarray(source.spacing)
+    factors = np.rint(ratio)
+    if np.any(factors < 1) or not np.allclose(ratio, factors, rtol=1e-4):
+        return None
+    corners = [g.index_to_physical(-0.5 * np.ones(g.dims)) for g in (source, target)]
+    if not np.allclose(corners[0], corners[1], atol=1e-3 * min(source.spacing)):
+        return None
+    return tuple(int(f) for f in factors)
+
+
+def block_average_onto(array: np.ndarray, factors: tuple[int, ...], target: Grid) -> np.ndarray:
+    """`array` (numpy order, on a grid tiling `target` by `factors`, see `block_factors`) averaged onto
+    `target`. A target that overshoots the array's far end sees the edge voxels repeated, as
+    `resample`'s extrapolation does."""
+    factors = factors[::-1]
+    want = [n * f for n, f in zip(target.size[::-1], factors)]
+    array = array[tuple(slice(0, w) for w in want)]
+    pad = [(0, w - n) for w, n in zip(want, array.shape)]
+    if any(p for _, p in pad):
+        array = np.pad(array, pad, mode="edge")
+    return downsample_block(array, factors)
 
 
 def make_lr_image(hr_image: sitk.Image, scale: int) -> sitk.Image:

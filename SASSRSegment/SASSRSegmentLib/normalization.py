@@ -178,9 +178,11 @@ def _rim_tissue_fraction(
     return np.clip((data[rim] - background) / safe, 0.0, 1.0)
 
 
-def _normalize_mri(data: np.ndarray, levels: Levels | None, mask: np.ndarray | None = None) -> np.ndarray:
+def _normalize_mri(
+    data: np.ndarray, levels: Levels | None, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     if levels is None:
-        return np.zeros_like(data)
+        return np.zeros_like(data), None
     mask = mask if mask is not None else _trace(data, levels.threshold)
     interior, _ = _statistics_region(mask)
     lo, hi, mean, std = levels.lo, levels.hi, levels.mean, levels.std
@@ -192,7 +194,23 @@ def _normalize_mri(data: np.ndarray, levels: Levels | None, mask: np.ndarray | N
     fraction = _rim_tissue_fraction(data, interior, rim, levels.background, mean)
     tissue = levels.background + (data[rim] - levels.background) / np.maximum(fraction, 1e-6)
     out[rim] = fraction * (np.clip(tissue, lo, hi) - mean) / std
-    return out
+    return out, mask
+
+
+def normalize_and_trace(
+    array: np.ndarray, spec: dict, levels: Levels | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(normalised float32 array, its tissue mask for "mri", else None); see `normalize`."""
+    kind = spec.get("kind")
+    data = np.asarray(array, dtype=np.float32)
+    if kind == "uint8":
+        return data / 255.0, None
+    if kind == "ct":
+        lo, hi = (float(v) for v in spec.get("window", (-1000.0, 400.0)))
+        return (np.clip(data, lo, hi) - lo) / (hi - lo), None
+    if kind == "mri":
+        return _normalize_mri(data, *((levels, None) if levels is not None else _fit(data)))
+    raise ValueError(f"unknown normalisation kind {kind!r}; expected one of {KINDS}")
 
 
 def normalize(array: np.ndarray, spec: dict, levels: Levels | None = None) -> np.ndarray:
@@ -201,16 +219,7 @@ def normalize(array: np.ndarray, spec: dict, levels: Levels | None = None) -> np
     levels: for "mri", levels fitted on another image (e.g. the whole volume of which `array` is a
     crop); fitted on `array` itself by default.
     """
-    kind = spec.get("kind")
-    data = np.asarray(array, dtype=np.float32)
-    if kind == "uint8":
-        return data / 255.0
-    if kind == "ct":
-        lo, hi = (float(v) for v in spec.get("window", (-1000.0, 400.0)))
-        return (np.clip(data, lo, hi) - lo) / (hi - lo)
-    if kind == "mri":
-        return _normalize_mri(data, *((levels, None) if levels is not None else _fit(data)))
-    raise ValueError(f"unknown normalisation kind {kind!r}; expected one of {KINDS}")
+    return normalize_and_trace(array, spec, levels)[0]
 
 
 def choose_normalization(dataset_json: dict) -> dict:

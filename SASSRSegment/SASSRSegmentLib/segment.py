@@ -223,6 +223,39 @@ class _Prepared:
     lr: object  # torch.Tensor (C, *spatial) of normalised LR intensities; None for a constant image
     window: tuple[int, ...]
     plane: _Plane | None
+    tissue_ml: float | None = None  # tissue volume the normalisation traced (MRI kind), for plausibility
+
+
+def _channels(image: sitk.Image) -> list[sitk.Image]:
+    components = image.GetNumberOfComponentsPerPixel()
+    return (
+        [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
+    )
+
+
+def to_working_grid(channel: sitk.Image, work: Grid) -> np.ndarray:
+    """One channel on the working LR grid, as a float32 array.
+
+    Where the input's voxels tile the working voxels exactly (a 1 mm scan for a 2 mm model), they are
+    block-averaged, which is how an LR voxel integrates what it covers and how training made its inputs;
+    otherwise the input is resampled linearly, smoothed first along axes where it is finer.
+    """
+    factors = geometry.block_factors(Grid.from_image(channel), work)
+    if factors is None:
+        return sitk.GetArrayFromImage(geometry.resample(channel, work, "linear", True))
+    return geometry.block_average_onto(sitk.GetArrayFromImage(channel).astype(np.float32), factors, work)
+
+
+def _whole_image_levels(image: sitk.Image, prep: dict) -> list | None:
+    """Each channel's normalisation levels measured on the whole image (None: the kind needs none).
+
+    An ROI is normalised with these, so a crop's intensities are exactly the whole scan's."""
+    if prep["normalization"].get("kind") != "mri":
+        return None
+    if _single_slice(image):
+        image = _Plane(Grid.from_image(image)).proxy(image)
+    work = geometry.working_lr_grid(Grid.from_image(image), prep)
+    return [normalization.fit(to_working_grid(ch, work)) for ch in _channels(image)]
 
 
 def _prepare(
@@ -242,9 +275,11 @@ def _prepare(
     image = check_image(image, card)
     full = Grid.from_image(image)
     start, size = [0] * full.dims, list(full.size)
+    levels = None
     if roi:
         start, size = geometry.roi_region(full, list(roi))
         context_start, context_size = _with_context(full, start, size, prep)
+        levels = _whole_image_levels(image, prep)
         image = sitk.RegionOfInterest(image, context_size, context_start)
         start = [a - b for a, b in zip(start, context_start)]
     plane = None
@@ -278,20 +313,18 @@ def _prepare(
     if float(array.min()) == float(array.max()):
         warn("the input image is constant (no contrast): the mask is empty")
         return _Prepared(input_grid, out_grid, hr_work, None, window, plane)
-    components = image.GetNumberOfComponentsPerPixel()
-    channels = (
-        [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
-    )
     spec = prep["normalization"]
-    lr = np.stack(
-        [
-            normalization.normalize(
-                sitk.GetArrayFromImage(geometry.resample(ch, work_lr, "linear", True)), spec
-            )
-            for ch in channels
-        ]
+    channels, tissue = [], None
+    for c, channel in enumerate(_channels(image)):
+        values, traced = normalization.normalize_and_trace(
+            to_working_grid(channel, work_lr), spec, levels[c] if levels else None
+        )
+        channels.append(values)
+        tissue = traced if tissue is None else tissue
+    tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
+    return _Prepared(
+        input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, plane, tissue_ml
     )
-    return _Prepared(input_grid, out_grid, hr_work, torch.from_numpy(lr), window, plane)
 
 
 def _to_output(array: np.ndarray, prepared: _Prepared) -> sitk.Image:
@@ -383,8 +416,24 @@ def segment_image(
     mask = lesions.drop_small_components(
         mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
     )
+    _check_plausible(mask, prepared, card, warn or (lambda m: None))
     report("resample", 1.0)
     return _lift(mask, prepared), (None if probs is None else _lift(probs, prepared))
+
+
+def _check_plausible(mask: sitk.Image, prepared: _Prepared, card: dict, warn: Callable[[str], None]) -> None:
+    """Warn when the mask covers more of the tissue than any lesion the model was trained on: the
+    input is then most likely unlike its training data (contrast, resolution, a different organ)."""
+    limit = card.get("postprocess", {}).get("max_tissue_fraction")
+    if limit is None or not prepared.tissue_ml:
+        return
+    lesion_ml = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * math.prod(mask.GetSpacing()) / 1000.0
+    if lesion_ml > float(limit) * prepared.tissue_ml:
+        warn(
+            f"the mask covers {100 * lesion_ml / prepared.tissue_ml:.0f} % of the tissue ({lesion_ml:.0f} mL), "
+            f"more than any lesion in the model's training data ({100 * float(limit):.0f} %): the image may be "
+            "unlike what the model was trained on (contrast, resolution or organ); check the result"
+        )
 
 
 def _as_kind(probabilities: sitk.Image, kind: str) -> sitk.Image | None:
