@@ -80,7 +80,7 @@ def render(image: sitk.Image, mask: sitk.Image) -> np.ndarray:
     """
     image = _scalar(image)
     display = _display_grid(Grid.from_image(mask))
-    rows = lesions.lesion_table(mask)
+    rows = lesions.lesion_table(mask, diameters=False)
     if rows:
         centre = np.round(display.physical_to_index(rows[0]["centroid_lps_mm"])).astype(int)
         centre = np.clip(centre, 0, np.asarray(display.size) - 1)

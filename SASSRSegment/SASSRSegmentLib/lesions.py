@@ -160,7 +160,10 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def lesion_table(
-    mask: sitk.Image, probabilities: sitk.Image | None = None, fully_connected: bool = True
+    mask: sitk.Image,
+    probabilities: sitk.Image | None = None,
+    fully_connected: bool = True,
+    diameters: bool = True,
 ) -> list[dict]:
     """One row per connected lesion (largest first).
 
@@ -168,7 +171,8 @@ def lesion_table(
     bbox_index_start, bbox_index_size (voxels, x y z), bbox_ras_min_mm, bbox_ras_max_mm (the RAS
     axis-aligned box around the lesion's voxels, voxel edges included), longest_diameter_mm, and
     mean_probability when `probabilities` (on the mask's grid) is given: values 0..1, or uint8 values
-    round(255 p).
+    round(255 p). diameters=False leaves longest_diameter_mm out: it is the one costly column (a search
+    over pairs of surface voxels), and a summary or a figure does not need it.
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
@@ -185,7 +189,8 @@ def lesion_table(
     # Not relabelled by size (that would be a second four-byte label volume): rows are sorted instead.
     labels = sitk.ConnectedComponent(mask, fully_connected)
     shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.ComputeFeretDiameterOn()
+    if diameters:
+        shape.ComputeFeretDiameterOn()
     shape.Execute(labels)
     stats = None
     probability_unit = 1.0
@@ -217,8 +222,9 @@ def lesion_table(
             "bbox_index_size": [int(v) for v in box[d:]],
             "bbox_ras_min_mm": corners.min(axis=0).tolist(),
             "bbox_ras_max_mm": corners.max(axis=0).tolist(),
-            "longest_diameter_mm": float(shape.GetFeretDiameter(label)),
         }
+        if diameters:
+            row["longest_diameter_mm"] = float(shape.GetFeretDiameter(label))
         if stats is not None:
             row["mean_probability"] = float(stats.GetMean(label)) / probability_unit
         rows.append(row)

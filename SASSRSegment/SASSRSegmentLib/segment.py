@@ -817,7 +817,9 @@ class _Session:
             self._write_float(probabilities, job.probabilities)
         if sr is not None:
             self._write_float(sr, job.sr_image)
-        rows = lesions.lesion_table(mask, probabilities, fully_connected=not args.face_connected)
+        rows = lesions.lesion_table(
+            mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
+        )
         if args.figure:
             from .figure import overlay_figure
 
