@@ -24,19 +24,20 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from SASSRSegmentLib.bundle import bundled_models, validation_dice
 
 try:
+    # Slicer's application, not just its core libraries (the slicer-core wheel has no Qt).
+    import qt
     import slicer
 except ImportError:
     slicer = None
 
 if slicer is not None:
-    import qt
     import vtk
     from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
     from slicer.i18n import tr as _
@@ -85,11 +86,16 @@ TORCH_REQUIREMENT = ">=2.1"
 
 LESION_SEGMENT_NAME = "Lesion"
 LESION_COLOR = (0.95, 0.45, 0.15)
+# Neoplasm is a type of the DICOM master list (CID 7159), not of Slicer's General Anatomy list: naming the
+# context that holds it lets the terminology selector find the entry.
 LESION_TERMINOLOGY = (
-    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "Segmentation category and type - DICOM master list"
     "~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
     "~Anatomic codes - DICOM master list~^^~^^"
 )
+# Marks a segmentation this module created, with the volume it was made for (a node reference, so it
+# follows the volume through scene save and load).
+INPUT_VOLUME_REFERENCE_ROLE = "sassrSegmentInputVolume"
 
 CITATION = (
     'Luo et al., "Scale-aware super-resolution network with dual affinity learning for lesion segmentation '
@@ -104,8 +110,35 @@ POLL_INTERVAL_MS = 100
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 STDERR_LINES_KEPT = 200
+WARNING_PREFIX = "warning:"
 IMAGE_EXTENSIONS = (".nii.gz", ".seg.nrrd", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".jpg", ".jpeg")
 IMAGE_EXTENSIONS += (".tiff", ".tif", ".bmp", ".dcm")
+# DICOM modality -> words a model card's "modality" uses for it.
+MODALITY_WORDS = {"MR": ("mr", "mri", "magnetic"), "US": ("ultrasound", "us"), "CT": ("ct", "computed")}
+# Engine messages name command-line options; the panel names its own controls instead.
+PANEL_WORDING = (
+    (r"; segment a region with --roi .*$", "; draw a Region (ROI) around the lesions, then retry"),
+    (r"choose a (\d)D model with --model( \(see `models`\))?", r"choose a \1D model in the Model list"),
+    (r"choose a matching model with --model", "choose a matching model in the Model list"),
+    (r"( \(image_sr=false\))?; drop --sr-image", '; untick "also create the super-resolved image"'),
+    (
+        r"--roi: each max must be larger than its min",
+        "the Region (ROI) is flat: give it a size along every axis",
+    ),
+    (
+        r"--roi does not overlap the image; check that it is given in RAS millimetres",
+        "the Region (ROI) does not overlap the input volume: move it over the image",
+    ),
+    (
+        r"--device \S+ was asked for but (.*); use --device cpu or auto",
+        r"\1: choose Auto or CPU as the Device",
+    ),
+    (r"; pass --model with a bundle folder written by `train`", ": reinstall the SASSRSegment extension"),
+    (r"--threshold", "the Threshold"),
+    (r"--roi", "the Region (ROI)"),
+    (r"--model", "the Model"),
+    (r"--device", "the Device"),
+)
 
 
 #
@@ -131,8 +164,49 @@ def readModelCards(modelsDir=MODELS_DIR):
             logging.warning("SASSRSegment: skipping model card %s: not a JSON object", path)
             continue
         card["name"] = name
+        card["folder"] = str(folder)
         cards.append(card)
     return cards
+
+
+def cardSpatialDims(card):
+    """2 or 3: the dimensionality of the images a model takes (0 when its card does not say)."""
+    return int((card.get("preprocessing") or {}).get("spatial_dims") or 0)
+
+
+def hasImageSrDecoder(card):
+    """Whether the model's network has the image-SR decoder that the super-resolved image needs.
+
+    The card's "network" block is the network configuration the weights were saved with; a card without
+    "image_sr" predates the option, and the network's default (the full network, with the decoder) applies.
+    """
+    return bool((card.get("network") or {}).get("image_sr", True))
+
+
+def cardMatchesModality(card, modality):
+    """Whether a card's free-text modality names the DICOM modality (MR, US, CT)."""
+    words = re.findall(r"[a-z]+", str(card.get("modality") or "").lower())
+    return any(word in words for word in MODALITY_WORDS.get(str(modality or "").upper(), ()))
+
+
+def defaultModelName(cards, spatialDims, modality=None):
+    """The model for an input: the first card (by name, as the engine picks) of the input's dimensionality,
+    preferring one of the input's DICOM modality when that is known; None when no card fits."""
+    fitting = [card for card in cards if cardSpatialDims(card) == spatialDims]
+    preferred = [card for card in fitting if cardMatchesModality(card, modality)]
+    chosen = (preferred or fitting or [None])[0]
+    return chosen["name"] if chosen else None
+
+
+def gridSpatialDims(dimensions):
+    """2 for a one-slice volume (how Slicer holds a 2D image, and how the engine treats it), else 3."""
+    return 2 if int(dimensions[2]) == 1 else 3
+
+
+def hrScales(card, dimensions):
+    """Per-axis refinement of the engine's HR output: the card's scale, except across a 2D image's slice."""
+    scale = int((card.get("preprocessing") or {}).get("scale") or 2)
+    return [scale, scale, 1 if gridSpatialDims(dimensions) == 2 else scale]
 
 
 def expectedInputText(card):
@@ -238,10 +312,37 @@ def roiBoundsArguments(bounds):
     """The six `--roi` values (xmin xmax ymin ymax zmin zmax, RAS mm) as strings, after validation."""
     values = [float(v) for v in bounds]
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
-        raise ValueError(_("The ROI needs six finite bounds (xmin xmax ymin ymax zmin zmax)."))
-    if any(values[2 * k] > values[2 * k + 1] for k in range(3)):
-        raise ValueError(_("The ROI is empty: place it over the region to segment."))
+        raise ValueError(_("The Region (ROI) needs six finite bounds (xmin xmax ymin ymax zmin zmax)."))
+    # The engine takes a box with a size along every axis; an ROI added but never placed has size 0.
+    if any(values[2 * k] >= values[2 * k + 1] for k in range(3)):
+        raise ValueError(_("The Region (ROI) is empty or flat: give it a size along every axis."))
     return [formatNumber(v) for v in values]
+
+
+def roiOverlapsGrid(bounds, rasToIjk, dimensions):
+    """Whether a box (RAS bounds in the grid's own frame) touches a voxel of the grid.
+
+    The same test as the engine's: the box's corners in continuous index must overlap the voxels'
+    extent [-1/2, n - 1/2] along every axis.
+    """
+    indices = [
+        [sum(rasToIjk[r][c] * v for c, v in enumerate((*corner, 1.0))) for r in range(3)]
+        for corner in boxCorners(bounds)
+    ]
+    box = boundsOfPoints(indices)
+    return all(box[2 * k + 1] > -0.5 and box[2 * k] < dimensions[k] - 0.5 for k in range(3))
+
+
+def sliceAxisBounds(bounds, ijkToRas, dimensions):
+    """For a 2D image (one slice), the box with its extent along the slice normal set to the slice's.
+
+    An ROI drawn on a 2D image may be flat across it; the engine still needs a box with a thickness.
+    """
+    axis = max(range(3), key=lambda r: abs(ijkToRas[r][2]))
+    sliceBounds = voxelCornerBounds(ijkToRas, dimensions)
+    bounds = list(bounds)
+    bounds[2 * axis : 2 * axis + 2] = sliceBounds[2 * axis : 2 * axis + 2]
+    return bounds
 
 
 def boxCorners(bounds):
@@ -289,11 +390,6 @@ def superResolvedGrid(ijkToRas, dimensions, scales):
         for c in range(3):
             fine[r][c] /= scales[c]
     return fine, [int(dimensions[k]) * int(scales[k]) for k in range(3)]
-
-
-def scaleFactors(inputSpacing, outputSpacing):
-    """Per-axis integer scale between the input and the engine's output (1 where an axis was kept)."""
-    return [max(1, int(round(inputSpacing[k] / outputSpacing[k]))) for k in range(3)]
 
 
 def pythonExecutable():
@@ -352,7 +448,8 @@ def parseProgressLine(line):
     """One stdout line of `--progress json` as an event dict, or None when it is not a progress record.
 
     Progress: {"kind": "progress", "stage", "fraction" (clamped to [0, 1]), "message", "elapsed"}.
-    Log: {"kind": "log", "message"}. Anything else (a stray print, malformed JSON) gives None.
+    Log: {"kind": "log", "message"}; a log record starting "warning:" is {"kind": "warning", "message"}.
+    Anything else (a stray print, malformed JSON) gives None.
     """
     text = line.strip()
     if not text.startswith("{"):
@@ -364,7 +461,11 @@ def parseProgressLine(line):
     if not isinstance(record, dict):
         return None
     if "log" in record:
-        return {"kind": "log", "message": str(record["log"])}
+        message = str(record["log"])
+        # The engine sends its warnings as log records prefixed "warning: " in JSON mode.
+        if message.startswith(WARNING_PREFIX):
+            return {"kind": "warning", "message": message[len(WARNING_PREFIX) :].strip()}
+        return {"kind": "log", "message": message}
     if "stage" not in record or "fraction" not in record:
         return None
     try:
@@ -401,6 +502,13 @@ def failureMessage(returnCode, stderrLines):
             code=returnCode, line=lines[-1]
         )
     return _("The segmentation process failed (exit code {code}) without a message.").format(code=returnCode)
+
+
+def panelMessage(message):
+    """An engine message reworded for the panel: its controls instead of command-line options."""
+    for pattern, replacement in PANEL_WORDING:
+        message = re.sub(pattern, replacement, message)
+    return " ".join(message.split())
 
 
 def formatElapsed(seconds):
@@ -495,6 +603,7 @@ class SegmentRunner:
         self.returnCode = None
         self.cancelled = False
         self.stderrLines = deque(maxlen=STDERR_LINES_KEPT)
+        self.warnings = []
         self._queue = queue.Queue()
         self._readers = []
         self._process = None
@@ -562,10 +671,17 @@ class SegmentRunner:
             if not line.strip():
                 return None
             self.stderrLines.append(line)
-            return {"kind": "stderr", "message": line}
-        event = parseProgressLine(line)
+            # Outside JSON mode the engine prints its warnings on standard error.
+            if line.startswith(WARNING_PREFIX):
+                event = {"kind": "warning", "message": line[len(WARNING_PREFIX) :].strip()}
+            else:
+                return {"kind": "stderr", "message": line}
+        else:
+            event = parseProgressLine(line)
         if event is None and line.strip():
             logging.debug("SASSRSegment: unparsed engine output: %s", line)
+        elif event and event["kind"] == "warning":
+            self.warnings.append(event["message"])
         return event
 
     def wait(self, onEvent=None, idle=None, interval=0.05):
@@ -586,6 +702,19 @@ class SegmentRunner:
         self.cancelled = True
         self._signal(hard=False)
         self._killAt = time.monotonic() + self.cancelGraceS
+
+    def terminate(self):
+        """Cancel and wait until the process group has ended (killed after the grace time)."""
+        if self._process is None:
+            return
+        self.cancel()
+        try:
+            self._process.wait(timeout=self.cancelGraceS)
+        except subprocess.TimeoutExpired:
+            pass
+        # Also ends a child that outlived the launcher.
+        self._signal(hard=True)
+        self._process.wait()
 
     def _signal(self, hard):
         if os.name == "nt":
@@ -611,6 +740,7 @@ class SegmentationResult:
     srImageNode: object = None
     tableNode: object = None
     lesionCount: int = -1
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -620,6 +750,7 @@ class FileResult:
     inputPath: str
     outputPath: str = ""
     error: str = ""
+    warnings: list = field(default_factory=list)
 
 
 #
@@ -701,6 +832,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._inputVolumeId = None
         self._job = None
         self._cards = []
         self._devices = None
@@ -733,8 +865,12 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self._detectDevices)
 
     def cleanup(self):
-        if self._job:
-            self._job.cancel()
+        # Reload and quit: no process may outlive the module, no copy of the patient image may stay on disk.
+        if self.logic:
+            self.logic.cleanup()
+        self._job = None
+        if self._statusTimer:
+            self._statusTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -759,7 +895,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
+        self.setParameterNode(SASSRSegmentParameterNode(self.logic.getParameterNode()))
         if not self._parameterNode.inputVolume:
             volumes = [
                 node
@@ -768,8 +904,6 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ]
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]
-        if not self._parameterNode.modelName and self._cards:
-            self._selectModel(self._cards[0]["name"])
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -778,6 +912,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateFromParameterNode
             )
         self._parameterNode = inputParameterNode
+        self._inputVolumeId = None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateFromParameterNode)
@@ -809,6 +944,11 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateFromParameterNode(self, caller=None, event=None):
         if not self._parameterNode:
             return
+        volume = self._parameterNode.inputVolume
+        volumeId = volume.GetID() if volume else None
+        if volumeId != self._inputVolumeId:
+            self._inputVolumeId = volumeId
+            self._onInputVolumeChanged(volume)
         for combo, value in (
             (self.ui.modelComboBox, self._parameterNode.modelName),
             (self.ui.deviceComboBox, self._parameterNode.device),
@@ -820,7 +960,35 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.blockSignals(wasBlocked)
         card = self._currentCard()
         self.ui.modelComboBox.toolTip = modelSummary(card) if card else _("No bundled model was found.")
+        self._updateSrImageOption(card)
         self._checkCanApply()
+
+    def _onInputVolumeChanged(self, volume):
+        if volume is None:
+            return
+        name = self.logic.defaultModelName(volume)
+        if name:
+            self._selectModel(name)
+        # A segmentation made for another volume must not receive this one's lesions.
+        segmentation = self._parameterNode.outputSegmentation
+        madeFor = segmentationInputVolume(segmentation) if segmentation else None
+        if madeFor is not None and madeFor.GetID() != volume.GetID():
+            self._parameterNode.outputSegmentation = None
+
+    def _updateSrImageOption(self, card):
+        available = card is None or hasImageSrDecoder(card)
+        self.ui.srImageCheckBox.enabled = available
+        if available:
+            self.ui.srImageCheckBox.toolTip = _(
+                "Also create the network's super-resolved image as a volume (for review; the segmentation "
+                "does not need it)."
+            )
+            return
+        self.ui.srImageCheckBox.toolTip = _(
+            "The model '{name}' has no image super-resolution decoder: it cannot create this image."
+        ).format(name=card["name"])
+        if self._parameterNode.createSrImage:
+            self._parameterNode.createSrImage = False
 
     def _currentCard(self):
         name = self._parameterNode.modelName if self._parameterNode else ""
@@ -830,6 +998,9 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job:
             self.ui.applyButton.enabled = True
             self.ui.applyButton.toolTip = _("Stop the running segmentation.")
+        elif self.logic.installingTorch:
+            self.ui.applyButton.enabled = False
+            self.ui.applyButton.toolTip = _("PyTorch is being installed.")
         elif self._parameterNode and self._parameterNode.inputVolume and self._currentCard():
             self.ui.applyButton.enabled = True
             self.ui.applyButton.toolTip = _("Segment lesions at super-resolution in the input volume.")
@@ -857,16 +1028,14 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
+        if not self._ensureTorch():
+            return
         parameters = self._parameterNode
-        replaceSegment = False
-        if parameters.outputSegmentation and segmentIdByName(
-            parameters.outputSegmentation, LESION_SEGMENT_NAME
-        ):
-            replaceSegment = self._askReplaceSegment()
-            if replaceSegment is None:
-                return
-        self.ui.logTextEdit.clear()
         try:
+            output = self._chooseOutput(parameters)
+            if output is None:
+                return
+            self.ui.logTextEdit.clear()
             self._job = self.logic.segmentVolume(
                 parameters.inputVolume,
                 modelName=parameters.modelName,
@@ -877,29 +1046,82 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 threshold=parameters.threshold,
                 srImage=parameters.createSrImage,
                 lesionTable=parameters.createLesionTable,
-                outputSegmentation=parameters.outputSegmentation,
-                replaceSegment=replaceSegment,
                 onFinished=self._onFinished,
                 onProgress=self._onProgress,
                 onLog=self._appendLog,
+                **output,
             )
         except (RuntimeError, ValueError) as exc:
             slicer.util.errorDisplay(str(exc))
             return
         self._setRunning(True)
 
+    def _ensureTorch(self):
+        """Install PyTorch when it is missing; False when it is not usable (the user was told why)."""
+        self.ui.applyButton.enabled = False  # the installer keeps the application responsive
+        try:
+            installed = self.logic.ensureTorch()
+        except RuntimeError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return False
+        finally:
+            self._checkCanApply()
+        if installed:
+            self._detectDevices()
+        return True
+
+    def _chooseOutput(self, parameters):
+        """The segmentVolume arguments saying where the Lesion segment goes; None when the user cancels."""
+        segmentation = parameters.outputSegmentation
+        changeGrid = False
+        if segmentation:
+            status = self.logic.outputSegmentationStatus(
+                segmentation, parameters.inputVolume, parameters.modelName
+            )
+            if status == "changeGrid":
+                answer = self._askChangeGrid(segmentation, parameters.inputVolume)
+                if answer is None:
+                    return None
+                changeGrid = answer
+                segmentation = segmentation if changeGrid else None
+        replaceSegment = False
+        if segmentation and segmentIdByName(segmentation, LESION_SEGMENT_NAME):
+            replaceSegment = self._askReplaceSegment()
+            if replaceSegment is None:
+                return None
+        return {
+            "outputSegmentation": segmentation,
+            "replaceSegment": replaceSegment,
+            "changeGrid": changeGrid,
+        }
+
+    def _askChangeGrid(self, segmentation, volume):
+        """True: switch the segmentation to the HR grid; False: make a new segmentation; None: do not run."""
+        text = _(
+            "The segmentation '{segmentation}' is not on the high-resolution grid of '{volume}'. "
+            "Adding the lesions switches its geometry to that grid."
+        ).format(segmentation=segmentation.GetName(), volume=volume.GetName())
+        return self._askChoice(
+            _("Segmentation geometry"), text, _("Switch its geometry"), _("Create a new segmentation")
+        )
+
     def _askReplaceSegment(self):
         """True: replace the existing Lesion segment; False: add a new one; None: do not run."""
+        text = _("The segmentation already has a '{name}' segment.").format(name=LESION_SEGMENT_NAME)
+        return self._askChoice(_("Lesion segment exists"), text, _("Replace it"), _("Add a new segment"))
+
+    def _askChoice(self, title, text, changeLabel, keepLabel):
+        """True for the button that changes the user's data, False for the other one, None for Cancel."""
         box = qt.QMessageBox(slicer.util.mainWindow())
-        box.setWindowTitle(_("Lesion segment exists"))
-        box.setText(_("The segmentation already has a '{name}' segment.").format(name=LESION_SEGMENT_NAME))
-        replaceButton = box.addButton(_("Replace it"), qt.QMessageBox.DestructiveRole)
-        addButton = box.addButton(_("Add a new segment"), qt.QMessageBox.AcceptRole)
+        box.setWindowTitle(title)
+        box.setText(text)
+        changeButton = box.addButton(changeLabel, qt.QMessageBox.DestructiveRole)
+        keepButton = box.addButton(keepLabel, qt.QMessageBox.AcceptRole)
         box.addButton(qt.QMessageBox.Cancel)
         box.exec_()
-        if box.clickedButton() == replaceButton:
+        if box.clickedButton() == changeButton:
             return True
-        if box.clickedButton() == addButton:
+        if box.clickedButton() == keepButton:
             return False
         return None
 
@@ -939,18 +1161,21 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._setRunning(False)
         elapsed = formatElapsed(result.elapsed)
+        warnings = [_("Warning: {message}").format(message=message) for message in result.warnings]
         if result.status == "completed":
-            found = _("{count} lesion(s)").format(count=result.lesionCount) if result.lesionCount >= 0 else ""
-            self.ui.statusLabel.text = _("Done in {elapsed}. {found}").format(elapsed=elapsed, found=found)
+            found = (
+                _("{count} lesion(s).").format(count=result.lesionCount) if result.lesionCount >= 0 else ""
+            )
+            done = _("Done in {elapsed}.").format(elapsed=elapsed)
+            self.ui.statusLabel.text = " ".join(text for text in [done, found, *warnings] if text)
             if self._parameterNode:
                 self._parameterNode.outputSegmentation = result.segmentationNode
                 slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=False)
         elif result.status == "cancelled":
             self.ui.statusLabel.text = _("Cancelled after {elapsed}.").format(elapsed=elapsed)
         else:
-            self.ui.statusLabel.text = _("Failed after {elapsed}: {message}").format(
-                elapsed=elapsed, message=result.message
-            )
+            failed = _("Failed after {elapsed}: {message}").format(elapsed=elapsed, message=result.message)
+            self.ui.statusLabel.text = " ".join([failed, *warnings])
             slicer.util.errorDisplay(result.message)
 
 
@@ -959,20 +1184,37 @@ def segmentIdByName(segmentationNode, name):
     return segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name) or ""
 
 
+def segmentationInputVolume(segmentationNode):
+    """The volume a segmentation made by this module holds the lesions of; None for any other segmentation."""
+    return segmentationNode.GetNodeReference(INPUT_VOLUME_REFERENCE_ROLE)
+
+
 class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
-    """Runs the engine on scene volumes or on files; usable from the Python console without the widget."""
+    """Runs the engine on scene volumes or on files; usable from the Python console without the widget.
 
-    def __init__(self):
+    modelsDir is where model names are looked up (the bundled models by default).
+    """
+
+    def __init__(self, modelsDir=MODELS_DIR):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.modelsDir = Path(modelsDir)
         self.activeJob = None
+        self.installingTorch = False
 
-    def getParameterNode(self):
-        return SASSRSegmentParameterNode(super().getParameterNode())
+    def cleanup(self):
+        """Stop a running segmentation at once and delete its temporary files (module reload, quit)."""
+        if self.activeJob:
+            self.activeJob.abort()
 
     def ensureTorch(self):
-        """Make sure torch is importable, offering to install it through the PyTorch extension."""
+        """Make sure torch is importable, offering to install it through PyTorch Utils.
+
+        Returns True when this call installed it (what PyTorch sees must then be detected again).
+        """
+        if self.installingTorch:
+            raise RuntimeError(_("PyTorch is being installed: wait for the installation to finish."))
         if importlib.util.find_spec("torch") is not None:
-            return
+            return False
         try:
             import PyTorchUtils
         except ImportError:
@@ -981,28 +1223,88 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
                     "PyTorch is required: install the PyTorch extension from the Extensions Manager, then retry."
                 )
             ) from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled():
-            return
-        torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is not None:
-            return
+        # The installer processes events while it runs: a second click must not start another one.
+        self.installingTorch = True
+        try:
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.torchInstalled():
+                return False
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+        except subprocess.CalledProcessError as exc:
+            logging.error("SASSRSegment: installing PyTorch failed: %s\n%s", exc, exc.output or "")
+            raise RuntimeError(
+                _(
+                    "Installing PyTorch failed (exit code {code}): check the network connection, then retry, "
+                    "or install it in the PyTorch Utils module."
+                ).format(code=exc.returncode)
+            ) from None
+        except (ImportError, OSError) as exc:
+            logging.error("SASSRSegment: PyTorch was installed but cannot be loaded: %s", exc)
+            raise RuntimeError(
+                _("PyTorch was installed but cannot be loaded: restart Slicer, then retry.")
+            ) from None
+        finally:
+            self.installingTorch = False
         importlib.invalidate_caches()
+        if torch is not None:
+            return True
         if importlib.util.find_spec("torch") is not None:
             raise RuntimeError(_("PyTorch was installed: restart Slicer, then retry."))
         raise RuntimeError(_("PyTorch is required to segment lesions and was not installed."))
 
-    def resolveModel(self, modelName):
-        """A bundled model's name or a bundle folder; None lets the engine pick the default model."""
-        if not modelName:
+    def modelCards(self):
+        return readModelCards(self.modelsDir)
+
+    def defaultModelName(self, volumeNode):
+        """The model for a volume: by its dimensionality (one slice: 2D), then by its DICOM modality."""
+        imageData = volumeNode.GetImageData()
+        if imageData is None:
             return None
-        names = [card["name"] for card in readModelCards()]
-        if modelName in names or Path(modelName).is_dir():
-            return str(modelName)
-        choices = ", ".join(names) or _("no bundled model is installed")
+        return defaultModelName(
+            self.modelCards(), gridSpatialDims(imageData.GetDimensions()), dicomModality(volumeNode)
+        )
+
+    def modelCard(self, modelName, volumeNode):
+        """The card of a model name or bundle folder ("folder" says where it is); None picks by the input."""
+        if not modelName:
+            modelName = self.defaultModelName(volumeNode)
+            if not modelName:
+                raise RuntimeError(_("No installed model takes this input: choose a model bundle folder."))
+        cards = self.modelCards()
+        card = next((card for card in cards if card["name"] == modelName), None)
+        if card:
+            return card
+        folder = Path(modelName)
+        if (folder / "model.json").is_file():
+            try:
+                card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RuntimeError(
+                    _("Cannot read the model card of {folder}: {error}").format(folder=folder, error=exc)
+                ) from None
+            return {**card, "name": folder.name, "folder": str(folder)}
+        choices = ", ".join(card["name"] for card in cards) or _("no bundled model is installed")
         raise RuntimeError(
             _("Unknown model '{name}': choose one of: {names}.").format(name=modelName, names=choices)
         )
+
+    def outputSegmentationStatus(self, segmentationNode, volumeNode, modelName=None):
+        """What adding `volumeNode`'s lesions to `segmentationNode` would do.
+
+        "ready": it is on the input's HR grid already (or has no grid yet); "changeGrid": it is the user's
+        own segmentation on another grid, which the run would switch to the HR grid; "otherVolume": it
+        holds the lesions of another volume (never mixed).
+        """
+        madeFor = segmentationInputVolume(segmentationNode)
+        if madeFor is not None and madeFor.GetID() != volumeNode.GetID():
+            return "otherVolume"
+        card = self.modelCard(modelName, volumeNode)
+        geometry = hrGeometryInFrameOf(
+            segmentationNode, volumeNode, hrScales(card, volumeNode.GetImageData().GetDimensions())
+        )
+        if madeFor is None and not hasReferenceGeometry(segmentationNode, *geometry):
+            return "changeGrid"
+        return "ready"
 
     def segmentVolume(
         self,
@@ -1014,21 +1316,24 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         wait=True,
         threshold=None,
         srImage=False,
-        lesionTable=False,
+        lesionTable=True,
         onFinished=None,
         outputSegmentation=None,
         replaceSegment=False,
         onProgress=None,
         onLog=None,
+        changeGrid=False,
     ):
         """Segment lesions in `volumeNode` at super-resolution.
 
-        modelName None picks the bundled model matching the input's dimensionality; threshold None uses
-        the model card's. wait=True returns the segmentation node (None when cancelled) and raises
-        RuntimeError on failure.
+        modelName None picks the bundled model for the input (its dimensionality, then its DICOM modality);
+        threshold None uses the model card's. wait=True returns the segmentation node (None when cancelled)
+        and raises RuntimeError on failure.
         wait=False returns the running SegmentationJob at once (it has .cancel()); onFinished(result) is
         called with a SegmentationResult in both modes. A new "Lesion" segment is added to
-        `outputSegmentation` (a new node when None); replaceSegment=True reuses an existing one instead.
+        `outputSegmentation` (a new node, named after the volume, when None); replaceSegment=True reuses an
+        existing one instead. A segmentation of another volume is refused; the user's own segmentation on
+        another grid is switched to the HR grid only with changeGrid=True.
         """
         if self.activeJob and not self.activeJob.done:
             raise RuntimeError(_("A segmentation is already running: wait for it or cancel it."))
@@ -1039,12 +1344,40 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         ):
             raise RuntimeError(_("Select an input volume that holds an image."))
         self.ensureTorch()
+        card = self.modelCard(modelName, volumeNode)
+        if srImage and not hasImageSrDecoder(card):
+            raise RuntimeError(
+                _(
+                    "The model '{name}' has no image super-resolution decoder: untick \"also create the "
+                    'super-resolved image".'
+                ).format(name=card["name"])
+            )
+        if outputSegmentation is not None:
+            status = self.outputSegmentationStatus(outputSegmentation, volumeNode, card["folder"])
+            if status == "otherVolume":
+                raise RuntimeError(
+                    _(
+                        "The segmentation '{segmentation}' holds the lesions of '{other}': choose "
+                        '"Create new segmentation".'
+                    ).format(
+                        segmentation=outputSegmentation.GetName(),
+                        other=segmentationInputVolume(outputSegmentation).GetName(),
+                    )
+                )
+            if status == "changeGrid" and not changeGrid:
+                raise RuntimeError(
+                    _(
+                        "The segmentation '{segmentation}' is on another grid: choose \"Create new "
+                        'segmentation", or allow switching it to the high-resolution grid.'
+                    ).format(segmentation=outputSegmentation.GetName())
+                )
         job = SegmentationJob(
             volumeNode,
-            modelName=self.resolveModel(modelName),
+            card=card,
+            scales=hrScales(card, volumeNode.GetImageData().GetDimensions()),
             device=device,
             tta=tta,
-            roiNode=roiNode,
+            roiBounds=None if roiNode is None else roiBoundsForVolume(roiNode, volumeNode),
             threshold=threshold,
             srImage=srImage,
             lesionTable=lesionTable,
@@ -1075,11 +1408,12 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         """Segment image files (or DICOM series folders) without loading them into the scene.
 
         Writes `<stem>_lesions.nrrd` (and `<stem>_lesions.csv` with lesionTable=True) per input into
-        outputFolder. A failing input is reported and skipped; returns one FileResult per input.
+        outputFolder. modelName None lets the engine pick the bundled model for each input's
+        dimensionality. A failing input is reported and skipped; returns one FileResult per input.
         """
         inputPaths = [str(path) for path in inputPaths]
         self.ensureTorch()
-        model = self.resolveModel(modelName)
+        model = self.modelCard(modelName, None)["folder"] if modelName else None
         Path(outputFolder).mkdir(parents=True, exist_ok=True)
         results = []
         outputPaths = outputPathsForFiles(inputPaths, outputFolder)
@@ -1094,11 +1428,11 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             logging.info("SASSRSegment: segmenting %s", inputPath)
             runner.wait(onEvent=_logEvent, idle=slicer.app.processEvents)
             if runner.returnCode == 0:
-                results.append(FileResult(inputPath, str(outputPath)))
+                results.append(FileResult(inputPath, str(outputPath), warnings=runner.warnings))
             else:
                 message = failureMessage(runner.returnCode, runner.stderrLines)
                 logging.error("SASSRSegment: %s: %s", inputPath, message)
-                results.append(FileResult(inputPath, error=message))
+                results.append(FileResult(inputPath, error=message, warnings=runner.warnings))
         return results
 
 
@@ -1111,6 +1445,8 @@ def _processEnvironment():
 def _logEvent(event):
     if event["kind"] == "progress":
         logging.info("SASSRSegment: %s %3.0f%% %s", event["stage"], 100 * event["fraction"], event["message"])
+    elif event["kind"] == "warning":
+        logging.warning("SASSRSegment: %s", event["message"])
     else:
         logging.info("SASSRSegment: %s", event["message"])
 
@@ -1126,6 +1462,7 @@ class SegmentationJob:
         self.runner = None
         self.result = None
         self.lastProgress = None
+        self.warnings = []
         self._timer = None
 
     @property
@@ -1144,18 +1481,15 @@ class SegmentationJob:
                 "srImage": self.tempDir / "super-resolved.nrrd" if self.options["srImage"] else None,
                 "table": self.tempDir / "lesions.csv" if self.options["lesionTable"] else None,
             }
-            roiBounds = None
-            if self.options["roiNode"] is not None:
-                roiBounds = roiBoundsInVolumeFrame(self.options["roiNode"], self.volumeNode)
             command = segmentCommand(
                 pythonExecutable(),
                 self.paths["input"],
                 self.paths["output"],
-                modelName=self.options["modelName"],
+                modelName=self.options["card"]["folder"],
                 device=self.options["device"],
                 threshold=self.options["threshold"],
                 tta=self.options["tta"],
-                roiBounds=roiBounds,
+                roiBounds=self.options["roiBounds"],
                 srImagePath=self.paths["srImage"],
                 lesionTablePath=self.paths["table"],
             )
@@ -1187,6 +1521,16 @@ class SegmentationJob:
             self._log(_("Cancelling..."))
             self.runner.cancel()
 
+    def abort(self):
+        """End the process now and delete the temporary files, importing nothing and calling no callback."""
+        if self.done:
+            return
+        if self._timer:
+            self._timer.stop()
+        self.runner.terminate()
+        self._removeTempDir()
+        self.result = SegmentationResult("cancelled", _("Segmentation was cancelled."), self.elapsed())
+
     def step(self):
         """Handle new output; once the process has ended, import its results and report."""
         if self.done:
@@ -1203,6 +1547,9 @@ class SegmentationJob:
             self.lastProgress = event
             if self.options["onProgress"]:
                 self.options["onProgress"](event)
+        elif event["kind"] == "warning":
+            self.warnings.append(panelMessage(event["message"]))
+            self._log(_("Warning: {message}").format(message=self.warnings[-1]))
         else:
             self._log(event["message"])
 
@@ -1219,16 +1566,17 @@ class SegmentationJob:
             if self.runner.cancelled:
                 self.result = SegmentationResult("cancelled", _("Segmentation was cancelled."), elapsed)
             elif self.runner.returnCode != 0:
-                message = failureMessage(self.runner.returnCode, self.runner.stderrLines)
+                message = panelMessage(failureMessage(self.runner.returnCode, self.runner.stderrLines))
                 self.result = SegmentationResult("failed", message, elapsed)
             else:
                 self.result = self._importResults(elapsed)
         except Exception as exc:
             logging.exception("SASSRSegment: importing the results failed")
-            message = _("Importing the results failed: {error}").format(error=exc)
+            message = _("Importing the results failed: {error}").format(error=" ".join(str(exc).split()))
             self.result = SegmentationResult("failed", message, elapsed)
         finally:
             self._removeTempDir()
+        self.result.warnings = list(self.warnings)
         self._log(self.result.message or _("Done in {elapsed}.").format(elapsed=formatElapsed(elapsed)))
         if self.options["onFinished"]:
             self.options["onFinished"](self.result)
@@ -1238,23 +1586,58 @@ class SegmentationJob:
             shutil.rmtree(self.tempDir, ignore_errors=True)
 
     def _importResults(self, elapsed):
+        """Add the results to the scene; if any step fails, what was added or changed is put back."""
         names = outputNodeNames(self.volumeNode.GetName())
-        segmentationNode, segmentId = importLesionSegmentation(
-            self.paths["output"],
-            self.volumeNode,
-            self.options["outputSegmentation"],
-            names["segmentation"],
-            self.options["replaceSegment"],
-        )
-        result = SegmentationResult("completed", "", elapsed, segmentationNode, segmentId)
-        if self.paths["srImage"]:
-            result.srImageNode = loadSuperResolvedImage(
-                self.paths["srImage"], self.volumeNode, names["srImage"]
+        segmentationNode = self.options["outputSegmentation"]
+        restorePoint = SegmentationRestorePoint(segmentationNode) if segmentationNode else None
+        added = []
+        try:
+            if segmentationNode is None:
+                segmentationNode = createSegmentation(self.volumeNode, uniqueNodeName(names["segmentation"]))
+                added.append(segmentationNode)
+            segmentId = importLesionSegmentation(
+                self.paths["output"],
+                self.volumeNode,
+                segmentationNode,
+                self.options["scales"],
+                self.options["replaceSegment"],
+                restorePoint,
             )
-        if self.paths["table"]:
-            result.tableNode = loadLesionTable(self.paths["table"], self.volumeNode, names["table"])
-            result.lesionCount = result.tableNode.GetNumberOfRows()
-        return result
+            result = SegmentationResult("completed", "", elapsed, segmentationNode, segmentId)
+            if self.paths["srImage"]:
+                result.srImageNode = loadSuperResolvedImage(
+                    self.paths["srImage"], self.volumeNode, uniqueNodeName(names["srImage"])
+                )
+                added.append(result.srImageNode)
+            if self.paths["table"]:
+                result.tableNode = loadLesionTable(
+                    self.paths["table"], self.volumeNode, uniqueNodeName(names["table"])
+                )
+                added.append(result.tableNode)
+                result.lesionCount = result.tableNode.GetNumberOfRows()
+            return result
+        except Exception:
+            for node in reversed(added):
+                removeNodeWithHelpers(node)
+            if restorePoint:
+                restorePoint.restore()
+            raise
+
+
+def uniqueNodeName(base):
+    """`base`, or `base 2`, ...: no two runs' nodes share a name, whatever failed in between."""
+    scene = slicer.mrmlScene
+    return uniqueName(base, (scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())))
+
+
+def dicomModality(volumeNode):
+    """The DICOM modality (MR, US, CT, ...) of a volume loaded from DICOM, else ""."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    item = shNode.GetItemByDataNode(volumeNode)
+    if not item:
+        return ""
+    attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    return shNode.GetItemAttribute(item, attribute) or ""
 
 
 def writeVolumeToFile(volumeNode, path):
@@ -1269,26 +1652,58 @@ def writeVolumeToFile(volumeNode, path):
         slicer.mrmlScene.RemoveNode(storageNode)
 
 
-def roiBoundsInVolumeFrame(roiNode, volumeNode):
-    """The ROI's RAS bounding box in the input volume's own coordinates (those of the file the engine reads)."""
+def roiBoundsForVolume(roiNode, volumeNode):
+    """The ROI's bounding box in the input volume's own coordinates (those of the file the engine reads).
+
+    Refuses, naming the panel's Region control, an ROI the engine could not use: never placed, flat, or
+    beside the volume.
+    """
+    name = roiNode.GetName()
+    if roiNode.GetNumberOfDefinedControlPoints() == 0:
+        raise RuntimeError(
+            _(
+                "The Region (ROI) '{name}' is not placed: place it over the lesions, or choose Whole volume."
+            ).format(name=name)
+        )
     bounds = [0.0] * 6
     roiNode.GetRASBounds(bounds)
-    roiBoundsArguments(bounds)
     transformNode = volumeNode.GetParentTransformNode()
-    if transformNode is None:
-        return bounds
-    if not transformNode.IsTransformToWorldLinear():
-        raise RuntimeError(
-            _("The input volume is under a non-linear transform: harden it before using an ROI.")
+    if transformNode is not None:
+        if not transformNode.IsTransformToWorldLinear():
+            raise RuntimeError(
+                _("The input volume is under a non-linear transform: harden it before using a Region (ROI).")
+            )
+        worldToVolume = vtk.vtkMatrix4x4()
+        transformNode.GetMatrixTransformFromWorld(worldToVolume)
+        bounds = boundsOfPoints(
+            worldToVolume.MultiplyPoint([*corner, 1.0])[:3] for corner in boxCorners(bounds)
         )
-    worldToVolume = vtk.vtkMatrix4x4()
-    transformNode.GetMatrixTransformFromWorld(worldToVolume)
-    return boundsOfPoints(worldToVolume.MultiplyPoint([*corner, 1.0])[:3] for corner in boxCorners(bounds))
+    ijkToRas = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijkToRas)
+    dimensions = volumeNode.GetImageData().GetDimensions()
+    if gridSpatialDims(dimensions) == 2:
+        bounds = sliceAxisBounds(bounds, matrixRows(ijkToRas), dimensions)
+    try:
+        roiBoundsArguments(bounds)
+    except ValueError:
+        raise RuntimeError(
+            _("The Region (ROI) '{name}' is flat: give it a size along every axis.").format(name=name)
+        ) from None
+    rasToIjk = vtk.vtkMatrix4x4()
+    volumeNode.GetRASToIJKMatrix(rasToIjk)
+    if not roiOverlapsGrid(bounds, matrixRows(rasToIjk), dimensions):
+        raise RuntimeError(
+            _("The Region (ROI) '{name}' does not overlap the input volume: move it over the image.").format(
+                name=name
+            )
+        )
+    return bounds
 
 
 def placeLikeInput(node, volumeNode):
-    """Same parent transform and subject-hierarchy folder (study) as the input volume."""
-    node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    """Same parent transform (for nodes that can have one) and subject-hierarchy folder as the input volume."""
+    if node.IsA("vtkMRMLTransformableNode"):
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     inputItem = shNode.GetItemByDataNode(volumeNode)
     if inputItem:
@@ -1297,8 +1712,11 @@ def placeLikeInput(node, volumeNode):
 
 def removeNodeWithHelpers(node):
     """Remove a loaded node together with its display and storage nodes."""
-    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-    helpers.append(node.GetStorageNode())
+    helpers = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers.append(node.GetStorageNode())
     slicer.mrmlScene.RemoveNode(node)
     for helper in helpers:
         if helper is not None and helper.GetScene():
@@ -1313,25 +1731,72 @@ def detachFromTemporaryFile(node):
         slicer.mrmlScene.RemoveNode(storageNode)
 
 
-def importLesionSegmentation(labelPath, volumeNode, segmentationNode, segmentationName, replaceSegment):
+def createSegmentation(volumeNode, name):
+    """A new segmentation for the lesions of `volumeNode`, beside it (same transform and study)."""
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentationNode.CreateDefaultDisplayNodes()
+    placeLikeInput(segmentationNode, volumeNode)
+    segmentationNode.SetNodeReferenceID(INPUT_VOLUME_REFERENCE_ROLE, volumeNode.GetID())
+    return segmentationNode
+
+
+class SegmentationRestorePoint:
+    """What a run changes in an existing segmentation, put back by restore() when the import fails."""
+
+    def __init__(self, segmentationNode):
+        self.node = segmentationNode
+        segmentation = segmentationNode.GetSegmentation()
+        self.geometry = segmentation.GetConversionParameter(_geometryParameterName())
+        self.referenceId = segmentationNode.GetNodeReferenceID(
+            segmentationNode.GetReferenceImageGeometryReferenceRole()
+        )
+        self.segmentIds = _segmentIds(segmentation)
+        self.replaced = {}
+
+    def keepSegment(self, segmentId):
+        """Remember a segment's content before it is replaced."""
+        copy = slicer.vtkSegment()
+        copy.DeepCopy(self.node.GetSegmentation().GetSegment(segmentId))
+        self.replaced[segmentId] = copy
+
+    def restore(self):
+        segmentation = self.node.GetSegmentation()
+        for segmentId in _segmentIds(segmentation):
+            if segmentId not in self.segmentIds or segmentId in self.replaced:
+                segmentation.RemoveSegment(segmentId)
+        for segmentId, copy in self.replaced.items():
+            following = self.segmentIds[self.segmentIds.index(segmentId) + 1 :]
+            segmentation.AddSegment(copy, segmentId, next(iter(following), ""))
+        segmentation.SetConversionParameter(_geometryParameterName(), self.geometry)
+        self.node.SetNodeReferenceID(self.node.GetReferenceImageGeometryReferenceRole(), self.referenceId)
+
+
+def _segmentIds(segmentation):
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def _geometryParameterName():
+    return slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+
+
+def importLesionSegmentation(
+    labelPath, volumeNode, segmentationNode, scales, replaceSegment, restorePoint=None
+):
     """Import the HR label map as the "Lesion" segment; the HR grid becomes the reference geometry."""
     labelNode = slicer.util.loadLabelVolume(str(labelPath), {"show": False})
     try:
         labelNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-        if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", segmentationName)
-            segmentationNode.CreateDefaultDisplayNodes()
-            placeLikeInput(segmentationNode, volumeNode)
         # The input stays the source volume that Segment Editor proposes (and DICOM export refers to) ...
         segmentationNode.SetNodeReferenceID(
             segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID()
         )
         # ... but editing happens at the reference geometry: the input's whole HR grid (not the LR grid,
         # and not just the ROI that the label map may cover).
-        scales = scaleFactors(volumeNode.GetSpacing(), labelNode.GetSpacing())
-        setReferenceGeometry(segmentationNode, volumeNode, scales)
+        setReferenceGeometry(segmentationNode, *hrGeometryInFrameOf(segmentationNode, volumeNode, scales))
         segmentation = segmentationNode.GetSegmentation()
         segmentId = segmentIdByName(segmentationNode, LESION_SEGMENT_NAME) if replaceSegment else ""
+        if segmentId and restorePoint:
+            restorePoint.keepSegment(segmentId)
         if not segmentId:
             existing = [
                 segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
@@ -1350,7 +1815,7 @@ def importLesionSegmentation(labelPath, volumeNode, segmentationNode, segmentati
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
         segment.SetColor(LESION_COLOR)
         segmentationNode.CreateClosedSurfaceRepresentation()
-        return segmentationNode, segmentId
+        return segmentId
     finally:
         removeNodeWithHelpers(labelNode)
 
@@ -1359,13 +1824,56 @@ def matrixRows(matrix):
     return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
 
 
-def setReferenceGeometry(segmentationNode, volumeNode, scales):
-    """Make the segmentation's reference geometry the input's grid refined by `scales`."""
+def hrGeometryInFrameOf(segmentationNode, volumeNode, scales):
+    """The input's HR grid as (image-to-world 4x4 rows, dimensions) in the segmentation's own coordinates.
+
+    A segmentation's reference geometry is in its local frame: when it is not under the volume's
+    transform, the grid is carried from the volume's frame into the segmentation's.
+    """
     inputMatrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(inputMatrix)
     rows, dimensions = superResolvedGrid(
         matrixRows(inputMatrix), volumeNode.GetImageData().GetDimensions(), scales
     )
+    volumeToSegmentation = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation
+    ):
+        raise RuntimeError(
+            _("The input volume and the segmentation are related by a non-linear transform: harden it first.")
+        )
+    transform = matrixRows(volumeToSegmentation)
+    rows = [[sum(transform[r][k] * rows[k][c] for k in range(4)) for c in range(4)] for r in range(4)]
+    return rows, dimensions
+
+
+def referenceGeometry(segmentationNode):
+    """The segmentation's reference geometry as (image-to-world rows of index 0, dimensions), or None."""
+    text = segmentationNode.GetSegmentation().GetConversionParameter(_geometryParameterName())
+    if not text:
+        return None
+    geometry = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, geometry, False)
+    matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(matrix)
+    extent = geometry.GetExtent()
+    dimensions = [extent[2 * k + 1] - extent[2 * k] + 1 for k in range(3)]
+    return _shiftedRows(matrix, [extent[0], extent[2], extent[4]]), dimensions
+
+
+def hasReferenceGeometry(segmentationNode, rows, dimensions):
+    """Whether the segmentation has no reference geometry yet or already this one (to 1e-4 mm)."""
+    current = referenceGeometry(segmentationNode)
+    if current is None:
+        return True
+    currentRows, currentDimensions = current
+    return list(currentDimensions) == list(dimensions) and all(
+        abs(currentRows[r][c] - rows[r][c]) <= 1e-4 for r in range(3) for c in range(4)
+    )
+
+
+def setReferenceGeometry(segmentationNode, rows, dimensions):
+    """Make the segmentation's reference geometry the grid (image-to-world rows, dimensions)."""
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -1373,9 +1881,8 @@ def setReferenceGeometry(segmentationNode, volumeNode, scales):
     geometry = slicer.vtkOrientedImageData()
     geometry.SetImageToWorldMatrix(matrix)
     geometry.SetExtent(0, dimensions[0] - 1, 0, dimensions[1] - 1, 0, dimensions[2] - 1)
-    converter = slicer.vtkSegmentationConverter
     segmentationNode.GetSegmentation().SetConversionParameter(
-        converter.GetReferenceImageGeometryParameterName(), converter.SerializeImageGeometry(geometry)
+        _geometryParameterName(), slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry)
     )
 
 
@@ -1412,7 +1919,7 @@ class SASSRSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_segmentSampleAtSuperResolution()
+        self.test_segmentSampleWithThePanelDefaults()
         self.setUp()
         self.test_cancelLeavesSceneClean()
 
@@ -1420,37 +1927,49 @@ class SASSRSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(SAMPLE_PATH.is_file(), f"sample missing: {SAMPLE_PATH}")
         return slicer.util.loadVolume(str(SAMPLE_PATH))
 
-    def test_segmentSampleAtSuperResolution(self):
-        self.delayDisplay("Segmenting the shipped sample on the CPU")
+    def test_segmentSampleWithThePanelDefaults(self):
+        self.delayDisplay("Segmenting the shipped sample on the CPU, with the panel's default options")
         volume = self._loadSample()
-        segmentationNode = SASSRSegmentLogic().segmentVolume(volume, device="cpu", wait=True)
+        results = []
+        segmentationNode = SASSRSegmentLogic().segmentVolume(
+            volume, device="cpu", wait=True, onFinished=results.append
+        )
         self.assertIsNotNone(segmentationNode)
+        result = results[0]
+        self.assertEqual(result.status, "completed", result.message)
+        self.assertEqual(segmentationNode.GetName(), f"{volume.GetName()} lesions")
 
         segmentId = segmentIdByName(segmentationNode, LESION_SEGMENT_NAME)
         self.assertTrue(segmentId, "no Lesion segment")
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId)
-        self.assertGreater(int(mask.sum()), 0, "the Lesion segment is empty")
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        terminology = vtk.reference("")
+        self.assertTrue(segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology))
+        self.assertEqual(terminology.get(), LESION_TERMINOLOGY)
+        # The segment is held at HR: its own labelmap, not one resampled to the input's grid.
+        labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
+        hrVoxels = int((labelmap == segment.GetLabelValue()).sum())
+        self.assertGreater(hrVoxels, 0, "the Lesion segment is empty")
 
-        geometry = slicer.vtkOrientedImageData()
-        parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-        geometryText = segmentationNode.GetSegmentation().GetConversionParameter(parameter)
-        slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometryText, geometry, False)
-        hrSpacing, lrSpacing = geometry.GetSpacing(), volume.GetSpacing()
-        for axis in range(3):
-            self.assertAlmostEqual(hrSpacing[axis], lrSpacing[axis] / 2, places=5)
-        extent = geometry.GetExtent()
-        hrDimensions = [extent[2 * k + 1] - extent[2 * k] + 1 for k in range(3)]
+        # The lesion table is on by default: one row per lesion, the engine's voxel counts.
+        self.assertIsNotNone(result.tableNode, "no lesion table")
+        self.assertGreater(result.tableNode.GetNumberOfRows(), 0)
+        self.assertEqual(result.lesionCount, result.tableNode.GetNumberOfRows())
+        voxels = slicer.util.arrayFromTableColumn(result.tableNode, "voxels")
+        self.assertEqual(int(voxels.sum()), hrVoxels)
+
+        rows, hrDimensions = referenceGeometry(segmentationNode)
         self.assertEqual(hrDimensions, [2 * n for n in volume.GetImageData().GetDimensions()])
-        # Same physical extent (voxel corners), so the HR segmentation overlays the input exactly.
-        hrMatrix = vtk.vtkMatrix4x4()
-        geometry.GetImageToWorldMatrix(hrMatrix)
         lrMatrix = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(lrMatrix)
-        hrBounds = voxelCornerBounds(_shiftedRows(hrMatrix, [extent[0], extent[2], extent[4]]), hrDimensions)
+        for axis in range(3):
+            hrSpacing = math.sqrt(sum(rows[r][axis] ** 2 for r in range(3)))
+            self.assertAlmostEqual(hrSpacing, volume.GetSpacing()[axis] / 2, places=5)
+        # Same physical extent (voxel corners), so the HR segmentation overlays the input exactly.
+        hrBounds = voxelCornerBounds(rows, hrDimensions)
         lrBounds = voxelCornerBounds(matrixRows(lrMatrix), volume.GetImageData().GetDimensions())
         for index in range(6):
             self.assertAlmostEqual(hrBounds[index], lrBounds[index], places=3)
-        self.delayDisplay("Sample segmented at x2 resolution, aligned with the input")
+        self.delayDisplay("Sample segmented at x2 resolution, aligned with the input, lesion table made")
 
     def test_cancelLeavesSceneClean(self):
         self.delayDisplay("Starting and cancelling a segmentation")

@@ -67,8 +67,22 @@ def _parameter_fields():
 
 def test_module_compiles_for_slicers_python():
     py_compile.compile(str(MODULE_FILE), doraise=True)
-    # Slicer 5.6 ships Python 3.9: no newer syntax in the module.
-    ast.parse(MODULE_FILE.read_text(encoding="utf-8"), feature_version=(3, 9))
+    # Slicer 5.6 and 5.8 ship Python 3.9: no newer syntax in the module ...
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), feature_version=(3, 9))
+    # ... and none of the 3.10 features that parse but fail when run: `X | Y` types, zip(strict=).
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "zip":
+            assert not node.keywords, f"line {node.lineno}: zip(strict=) needs Python 3.10"
+        annotations = (
+            [getattr(node, "annotation", None)] if isinstance(node, (ast.AnnAssign, ast.arg)) else []
+        )
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            annotations.append(node.args[1])
+        for annotation in filter(None, annotations):
+            assert not any(
+                isinstance(part, ast.BinOp) and isinstance(part.op, ast.BitOr)
+                for part in ast.walk(annotation)
+            ), f"line {node.lineno}: `X | Y` types need Python 3.10"
 
 
 def test_every_ui_attribute_used_by_the_module_exists_in_the_ui():
@@ -289,8 +303,12 @@ def test_segment_command_with_every_option(mod):
 def test_segment_command_rejects_bad_values(mod):
     with pytest.raises(ValueError, match="threshold"):
         mod.segmentCommand("/py", "in", "out", threshold=1.5)
-    with pytest.raises(ValueError, match="ROI is empty"):
-        mod.segmentCommand("/py", "in", "out", roiBounds=[1, -1, 0, 1, 0, 1])  # an unplaced ROI
+    with pytest.raises(ValueError, match="empty or flat"):
+        mod.segmentCommand("/py", "in", "out", roiBounds=[1, -1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="empty or flat"):
+        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 0, 0, 0, 0, 0])  # an ROI never placed
+    with pytest.raises(ValueError, match="empty or flat"):
+        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, 1, 2, 2])  # flat
     with pytest.raises(ValueError, match="six finite"):
         mod.segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, float("nan"), 0, 1])
     with pytest.raises(ValueError, match="Unknown device"):
@@ -327,6 +345,10 @@ def test_parse_progress_line(mod):
         "message": "using device cpu",
     }
     assert mod.parseProgressLine('{"stage": "write", "fraction": 1.7}')["fraction"] == 1.0
+    assert mod.parseProgressLine('{"log": "warning: the input image is constant"}') == {
+        "kind": "warning",
+        "message": "the input image is constant",
+    }
     for garbage in [
         "",
         "Warning: something happened",
@@ -418,8 +440,60 @@ def test_reference_geometry_is_the_engines_hr_grid(mod):
     rows, dimensions = mod.superResolvedGrid(_grid_rows(lr), [7, 5, 1], [2, 2, 1])
     assert dimensions == [14, 10, 1]
     assert [row[2] for row in rows] == pytest.approx([row[2] for row in _grid_rows(lr)])
-    assert mod.scaleFactors([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == [2, 2, 2]
-    assert mod.scaleFactors([0.5, 0.5, 3.0], [0.25, 0.25, 3.0]) == [2, 2, 1]
+    card = {"preprocessing": {"scale": 2}}
+    assert mod.hrScales(card, [7, 5, 3]) == [2, 2, 2]
+    assert mod.hrScales(card, [7, 5, 1]) == [2, 2, 1]
+
+
+def test_roi_overlap_is_decided_as_the_engine_decides(mod):
+    rows = _grid_rows(Grid((10, 8, 6), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    rasToIjk = np.linalg.inv(np.asarray(rows)).tolist()
+    assert mod.roiOverlapsGrid([2, 4, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    assert mod.roiOverlapsGrid([-3, -0.9, 2, 4, 2, 4], rasToIjk, [10, 8, 6])  # touches the first voxel
+    assert not mod.roiOverlapsGrid([-3, -1.1, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    assert not mod.roiOverlapsGrid([500, 510, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    # A flat ROI on a one-slice image gets the slice's thickness along the slice normal.
+    rows = _grid_rows(Grid((10, 8, 1), (0.5, 0.5, 1.0), (0.0, 0.0, 4.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    assert mod.sliceAxisBounds([1, 2, 1, 2, 4, 4], rows, [10, 8, 1]) == [1, 2, 1, 2, 3.5, 4.5]
+
+
+def test_default_model_by_dimensionality_then_modality(mod):
+    cards = [
+        {"name": "a-ct-3d", "modality": "CT", "preprocessing": {"spatial_dims": 3}},
+        {"name": "b-brain-3d", "modality": "MRI FLAIR", "preprocessing": {"spatial_dims": 3}},
+        {"name": "c-us-2d", "modality": "ultrasound (B-mode, breast)", "preprocessing": {"spatial_dims": 2}},
+    ]
+    assert mod.defaultModelName(cards, 3) == "a-ct-3d"  # the engine's choice: the first by name
+    assert mod.defaultModelName(cards, 3, "MR") == "b-brain-3d"
+    assert mod.defaultModelName(cards, 3, "US") == "a-ct-3d"  # no 3D ultrasound model: by dimensionality
+    assert mod.defaultModelName(cards, 2, "US") == "c-us-2d"
+    assert mod.defaultModelName(cards[:2], 2) is None
+    assert mod.gridSpatialDims([300, 200, 1]) == 2 and mod.gridSpatialDims([30, 20, 2]) == 3
+
+
+def test_image_sr_decoder_is_read_from_the_card(mod):
+    cards = {card["name"]: card for card in mod.readModelCards()}
+    if not cards:
+        pytest.skip("no bundled model yet (Resources/Models is empty)")
+    assert not mod.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert mod.hasImageSrDecoder(cards["breast-ultrasound-2d"])
+    assert mod.hasImageSrDecoder({"network": {}})  # older cards: the network's default, the full network
+
+
+def test_engine_messages_are_reworded_for_the_panel(mod):
+    assert mod.panelMessage(
+        "--roi does not overlap the image; check that it is given in RAS millimetres"
+    ) == ("the Region (ROI) does not overlap the input volume: move it over the image")
+    assert (
+        mod.panelMessage(
+            "the input is a 2D image but model 'brain' is a 3D model; choose a 2D model with --model (see `models`)"
+        )
+        == "the input is a 2D image but model 'brain' is a 3D model; choose a 2D model in the Model list"
+    )
+    assert "--" not in mod.panelMessage(
+        "model 'brain' has no image-SR decoder (image_sr=false); drop --sr-image"
+    )
+    assert mod.panelMessage("cannot read in.nrrd: not an image") == "cannot read in.nrrd: not an image"
 
 
 def test_command_environment_puts_the_module_first_on_pythonpath(mod):
@@ -492,7 +566,9 @@ def test_runner_streams_progress_and_reports_the_error_line(mod, tmp_path):
 for k in range(3):
     print(json.dumps({"stage": "predict", "fraction": k / 2, "message": f"{k}", "elapsed": k}), flush=True)
 print(json.dumps({"log": "device: cpu"}), flush=True)
+print(json.dumps({"log": "warning: the input image is constant"}), flush=True)
 print("a stray print", flush=True)
+print("warning: printed without --progress json", file=sys.stderr)
 print("Traceback: details", file=sys.stderr)
 print("error: the input is 4D", file=sys.stderr)
 sys.exit(2)
@@ -509,6 +585,7 @@ sys.exit(2)
         "Traceback: details",
         "error: the input is 4D",
     ]
+    assert runner.warnings == ["the input image is constant", "printed without --progress json"]
     assert not runner.cancelled
     assert mod.failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
 

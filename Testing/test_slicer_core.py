@@ -1,0 +1,574 @@
+"""The module's Logic on Slicer's real core libraries, with the real engine process.
+
+Slicer's MRML, Segmentations, Volumes and Markups libraries come from the slicer-core wheel; what the
+wheel lacks (Qt, slicer.app, slicer.modules, the scripted-module bases) is stood in for by
+slicer_standins.py. The widgets, the .ui and the dialogs are not exercised here (docs/slicer.md).
+Most runs use tiny untrained bundles built here; the bundled brain model runs once, in the module's
+own self-test.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip(
+    "slicer",
+    reason="Slicer's core libraries are not installed: pip install slicer-core (Python >= 3.10)",
+)
+import slicer_standins  # noqa: E402
+import vtk  # noqa: E402
+from conftest import make_tiny_bundle  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_FILE = ROOT / "SASSRSegment" / "SASSRSegment.py"
+
+# name -> (spatial dims, modality, image-SR decoder). Sorted by name, the CT model is the first 3D one.
+TINY_MODELS = {
+    "tiny-ct-3d": (3, "CT", True),
+    "tiny-mr-3d": (3, "MRI FLAIR", False),
+    "tiny-us-2d": (2, "ultrasound (B-mode)", True),
+}
+
+
+def _make_tiny_bundle(folder, dims, modality, image_sr):
+    make_tiny_bundle(folder, dims, image_sr)
+    # The card is not covered by the weights' checksum: name it and give it a modality. A threshold below
+    # the untrained network's output keeps the masks non-empty.
+    card = json.loads((folder / "model.json").read_text())
+    card.update(name=folder.name, modality=modality, threshold=0.3)
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    for name, (dims, modality, image_sr) in TINY_MODELS.items():
+        _make_tiny_bundle(models / name, dims, modality, image_sr)
+    with slicer_standins.installed(tmp_path_factory.mktemp("slicer-temp")) as app:
+        spec = importlib.util.spec_from_file_location("SASSRSegmentInSlicer", MODULE_FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.slicer is slicer
+        yield types.SimpleNamespace(mod=module, app=app, models=models, temp=Path(app.temporaryPath))
+
+
+@pytest.fixture
+def mod(env):
+    slicer.mrmlScene.Clear()
+    return env.mod
+
+
+@pytest.fixture
+def logic(env, mod):
+    return mod.SASSRSegmentLogic(env.models)
+
+
+def _volume(
+    tmp_path, name="Patient A", size=(12, 10, 8), spacing=(2.0, 2.0, 2.0), value=None, dtype=np.int16
+):
+    """A scan with a bright blob, written as a file and loaded as Slicer loads one."""
+    zyx = size[::-1]
+    if value is None:
+        grid = np.indices(zyx).astype(float)
+        centre = (np.asarray(zyx) - 1) / 2.0
+        blob = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / 6.0)
+        array = (100 + 800 * blob + np.random.default_rng(0).normal(0, 5, zyx)).astype(dtype)
+    else:
+        array = np.full(zyx, value, dtype)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-5.0, 7.0, 3.0))
+    path = tmp_path / f"{name}.nrrd"
+    sitk.WriteImage(image, str(path))
+    return slicer.util.loadVolume(str(path), {"name": name})
+
+
+def _image_2d(tmp_path, name="Ultrasound"):
+    return _volume(tmp_path, name, size=(40, 30, 1), spacing=(0.5, 0.5, 1.0), dtype=np.uint8)
+
+
+def _run(logic, volume, **options):
+    results = []
+    logic.segmentVolume(volume, device="cpu", wait=True, onFinished=results.append, **options)
+    assert len(results) == 1
+    return results[0]
+
+
+def _refused(logic, volume, match, **options):
+    """segmentVolume refuses, with one plain line matching `match`; returns the line."""
+    with pytest.raises(RuntimeError, match=match) as raised:
+        _run(logic, volume, **options)
+    _one_line(str(raised.value))
+    return str(raised.value)
+
+
+def _node_ids():
+    scene = slicer.mrmlScene
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _rows(matrix):
+    return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+
+
+def _lr_rows(volume):
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return _rows(matrix)
+
+
+def _to_world(node, rows):
+    """Rows of a grid in a node's local frame, carried to world coordinates by its parent transform."""
+    matrix = vtk.vtkMatrix4x4()
+    if node.GetParentTransformNode():
+        node.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+    transform = _rows(matrix)
+    return [[sum(transform[r][k] * rows[k][c] for k in range(4)) for c in range(4)] for r in range(4)]
+
+
+def _assert_hr_reference_geometry(mod, segmentation, volume, scales):
+    """The segmentation's reference geometry is the input's HR grid, in world terms the input's extent."""
+    rows, dimensions = mod.referenceGeometry(segmentation)
+    lr = volume.GetImageData().GetDimensions()
+    assert dimensions == [n * s for n, s in zip(lr, scales)]
+    expected, _ = mod.superResolvedGrid(_to_world(volume, _lr_rows(volume)), lr, scales)
+    assert np.allclose(_to_world(segmentation, rows), expected, atol=1e-6)
+    worldBounds = mod.voxelCornerBounds(_to_world(segmentation, rows), dimensions)
+    assert worldBounds == pytest.approx(
+        mod.voxelCornerBounds(_to_world(volume, _lr_rows(volume)), lr), abs=1e-6
+    )
+
+
+def _hr_voxels(segmentation, segmentId):
+    """Voxels of a segment in its internal (HR) labelmap, and that labelmap's spacing."""
+    segment = segmentation.GetSegmentation().GetSegment(segmentId)
+    labelmap = segment.GetRepresentation("Binary labelmap")
+    array = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+    return int((array == segment.GetLabelValue()).sum()), labelmap.GetSpacing()
+
+
+def _table_column(table, name):
+    return slicer.util.arrayFromTableColumn(table, name)
+
+
+def _one_line(message):
+    assert message and "\n" not in message and "--" not in message and "Traceback" not in message, message
+
+
+# ------------------------------------------------------------------------------- the panel's defaults
+
+
+def test_default_options_make_segmentation_and_lesion_table(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = shNode.CreateFolderItem(shNode.GetSceneItemID(), "Study")
+    shNode.SetItemParent(shNode.GetItemByDataNode(volume), study)
+
+    result = _run(logic, volume)
+
+    assert result.status == "completed", result.message
+    segmentation, table = result.segmentationNode, result.tableNode
+    assert segmentation.GetName() == "Patient A lesions"
+    assert table.GetName() == "Patient A lesion table"
+    # Both land in the input's study; the table (not transformable) has no transform to follow.
+    for node in (segmentation, table):
+        assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == study
+    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
+    segmentId = mod.segmentIdByName(segmentation, "Lesion")
+    segment = segmentation.GetSegmentation().GetSegment(segmentId)
+    terminology = vtk.reference("")
+    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+    assert terminology.get() == mod.LESION_TERMINOLOGY
+    voxels, spacing = _hr_voxels(segmentation, segmentId)
+    assert spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert voxels > 0
+    assert int(_table_column(table, "voxels").sum()) == voxels
+    assert list(_table_column(table, "id")) == list(range(1, table.GetNumberOfRows() + 1))
+    assert result.lesionCount == table.GetNumberOfRows() > 0
+    assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
+
+
+def test_lesion_terminology_is_the_dicom_master_list_neoplasm(mod):
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(mod.LESION_TERMINOLOGY, entry)
+    # Slicer's SegmentationCategoryTypeModifier-DICOM-Master.json holds Neoplasm in this context and category.
+    assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
+    category, kind = entry.GetCategoryObject(), entry.GetTypeObject()
+    assert (category.GetCodingSchemeDesignator(), category.GetCodeValue()) == ("SCT", "49755003")
+    assert category.GetCodeMeaning() == "Morphologically Altered Structure"
+    assert (kind.GetCodingSchemeDesignator(), kind.GetCodeValue(), kind.GetCodeMeaning()) == (
+        "SCT",
+        "108369006",
+        "Neoplasm",
+    )
+    assert entry.GetRegionContextName() == "Anatomic codes - DICOM master list"
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def test_default_model_follows_the_input(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    image = _image_2d(tmp_path)
+    assert logic.defaultModelName(volume) == "tiny-ct-3d"
+    assert logic.defaultModelName(image) == "tiny-us-2d"
+    # A volume loaded from DICOM carries its modality on its subject-hierarchy item.
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    shNode.SetItemAttribute(shNode.GetItemByDataNode(volume), attribute, "MR")
+    assert logic.defaultModelName(volume) == "tiny-mr-3d"
+    # The bundled models: brain MRI for volumes, breast ultrasound for 2D images.
+    bundled = mod.SASSRSegmentLogic()
+    assert bundled.defaultModelName(volume) == "brain-tumour-flair-3d"
+    assert bundled.defaultModelName(image) == "breast-ultrasound-2d"
+
+
+def test_2d_image_is_segmented_with_the_2d_model(mod, logic, tmp_path):
+    image = _image_2d(tmp_path)
+    logLines = []
+    result = _run(logic, image, onLog=logLines.append)
+    assert result.status == "completed", result.message
+    assert any("tiny-us-2d" in line for line in logLines if line.startswith("Running"))
+    _assert_hr_reference_geometry(mod, result.segmentationNode, image, [2, 2, 1])
+    segmentId = mod.segmentIdByName(result.segmentationNode, "Lesion")
+    voxels, spacing = _hr_voxels(result.segmentationNode, segmentId)
+    assert spacing == pytest.approx((0.25, 0.25, 1.0))
+    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
+
+
+def test_engine_errors_speak_of_the_panel(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    _refused(logic, volume, "choose a 3D model in the Model list", modelName="tiny-us-2d")
+    assert mod.panelMessage(
+        "this image needs about 9.0 GB at 2x resolution but only 4.0 GB is available; segment a region with "
+        "--roi xmin xmax ymin ymax zmin zmax (RAS mm) or use --output-grid input"
+    ) == (
+        "this image needs about 9.0 GB at 2x resolution but only 4.0 GB is available; draw a Region (ROI) "
+        "around the lesions, then retry"
+    )
+    assert mod.panelMessage(
+        "--device cuda was asked for but no CUDA GPU is usable here; use --device cpu or auto"
+    ) == ("no CUDA GPU is usable here: choose Auto or CPU as the Device")
+
+
+def test_super_resolved_image_needs_a_model_with_the_image_sr_decoder(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    nodes = _node_ids()
+    _refused(logic, volume, "no image super-resolution decoder", modelName="tiny-mr-3d", srImage=True)
+    assert _node_ids() == nodes
+    cards = {card["name"]: card for card in mod.readModelCards()}
+    assert not mod.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert mod.hasImageSrDecoder(cards["breast-ultrasound-2d"])
+
+    result = _run(logic, volume, modelName="tiny-ct-3d", srImage=True)
+    assert result.status == "completed", result.message
+    image = result.srImageNode
+    assert image.GetName() == "Patient A super-resolved"
+    assert image.GetImageData().GetDimensions() == (24, 20, 16)
+    assert image.GetSpacing() == pytest.approx((1.0, 1.0, 1.0))
+    assert image.GetStorageNode() is None  # saved with the scene, not pointing at a deleted temporary file
+
+
+# ------------------------------------------------------------------------------- ROI
+
+
+def _centre(node):
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    return [(bounds[2 * k] + bounds[2 * k + 1]) / 2 for k in range(3)]
+
+
+def _roi(center, size, name="R"):
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.SetCenter(center)
+    roi.SetSize(size)
+    return roi
+
+
+def test_roi_limits_the_label_but_not_the_reference_geometry(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    result = _run(logic, volume, roiNode=_roi(_centre(volume), [6.0, 6.0, 6.0]))
+    assert result.status == "completed", result.message
+    _assert_hr_reference_geometry(mod, result.segmentationNode, volume, [2, 2, 2])
+    segmentId = mod.segmentIdByName(result.segmentationNode, "Lesion")
+    voxels, _ = _hr_voxels(result.segmentationNode, segmentId)
+    assert 0 < voxels <= 8 * 8 * 8  # the ROI touches 4 LR voxels a side: 8 HR voxels
+    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
+
+
+def test_unusable_roi_is_refused_in_the_panels_words(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    unplaced = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Unplaced")
+    flat = _roi([0.0, 10.0, 10.0], [6.0, 6.0, 0.0], "Flat")
+    outside = _roi([500.0, 0.0, 0.0], [6.0, 6.0, 6.0], "Outside")
+    nodes = _node_ids()
+    for roi, words in ((unplaced, "not placed"), (flat, "flat"), (outside, "does not overlap")):
+        assert roi.GetName() in _refused(logic, volume, words, roiNode=roi)
+    assert _node_ids() == nodes
+    assert not list(Path(slicer.app.temporaryPath).iterdir())
+
+
+def test_flat_roi_on_a_2d_image_covers_its_slice(mod, logic, tmp_path):
+    image = _image_2d(tmp_path)
+    result = _run(logic, image, roiNode=_roi(_centre(image), [8.0, 8.0, 0.0]))
+    assert result.status == "completed", result.message
+
+
+# ------------------------------------------------------------------------------- frames
+
+
+def _translation(name, offset):
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        matrix.SetElement(r, 3, offset[r])
+    transform.SetMatrixTransformToParent(matrix)
+    return transform
+
+
+def test_transformed_input(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Rotated")
+    rotation = vtk.vtkTransform()
+    rotation.Translate(30.0, -12.0, 4.0)
+    rotation.RotateWXYZ(25.0, 0.3, 1.0, 0.2)
+    transform.SetMatrixTransformToParent(rotation.GetMatrix())
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+
+    result = _run(logic, volume)
+
+    assert result.status == "completed", result.message
+    segmentation = result.segmentationNode
+    assert segmentation.GetTransformNodeID() == transform.GetID()
+    assert result.tableNode is not None
+    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    segmentId = mod.segmentIdByName(segmentation, "Lesion")
+    voxels, _ = _hr_voxels(segmentation, segmentId)
+    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
+
+
+def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    volume.SetAndObserveTransformNodeID(_translation("Volume shift", [10.0, -4.0, 2.5]).GetID())
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(_translation("Segmentation shift", [-3.0, 8.0, 1.0]).GetID())
+    segmentation.GetSegmentation().AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
+
+    assert logic.outputSegmentationStatus(segmentation, volume) == "ready"  # no grid to change yet
+    result = _run(logic, volume, outputSegmentation=segmentation)
+
+    assert result.status == "completed", result.message
+    assert result.segmentationNode is segmentation
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert names == ["Brain", "Lesion"]
+    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+
+
+def test_users_segmentation_on_another_grid_is_switched_only_when_allowed(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
+    segmentation.CreateDefaultDisplayNodes()
+    mod.setReferenceGeometry(segmentation, _lr_rows(volume), volume.GetImageData().GetDimensions())
+    before = mod.referenceGeometry(segmentation)
+
+    assert logic.outputSegmentationStatus(segmentation, volume) == "changeGrid"
+    _refused(logic, volume, "on another grid", outputSegmentation=segmentation)
+    assert mod.referenceGeometry(segmentation) == before
+
+    result = _run(logic, volume, outputSegmentation=segmentation, changeGrid=True)
+    assert result.status == "completed", result.message
+    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    assert logic.outputSegmentationStatus(segmentation, volume) == "ready"
+
+
+def test_second_volume_never_goes_into_the_first_volumes_segmentation(mod, logic, tmp_path):
+    first = _volume(tmp_path, "Patient A")
+    second = _volume(tmp_path, "Patient B", size=(10, 12, 6), spacing=(1.5, 1.5, 3.0))
+    firstResult = _run(logic, first)
+    segmentation = firstResult.segmentationNode
+    geometry = mod.referenceGeometry(segmentation)
+
+    assert logic.outputSegmentationStatus(segmentation, second) == "otherVolume"
+    _refused(logic, second, "holds the lesions of 'Patient A'", outputSegmentation=segmentation)
+    assert mod.referenceGeometry(segmentation) == geometry
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+    secondResult = _run(logic, second)
+    assert secondResult.segmentationNode.GetName() == "Patient B lesions"
+    _assert_hr_reference_geometry(mod, secondResult.segmentationNode, second, [2, 2, 2])
+    # The same volume again: its own segmentation is reused (a second Lesion segment, or replaced).
+    assert logic.outputSegmentationStatus(segmentation, first) == "ready"
+    again = _run(logic, first, outputSegmentation=segmentation, replaceSegment=True)
+    assert again.segmentationNode is segmentation
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    assert again.tableNode.GetName() == "Patient A lesion table 2"
+
+
+# ------------------------------------------------------------------------------- failures and cancel
+
+
+def test_failed_imports_roll_back_and_names_stay_unique(mod, logic, tmp_path, monkeypatch):
+    volume = _volume(tmp_path)
+    original = mod.loadLesionTable
+
+    def failing(*args):
+        raise OSError("No space left on device:\n/tmp/x")
+
+    monkeypatch.setattr(mod, "loadLesionTable", failing)
+    nodes = _node_ids()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="Importing the results failed") as raised:
+            _run(logic, volume)
+        assert "\n" not in str(raised.value)
+        assert _node_ids() == nodes
+
+    # A failure while replacing a segment of an existing segmentation puts the old segment back.
+    monkeypatch.setattr(mod, "loadLesionTable", original)
+    kept = _run(logic, volume).segmentationNode
+    assert kept.GetName() == "Patient A lesions"  # the failed runs left no name taken
+    segmentId = mod.segmentIdByName(kept, "Lesion")
+    voxelsBefore, _ = _hr_voxels(kept, segmentId)
+    monkeypatch.setattr(mod, "loadLesionTable", failing)
+    nodes = _node_ids()
+    with pytest.raises(RuntimeError, match="Importing the results failed"):
+        _run(logic, volume, outputSegmentation=kept, replaceSegment=True, threshold=0.9)
+    assert _node_ids() == nodes
+    assert mod.segmentIdByName(kept, "Lesion") == segmentId
+    assert _hr_voxels(kept, segmentId)[0] == voxelsBefore
+
+
+def test_cancel_leaves_the_scene_as_it_was(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    nodes = _node_ids()
+    results = []
+    job = logic.segmentVolume(volume, device="cpu", wait=False, onFinished=results.append)
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while not results and time.monotonic() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.02)
+    assert [r.status for r in results] == ["cancelled"]
+    assert _node_ids() == nodes
+    assert not job.tempDir.exists()
+
+
+def test_cleanup_stops_the_engine_and_deletes_the_patient_copy(mod, logic, tmp_path):
+    volume = _volume(tmp_path)
+    nodes = _node_ids()
+    results = []
+    job = logic.segmentVolume(volume, device="cpu", wait=False, onFinished=results.append)
+    assert (job.tempDir / "input.nrrd").is_file()
+    logic.cleanup()
+    assert job.runner._process.poll() is not None
+    assert not job.tempDir.exists()
+    assert job.done and results == []  # no import into a module that is going away
+    slicer.app.processEvents()
+    assert _node_ids() == nodes
+
+
+def test_engine_warnings_reach_the_result(mod, logic, tmp_path):
+    volume = _volume(tmp_path, value=300)
+    result = _run(logic, volume)
+    assert result.status == "completed", result.message
+    assert result.warnings == ["the input image is constant (no contrast): the mask is empty"]
+    assert result.lesionCount == 0
+
+
+# ------------------------------------------------------------------------------- PyTorch
+
+
+class _FakeTorchUtils:
+    def __init__(self, install):
+        self.calls = 0
+        self._install = install
+
+    def module(self):
+        utils = self
+
+        class PyTorchUtilsLogic:
+            @staticmethod
+            def torchInstalled():
+                return False
+
+            def installTorch(self, askConfirmation=False, torchVersionRequirement=None):
+                utils.calls += 1
+                return utils._install()
+
+        return types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
+
+
+def _without_torch(monkeypatch, utils):
+    findSpec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else findSpec(name, *a)
+    )
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils.module())
+
+
+def test_failed_pytorch_install_is_one_line_and_a_second_click_waits(mod, logic, monkeypatch):
+    def failingInstall():
+        # A second click while the installer runs (it processes events) must not start another one.
+        with pytest.raises(RuntimeError, match="being installed"):
+            logic.ensureTorch()
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip"], output="network unreachable")
+
+    utils = _FakeTorchUtils(failingInstall)
+    _without_torch(monkeypatch, utils)
+    with pytest.raises(RuntimeError, match="Installing PyTorch failed") as raised:
+        logic.ensureTorch()
+    _one_line(str(raised.value))
+    assert utils.calls == 1 and not logic.installingTorch
+
+
+def test_successful_pytorch_install_is_reported(mod, logic, monkeypatch):
+    utils = _FakeTorchUtils(lambda: types.SimpleNamespace(__version__="2.5.0"))
+    _without_torch(monkeypatch, utils)
+    assert logic.ensureTorch() is True  # the panel then detects the devices again
+    monkeypatch.undo()
+    assert logic.ensureTorch() is False
+
+
+# ------------------------------------------------------------------------------- console batch use
+
+
+def test_segment_files_for_console_batch_use(mod, logic, tmp_path):
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(100, 30, (8, 10, 12)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "case1.nii.gz"))
+    (tmp_path / "broken.nrrd").write_text("not an image")
+
+    good, broken = logic.segmentFiles(
+        [tmp_path / "case1.nii.gz", tmp_path / "broken.nrrd"],
+        tmp_path / "out",
+        modelName="tiny-ct-3d",
+        device="cpu",
+        lesionTable=True,
+    )
+
+    assert Path(good.outputPath) == tmp_path / "out" / "case1_lesions.nrrd" and not good.error
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(good.outputPath))
+    assert mask.shape == (16, 20, 24)
+    columns = dict(mod.readCsvColumns(tmp_path / "out" / "case1_lesions.csv"))
+    assert sum(columns["voxels"]) == int(mask.sum()) > 0
+    assert broken.outputPath == "" and broken.error and "\n" not in broken.error
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+# ------------------------------------------------------------------------------- the self-test
+
+
+def test_the_modules_self_test_with_the_bundled_brain_model(mod):
+    if not mod.readModelCards():
+        pytest.skip("no bundled model (Resources/Models is empty)")
+    mod.SASSRSegmentTest().runTest()
