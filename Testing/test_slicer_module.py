@@ -238,6 +238,21 @@ def test_engine_never_imports_slicer_qt_vtk_or_ctk():
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
 
 
+def test_screenshot_urls_point_at_committed_pngs_like_the_icon():
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    icon = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', top)[1]
+    prefix = icon[: icon.index("/Resources/")] + "/"
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]*)"\)', top)[1].split()
+    assert urls, "the Extensions Index rejects an extension without a screenshot"
+    assert _s4ext_fields(ROOT / "SASSRSegment.s4ext")["screenshoturls"].split() == urls
+    for url in urls:
+        assert url.startswith(prefix), url
+        path = ROOT / url[len(prefix) :]
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert path.stat().st_size < 300_000
+        assert min(sitk.ReadImage(str(path)).GetSize()) >= 300
+
+
 @pytest.mark.parametrize(
     "icon", ["SASSRSegment/Resources/Icons/SASSRSegment.png", "Resources/SASSRSegment.png"]
 )
