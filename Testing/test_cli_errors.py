@@ -94,7 +94,7 @@ def test_4d_input(tmp_path, tiny_bundle_3d):
     series = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32))] * 3)
     sitk.WriteImage(series, str(tmp_path / "fmri.nii.gz"))
     result = _run("segment", tmp_path / "fmri.nii.gz", "-o", tmp_path / "m.nrrd", "--model", tiny_bundle_3d)
-    _assert_one_line_error(result.returncode, result.stderr, "the input is 4D (3 volumes")
+    _assert_one_line_error(result.returncode, result.stderr, "the input is 4D, a time series of 3 volumes")
     assert not (tmp_path / "m.nrrd").exists()
 
 
@@ -171,6 +171,32 @@ def _unreadable(tmp_path):
     return [path], "cannot read"
 
 
+def _empty_file(tmp_path):
+    (tmp_path / "empty.nrrd").write_bytes(b"")
+    return [tmp_path / "empty.nrrd"], "is empty (0 bytes)"
+
+
+def _text_renamed(tmp_path):
+    (tmp_path / "notes.nrrd").write_text("patient notes, not an image\n")
+    return [tmp_path / "notes.nrrd"], "not an image in a format this tool reads"
+
+
+def _truncated(tmp_path):
+    whole = _volume(tmp_path / "whole.nrrd").read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(whole[: len(whole) // 2])
+    return [tmp_path / "cut.nrrd"], "truncated or corrupt"
+
+
+def _threshold_not_a_number(tmp_path):
+    return [_volume(tmp_path / "i.nrrd"), "--threshold", "abc"], "invalid float value: 'abc'"
+
+
+def _four_d(tmp_path):
+    series = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32))] * 3)
+    sitk.WriteImage(series, str(tmp_path / "fmri.nii.gz"))
+    return [tmp_path / "fmri.nii.gz"], "time series of 3 volumes"
+
+
 def _empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
@@ -231,6 +257,11 @@ def _png_for_a_volume(tmp_path):
     "make",
     [
         _unreadable,
+        _empty_file,
+        _text_renamed,
+        _truncated,
+        _threshold_not_a_number,
+        _four_d,
         _empty_folder,
         _two_d_for_3d,
         _nan,
@@ -250,8 +281,7 @@ def test_bad_input_in_process(make, tmp_path, tiny_bundle_3d, capsys):
     before = set(tmp_path.rglob("*"))
     rc = cli.main(args)
     _assert_one_line_error(rc, capsys.readouterr().err, match)
-    created = [p for p in set(tmp_path.rglob("*")) - before if p.is_file()]
-    assert created == []
+    assert set(tmp_path.rglob("*")) - before == set()  # no file, and no output folder made for nothing
 
 
 def test_missing_weights(tmp_path, tiny_bundle_3d, capsys):

@@ -142,7 +142,43 @@ def test_check_output_path(tmp_path):
     assert imageio.check_output_path(existing, overwrite=True) == existing
     assert existing.read_text() == "keep me"
     nested = imageio.check_output_path(tmp_path / "new" / "deeper" / "m.nii.gz", overwrite=False)
-    assert nested.parent.is_dir() and not os.listdir(nested.parent)
+    assert not nested.parent.exists()  # made when an output is written there, not for nothing
+    image = sitk.Image(3, 3, sitk.sitkUInt8)
+    assert (
+        imageio.write_image(image, tmp_path / "new" / "deeper" / "m.nrrd")
+        == tmp_path / "new" / "deeper" / "m.nrrd"
+    )
+    assert os.listdir(nested.parent) == ["m.nrrd"]
+
+
+def test_staged_outputs_land_together_or_not_at_all(tmp_path):
+    image = sitk.Image(4, 4, sitk.sitkUInt8)
+    kept = tmp_path / "old.nrrd"
+    kept.write_text("the user's file")
+    targets = [tmp_path / "a.nrrd", tmp_path / "sub" / "b.csv", kept]
+
+    def write(target, staging):
+        if target.suffix == ".csv":
+            imageio.write_text("id\n", target, staging=staging)
+        else:
+            imageio.write_image(image, target, staging=staging)
+
+    for fail_at in range(len(targets) + 1):  # a cancel before each write, and before the commit
+        with pytest.raises(KeyboardInterrupt):
+            with imageio.Staging(overwrite=True) as staging:
+                for k, target in enumerate(targets):
+                    if k == fail_at:
+                        raise KeyboardInterrupt
+                    write(target, staging)
+                raise KeyboardInterrupt
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["old.nrrd"], fail_at
+        assert kept.read_text() == "the user's file"
+    with imageio.Staging(overwrite=True) as staging:
+        for target in targets:
+            write(target, staging)
+        assert staging.commit() == targets
+    assert all(t.is_file() for t in targets) and not list(tmp_path.rglob(".*partial*"))
+    assert sitk.ReadImage(str(kept)).GetSize() == (4, 4)
 
 
 def test_interrupted_write_leaves_no_file(tmp_path):

@@ -22,13 +22,20 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes in one line, like every other error (argparse prints its whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen command's module is imported to add its arguments.
 
     Importing one command does not drag in another's dependencies: `train` from a prepared cache
     runs on machines without SimpleITK, which `segment` needs.
     """
-    parser = argparse.ArgumentParser(prog="sassr-segment", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sassr-segment", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -63,7 +70,10 @@ def run_command(run, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or an argument mistake (2): a status, also in process
+        return int(stop.code or 0)
     if not getattr(args, "_module", None):
         parser.print_help(sys.stderr)
         return 2

@@ -108,8 +108,12 @@ def render(image: sitk.Image, mask: sitk.Image) -> np.ndarray:
 
 
 def overlay_figure(
-    image: sitk.Image, mask: sitk.Image, path: str | os.PathLike, overwrite: bool = False
+    image: sitk.Image,
+    mask: sitk.Image,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    staging: imageio.Staging | None = None,
 ) -> Path:
-    """Render the figure and write it as PNG (atomically)."""
+    """Render the figure and write it as PNG (atomically, or into `staging`)."""
     figure = sitk.GetImageFromArray(render(image, mask), isVector=True)
-    return imageio.write_image(figure, path, overwrite)
+    return imageio.write_image(figure, path, overwrite, staging)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +160,22 @@ def read_image(item: InputItem | str | os.PathLike) -> sitk.Image:
             return reader.Execute()
         if not item.path.is_file():
             raise UserError(f"input {item.path} does not exist")
+        if item.path.stat().st_size == 0:
+            raise UserError(f"input {item.path} is empty (0 bytes)")
         return sitk.ReadImage(str(item.path))
     except RuntimeError as exc:
-        raise UserError(f"cannot read {item}: {_one_line(exc)}") from None
+        raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
+
+
+def _read_problem(exc: RuntimeError) -> str:
+    """What went wrong in reading, in words (ITK's messages name its own source files)."""
+    text = str(exc)
+    if "Unable to determine ImageIO reader" in text:
+        return (
+            "it is not an image in a format this tool reads (NRRD, NIfTI, MetaImage, PNG, JPEG, TIFF, BMP, "
+            "DICOM); was it renamed, or is it another kind of file?"
+        )
+    return "the file is truncated or corrupt (its header names more data than the file holds, or bad data)"
 
 
 def check_output_path(
@@ -182,11 +197,17 @@ def check_output_path(
 
 
 def ensure_writable_folder(folder: str | os.PathLike) -> Path:
-    """Create `folder` if needed and prove it is writable (permissions alone lie for root and read-only mounts)."""
+    """Prove `folder` can be written (permissions alone lie for root and read-only mounts): it, or the
+    nearest folder above it that exists, takes a file. Missing folders are created when an output is
+    written into them (`Staging`), so a run that fails first leaves no empty folders behind."""
     folder = Path(folder) if str(folder) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise UserError(f"cannot write to folder {folder}: {exc.strerror or exc}") from None
@@ -199,23 +220,79 @@ def _umask() -> int:
     return mask
 
 
+class Staging:
+    """Outputs that appear together or not at all.
+
+    Each output is written to a temporary file next to its target; `commit()` renames them all into
+    place (with Ctrl-C and SIGTERM held back for those few renames). Whatever was not committed (an
+    error, a cancel) is deleted on leaving the `with` block, so an input leaves all of its outputs or
+    none, and a file that --overwrite would replace stays as it was until the commit.
+    """
+
+    def __init__(self, overwrite: bool):
+        self.overwrite = overwrite
+        self._staged: list[tuple[Path, Path]] = []
+        self._created: list[Path] = []  # folders made for outputs, removed again if nothing lands there
+
+    def path(self, path: str | os.PathLike) -> Path:
+        """The temporary file to write for `path` (same folder and extension; missing folders are made)."""
+        path = Path(path)
+        if path.exists() and not self.overwrite:
+            raise UserError(f"output {path} already exists; pass --overwrite to replace it")
+        missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write to folder {path.parent}: {exc.strerror or exc}") from None
+        self._created += missing
+        stem, ext = split_extension(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{ext}", dir=path.parent)
+        os.close(fd)
+        self._staged.append((Path(tmp_name), path))
+        return Path(tmp_name)
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into place; returns the outputs."""
+        with _signals_held():
+            for tmp, path in self._staged:
+                # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+                os.chmod(tmp, 0o666 & ~_umask())
+                os.replace(tmp, path)
+            done, self._staged, self._created = [path for _, path in self._staged], [], []
+        return done
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        for folder in sorted(self._created, key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._staged, self._created = [], []
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    block = getattr(signal, "pthread_sigmask", None)  # POSIX; elsewhere the renames just run
+    held = {signal.SIGINT, signal.SIGTERM}
+    if block is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    block(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        block(signal.SIG_UNBLOCK, held)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same extension); rename it to `path` on success only."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists; pass --overwrite to replace it")
-    stem, ext = split_extension(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{ext}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with Staging(overwrite) as staging:
+        yield staging.path(path)
+        staging.commit()
 
 
 def _segmentation_metadata(image: sitk.Image) -> dict[str, str]:
@@ -236,8 +313,11 @@ def _segmentation_metadata(image: sitk.Image) -> dict[str, str]:
     }
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write atomically; the format follows the extension. `.seg.nrrd` gets Slicer segment metadata."""
+def write_image(
+    image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, staging: Staging | None = None
+) -> Path:
+    """Write atomically (or into `staging`, for its commit); the format follows the extension.
+    `.seg.nrrd` gets Slicer segment metadata."""
     path = Path(path)
     ext = split_extension(path)[1]
     if ext in TWO_D_ONLY and image.GetDimension() == 3 and image.GetSize()[2] > 1:
@@ -248,7 +328,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = Fa
         image = sitk.Image(image)
         for key, value in _segmentation_metadata(image).items():
             image.SetMetaData(key, value)
-    with atomic_path(path, overwrite) as tmp:
+    with _target(path, overwrite, staging) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), ext not in TWO_D_ONLY)
         except RuntimeError as exc:
@@ -256,9 +336,20 @@ def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = Fa
     return path
 
 
-def write_text(text: str, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a text file atomically."""
+def write_text(
+    text: str, path: str | os.PathLike, overwrite: bool = False, staging: Staging | None = None
+) -> Path:
+    """Write a text file atomically (or into `staging`, for its commit)."""
     path = Path(path)
-    with atomic_path(path, overwrite) as tmp:
+    with _target(path, overwrite, staging) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def _target(path: Path, overwrite: bool, staging: Staging | None) -> Iterator[Path]:
+    if staging is None:
+        with atomic_path(path, overwrite) as tmp:
+            yield tmp
+    else:
+        yield staging.path(path)

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .errors import UserError
 from .geometry import Grid
-from .imageio import split_extension, write_text
+from .imageio import Staging, split_extension, write_text
 
 _AXES = ("x", "y", "z")
 
@@ -272,7 +272,11 @@ def check_table_path(path: str | os.PathLike) -> str:
 
 
 def write_lesion_table(
-    rows: list[dict], path: str | os.PathLike, overwrite: bool = False, meta: dict | None = None
+    rows: list[dict],
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    meta: dict | None = None,
+    staging: Staging | None = None,
 ) -> Path:
-    """Write the table atomically; the format follows the extension (.csv or .json)."""
-    return write_text(format_table(rows, check_table_path(path), meta), path, overwrite)
+    """Write the table atomically (or into `staging`); the format follows the extension (.csv or .json)."""
+    return write_text(format_table(rows, check_table_path(path), meta), path, overwrite, staging)

@@ -55,7 +55,11 @@ def _single_slice(image: sitk.Image) -> bool:
 
 
 def effective_dims(image: sitk.Image) -> int:
-    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else the image dimension."""
+    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else 3; a UserError for
+    input that is neither (a time series, 5D)."""
+    image = _drop_singleton_4th(image)
+    if image.GetDimension() > 3:
+        raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
     return 2 if image.GetDimension() == 2 or _single_slice(image) else image.GetDimension()
 
 
@@ -64,8 +68,9 @@ def _drop_singleton_4th(image: sitk.Image) -> sitk.Image:
         return image
     if image.GetSize()[3] != 1:
         raise UserError(
-            f"the input is 4D ({image.GetSize()[3]} volumes of {tuple(image.GetSize()[:3])}); the model takes one "
-            "3D volume: extract the volume to segment (e.g. in Slicer, or with SimpleITK) and pass that"
+            f"the input is 4D, a time series of {image.GetSize()[3]} volumes of {tuple(image.GetSize()[:3])}, which is "
+            "not supported: extract the one 3D volume to segment (in Slicer: Sequences module, or "
+            "SimpleITK's Extract) and pass that"
         )
     array = sitk.GetArrayFromImage(image)[0]
     out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
@@ -99,11 +104,9 @@ def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
 
 def check_image(image: sitk.Image, card: dict) -> sitk.Image:
     """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
+    dims = effective_dims(image)
     image = _drop_singleton_4th(image)
     model_dims = int(card["preprocessing"]["spatial_dims"])
-    dims = effective_dims(image)
-    if image.GetDimension() > 3:
-        raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
         raise UserError(
@@ -774,13 +777,13 @@ class _Session:
                     "--sr-image: PNG holds 8-bit intensities only; use .nrrd or .nii.gz for this model"
                 )
 
-    def _write_float(self, image: sitk.Image, path: Path) -> None:
+    def _write_float(self, image: sitk.Image, path: Path, staging: imageio.Staging) -> None:
         # PNG stores 8 bits: probabilities and 8-bit intensities in [0, 1] become 0..255.
         is_png = imageio.split_extension(path)[1] == ".png"
-        imageio.write_image(to_8_bit(image, 255.0) if is_png else image, path, self.args.overwrite)
+        imageio.write_image(to_8_bit(image, 255.0) if is_png else image, path, self.args.overwrite, staging)
 
-    def segment(self, job: _Job, where: str) -> tuple[list[dict], dict]:
-        """Segment one input and write its outputs; returns its lesion rows and the table's metadata."""
+    def segment(self, job: _Job, where: str, staging: imageio.Staging) -> tuple[list[dict], dict]:
+        """Segment one input and stage its outputs; returns its lesion rows and the table's metadata."""
         args = self.args
 
         def report(stage: str, fraction: float) -> None:
@@ -812,18 +815,18 @@ class _Session:
         if job.sr_image:
             sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
         report("write", 0.0)
-        imageio.write_image(mask, job.mask, args.overwrite)
+        imageio.write_image(mask, job.mask, args.overwrite, staging)
         if job.probabilities:
-            self._write_float(probabilities, job.probabilities)
+            self._write_float(probabilities, job.probabilities, staging)
         if sr is not None:
-            self._write_float(sr, job.sr_image)
+            self._write_float(sr, job.sr_image, staging)
         rows = lesions.lesion_table(
             mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
         )
         if args.figure:
             from .figure import overlay_figure
 
-            overlay_figure(image, mask, args.figure, args.overwrite)
+            overlay_figure(image, mask, args.figure, args.overwrite, staging)
         report("write", 1.0)
         unit = "volume_mm3" if mask.GetDimension() == 3 else "area_mm2"
         total = sum(r[unit] for r in rows)
@@ -848,26 +851,49 @@ def run(args: argparse.Namespace) -> int:
     table: list[dict] = []
     meta: dict = {}
     failures: list[str] = []
+    done: list[str] = []
     started = time.monotonic()
+    table_meta = {"fully_connected": not args.face_connected}
     for k, job in enumerate(jobs):
         where = f"{job.item.name} ({k + 1}/{len(jobs)})" if len(jobs) > 1 else job.item.name
         try:
-            rows, meta = session.segment(job, where)
+            # One input's outputs appear together or not at all (a single input's table included).
+            with imageio.Staging(args.overwrite) as staging:
+                rows, meta = session.segment(job, where, staging)
+                if args.lesion_table and not batch:
+                    lesions.write_lesion_table(
+                        rows, args.lesion_table, args.overwrite, {**meta, **table_meta}, staging
+                    )
+                staging.commit()
         except UserError as exc:
             if not batch:
                 raise
             failures.append(job.item.path.name)
             print(f"error: {job.item}: {exc}", file=sys.stderr, flush=True)
             continue
+        except KeyboardInterrupt:
+            if batch:
+                _finish_batch(args, table, {**meta, **table_meta}, done)
+                finished = f"finished and kept: {_names(done)}; " if done else ""
+                session.progress.log(f"{finished}not done: {_names([j.item.path.name for j in jobs[k:]])}")
+            raise
+        done.append(job.item.path.name)
         table += [{"case": job.item.name, **r} for r in rows] if batch else rows
-    if args.lesion_table and len(failures) < len(jobs):
-        lesions.write_lesion_table(
-            table, args.lesion_table, args.overwrite, {**meta, "fully_connected": not args.face_connected}
-        )
+    if batch:
+        _finish_batch(args, table, {**meta, **table_meta}, done)
     session.progress.log(
         f"segmented {len(jobs) - len(failures)} of {len(jobs)} input(s) in {time.monotonic() - started:.1f} s"
     )
     if failures:
-        names = ", ".join(failures[:5]) + (" ..." if len(failures) > 5 else "")
-        raise UserError(f"{len(failures)} of {len(jobs)} input(s) failed (reasons above): {names}")
+        raise UserError(f"{len(failures)} of {len(jobs)} input(s) failed (reasons above): {_names(failures)}")
     return 0
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def _finish_batch(args: argparse.Namespace, table: list[dict], meta: dict, done: list[str]) -> None:
+    """A batch's table holds the inputs that finished (all of them, or those before a cancel)."""
+    if args.lesion_table and done:
+        lesions.write_lesion_table(table, args.lesion_table, args.overwrite, meta)
