@@ -449,6 +449,67 @@ def test_cli_single_input_with_every_output(tmp_path, tiny_bundle_3d, capsys):
     assert Grid.from_image(sitk.ReadImage(str(out / "mask.seg.nrrd"))) == Grid.from_image(image)
 
 
+def test_a_cancel_at_any_write_leaves_no_output_and_keeps_the_old_ones(
+    tmp_path, tiny_bundle_3d, monkeypatch, capsys
+):
+    from SASSRSegmentLib import imageio
+
+    _write_volume(tmp_path / "in.nrrd")
+    out = tmp_path / "out"
+    names = ["m.nrrd", "p.nii.gz", "sr.mha", "t.csv", "f.png"]
+    flags = ["-o", "--probabilities", "--sr-image", "--lesion-table", "--figure"]
+    args = ["segment", str(tmp_path / "in.nrrd"), "--model", str(tiny_bundle_3d), "--quiet", "--overwrite"]
+    for flag, name in zip(flags, names):
+        args += [flag, str(out / name)]
+    assert cli.main(args) == 0
+    before = {name: (out / name).read_bytes() for name in names}
+    real_write = imageio.Staging.path
+    for fail_at in range(len(names) + 1):  # a Ctrl-C as each output is staged, and just before the commit
+        calls = []
+
+        def staged(self, path, fail_at=fail_at, calls=calls):
+            calls.append(path)
+            if len(calls) == fail_at + 1:
+                raise KeyboardInterrupt
+            return real_write(self, path)
+
+        monkeypatch.setattr(imageio.Staging, "path", staged)
+        if fail_at == len(names):
+            monkeypatch.setattr(
+                imageio.Staging, "commit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt)
+            )
+        assert cli.main([*args, "--threshold", "0.3"]) == 130
+        assert "cancelled" in capsys.readouterr().err
+        monkeypatch.undo()
+        assert sorted(p.name for p in out.iterdir()) == sorted(names), fail_at  # no partial files
+        assert {name: (out / name).read_bytes() for name in names} == before, fail_at
+
+
+def test_a_cancelled_batch_keeps_and_lists_the_inputs_that_finished(
+    tmp_path, tiny_bundle_3d, monkeypatch, capsys
+):
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        _write_volume(tmp_path / "in" / f"case{k}.nrrd", k)
+    finished = []
+    real = segment._Session.segment
+
+    def stop_at_third(self, job, where, staging):
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+        finished.append(job.item.name)
+        return real(self, job, where, staging)
+
+    monkeypatch.setattr(segment._Session, "segment", stop_at_third)
+    args = ["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle_3d)]
+    assert cli.main([*args, "--lesion-table", str(tmp_path / "t.csv"), "--progress", "quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "finished and kept: case0.nrrd, case1.nrrd; not done: case2.nrrd" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0_mask.nrrd", "case1_mask.nrrd"]
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert {r["case"] for r in rows} <= {"case0", "case1"}
+
+
 def test_cli_progress_json_lines(tmp_path, tiny_bundle_3d, capsys):
     _write_volume(tmp_path / "in.nii.gz")
     args = [

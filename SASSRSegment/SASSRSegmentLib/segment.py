@@ -875,7 +875,9 @@ def run(args: argparse.Namespace) -> int:
             if batch:
                 _finish_batch(args, table, {**meta, **table_meta}, done)
                 finished = f"finished and kept: {_names(done)}; " if done else ""
-                session.progress.log(f"{finished}not done: {_names([j.item.path.name for j in jobs[k:]])}")
+                # Said even with --quiet, like an error: the user must know what the folder now holds.
+                left = _names([j.item.path.name for j in jobs[k:]])
+                print(f"{finished}not done: {left}", file=sys.stderr, flush=True)
             raise
         done.append(job.item.path.name)
         table += [{"case": job.item.name, **r} for r in rows] if batch else rows
