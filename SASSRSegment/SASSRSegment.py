@@ -93,7 +93,7 @@ LESION_TERMINOLOGY = (
     "~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
     "~Anatomic codes - DICOM master list~^^~^^"
 )
-# Marks a segmentation this module created, with the volume it was made for (a node reference, so it
+# Marks a segmentation that received a volume's lesions, with that volume (a node reference, so it
 # follows the volume through scene save and load).
 INPUT_VOLUME_REFERENCE_ROLE = "sassrSegmentInputVolume"
 
@@ -912,7 +912,10 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateFromParameterNode
             )
         self._parameterNode = inputParameterNode
-        self._inputVolumeId = None
+        # A model already chosen for the input (a scene saved with one, a return to the module) is kept.
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        keepModel = volume is not None and bool(self._parameterNode.modelName)
+        self._inputVolumeId = volume.GetID() if keepModel else None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateFromParameterNode)
@@ -1185,7 +1188,7 @@ def segmentIdByName(segmentationNode, name):
 
 
 def segmentationInputVolume(segmentationNode):
-    """The volume a segmentation made by this module holds the lesions of; None for any other segmentation."""
+    """The volume whose lesions this module put into a segmentation; None for any other segmentation."""
     return segmentationNode.GetNodeReference(INPUT_VOLUME_REFERENCE_ROLE)
 
 
@@ -1291,9 +1294,9 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     def outputSegmentationStatus(self, segmentationNode, volumeNode, modelName=None):
         """What adding `volumeNode`'s lesions to `segmentationNode` would do.
 
-        "ready": it is on the input's HR grid already (or has no grid yet); "changeGrid": it is the user's
-        own segmentation on another grid, which the run would switch to the HR grid; "otherVolume": it
-        holds the lesions of another volume (never mixed).
+        "ready": it is on the input's HR grid already (or has no grid yet), or holds this input's lesions;
+        "changeGrid": it is the user's own segmentation on another grid, which the run would switch to the
+        HR grid; "otherVolume": it holds the lesions of another volume (never mixed).
         """
         madeFor = segmentationInputVolume(segmentationNode)
         if madeFor is not None and madeFor.GetID() != volumeNode.GetID():
@@ -1736,7 +1739,6 @@ def createSegmentation(volumeNode, name):
     segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     segmentationNode.CreateDefaultDisplayNodes()
     placeLikeInput(segmentationNode, volumeNode)
-    segmentationNode.SetNodeReferenceID(INPUT_VOLUME_REFERENCE_ROLE, volumeNode.GetID())
     return segmentationNode
 
 
@@ -1747,9 +1749,13 @@ class SegmentationRestorePoint:
         self.node = segmentationNode
         segmentation = segmentationNode.GetSegmentation()
         self.geometry = segmentation.GetConversionParameter(_geometryParameterName())
-        self.referenceId = segmentationNode.GetNodeReferenceID(
-            segmentationNode.GetReferenceImageGeometryReferenceRole()
-        )
+        self.references = {
+            role: segmentationNode.GetNodeReferenceID(role)
+            for role in (
+                segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                INPUT_VOLUME_REFERENCE_ROLE,
+            )
+        }
         self.segmentIds = _segmentIds(segmentation)
         self.replaced = {}
 
@@ -1768,7 +1774,8 @@ class SegmentationRestorePoint:
             following = self.segmentIds[self.segmentIds.index(segmentId) + 1 :]
             segmentation.AddSegment(copy, segmentId, next(iter(following), ""))
         segmentation.SetConversionParameter(_geometryParameterName(), self.geometry)
-        self.node.SetNodeReferenceID(self.node.GetReferenceImageGeometryReferenceRole(), self.referenceId)
+        for role, nodeId in self.references.items():
+            self.node.SetNodeReferenceID(role, nodeId)
 
 
 def _segmentIds(segmentation):
@@ -1786,6 +1793,8 @@ def importLesionSegmentation(
     labelNode = slicer.util.loadLabelVolume(str(labelPath), {"show": False})
     try:
         labelNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        # The segmentation now holds this volume's lesions: no other volume's may join them.
+        segmentationNode.SetNodeReferenceID(INPUT_VOLUME_REFERENCE_ROLE, volumeNode.GetID())
         # The input stays the source volume that Segment Editor proposes (and DICOM export refers to) ...
         segmentationNode.SetNodeReferenceID(
             segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID()

@@ -83,7 +83,7 @@ class IOManager:
             raise NotImplementedError(f"the stand-in IO manager reads volumes only, not {fileType}")
         fileName = properties["fileName"]
         flags = sum(bit for key, bit in self.FLAGS.items() if properties.get(key))
-        name = properties.get("name") or self.scene.GetUniqueNameByString(Path(fileName).name.split(".")[0])
+        name = properties.get("name") or self.scene.GenerateUniqueName(Path(fileName).name.split(".")[0])
         node = self.volumesLogic.AddArchetypeVolume(fileName, name, flags)
         if node is None:
             userMessages.AddMessage(vtk.vtkCommand.ErrorEvent, f"cannot read {fileName}")

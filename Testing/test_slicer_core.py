@@ -373,6 +373,9 @@ def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(m
     names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
     assert names == ["Brain", "Lesion"]
     _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    # It now holds this volume's lesions: another volume's are refused.
+    assert mod.segmentationInputVolume(segmentation).GetID() == volume.GetID()
+    assert logic.outputSegmentationStatus(segmentation, _volume(tmp_path, "Patient B")) == "otherVolume"
 
 
 def test_users_segmentation_on_another_grid_is_switched_only_when_allowed(mod, logic, tmp_path):

@@ -600,7 +600,8 @@ sys.exit(2)
         "Traceback: details",
         "error: the input is 4D",
     ]
-    assert runner.warnings == ["the input image is constant", "printed without --progress json"]
+    # Standard output and standard error are read apart: their lines' relative order is not kept.
+    assert sorted(runner.warnings) == ["printed without --progress json", "the input image is constant"]
     assert not runner.cancelled
     assert mod.failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
 
