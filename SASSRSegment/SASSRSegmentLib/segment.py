@@ -824,9 +824,10 @@ class _Session:
             mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
         )
         if args.figure:
-            from .figure import overlay_figure
+            from .figure import FigureInfo, overlay_figure
 
-            overlay_figure(image, mask, args.figure, args.overwrite, staging)
+            info = FigureInfo(card.get("name", str(args.model)), card_threshold(card, args.threshold))
+            overlay_figure(image, mask, args.figure, args.overwrite, staging, info)
         report("write", 1.0)
         unit = "volume_mm3" if mask.GetDimension() == 3 else "area_mm2"
         total = sum(r[unit] for r in rows)

@@ -1,0 +1,104 @@
+"""The figure: views named from the image's real orientation, patient sides at the edges, a true scale
+bar, a legend with the lesion count and volume, the model and threshold, and the research-use stamp."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SASSRSegmentLib import figure
+from SASSRSegmentLib.geometry import Grid
+
+
+def test_sides_and_view_names_follow_the_direction_cosines():
+    assert [figure.side(v) for v in np.eye(3)] == ["L", "P", "S"]
+    assert [figure.side(-v) for v in np.eye(3)] == ["R", "A", "I"]
+    assert figure.view_name([0, 0, 1]) == "Axial" and figure.view_name([1, 0, 0]) == "Sagittal"
+    assert figure.view_name([0, -1, 0]) == "Coronal"
+    tilted = [0, np.sin(np.radians(30)), np.cos(np.radians(30))]
+    assert figure.view_name(tilted) == "Axial (oblique)"
+    assert figure.view_name([0, np.sin(np.radians(10)), np.cos(np.radians(10))]) == "Axial"
+
+
+def test_scale_bar_is_a_round_length():
+    assert figure.scale_bar_mm(240.0) == 20  # at most a fifth of the panel
+    assert figure.scale_bar_mm(30.0) == 5 and figure.scale_bar_mm(2.0) == 1
+
+
+def _case(direction=None):
+    direction = np.eye(3) if direction is None else direction
+    grid = Grid((60, 60, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.ravel(direction)))
+    z, y, x = np.mgrid[:40, :60, :60]
+    head = ((x - 30) ** 2 + (y - 30) ** 2 + (z - 20) ** 2 < 25**2) * 100.0
+    image = grid.image_from_array(head.astype(np.float32))
+    hr = Grid((120, 120, 80), (1.0, 1.0, 1.0), (-0.5, -0.5, -0.5), grid.direction)
+    Z, Y, X = np.mgrid[:80, :120, :120]
+    ball = ((X - 70) ** 2 + (Y - 50) ** 2 + (Z - 40) ** 2 < 10**2).astype(np.uint8)
+    return image, hr.image_from_array(ball)
+
+
+def _near(rgb, colour, tolerance=60):
+    return np.all(np.abs(rgb.astype(int) - np.asarray(colour)) < tolerance, axis=-1)
+
+
+def test_the_figure_is_labelled(tmp_path):
+    image, mask = _case()
+    info = figure.FigureInfo("brain-tumour-flair-3d", 0.5)
+    rgb = figure.render(image, mask, info)
+    plain = figure.render(image, mask)
+    assert rgb.shape[0] > plain.shape[0]  # the model line
+    display = figure._display_grid(Grid.from_image(mask))
+    w, spacing = display.size[0], display.spacing[0]  # small images are enlarged to a readable size
+    assert w == figure.MIN_SIDE_PIXELS and display.size[1] == w
+    # Three panels side by side, the mask filled translucently and outlined.
+    assert rgb.shape[1] == 3 * w + 4 * figure.GAP_PIXELS
+    outline = np.all(rgb == figure.MASK_RGB, axis=-1)
+    reddish = rgb[..., 0].astype(int) - rgb[..., 1] > 30
+    fill = reddish & ~outline & ~_near(rgb, figure.MARKER_RGB)
+    assert outline.sum() > 100 and fill.sum() > outline.sum()
+    # The scale bar: a white run as long as the round length it is labelled with, in the first panel.
+    bar_px = round(figure.scale_bar_mm(w * spacing) / spacing)
+    white = np.all(rgb == figure.TEXT_RGB, axis=-1)[:, : w + figure.GAP_PIXELS]
+    runs = [np.diff(np.flatnonzero(np.diff(np.r_[0, row, 0]))) for row in white]
+    assert sum(bar_px in r[::2] for r in runs) == 3  # three rows thick
+    # Side markers in the marker colour at each panel's left and right edges, half-way down.
+    markers = _near(rgb, figure.MARKER_RGB)
+    title_h = figure.FONT_PIXELS + 6 + 4
+    for k in range(3):
+        x = figure.GAP_PIXELS + k * (w + figure.GAP_PIXELS)
+        h = display.size[1] if k == 0 else display.size[2]
+        band = markers[title_h + h // 2 - 20 : title_h + h // 2 + 20]
+        assert band[:, x : x + 14].any() and band[:, x + w - 16 : x + w].any(), k
+    # The legend and the stamp under the panels.
+    below = rgb[title_h + w :]
+    assert (
+        _near(below, figure.MARKER_RGB).sum() > 200 and np.all(below == figure.TEXT_RGB, axis=-1).sum() > 200
+    )
+    path = figure.overlay_figure(image, mask, tmp_path / "f.png", info=info)
+    assert sitk.ReadImage(str(path)).GetSize() == (rgb.shape[1], rgb.shape[0])
+
+
+def test_legend_reports_lesions_and_resolutions():
+    image, mask = _case()
+    lines = figure._legend([{"volume_mm3": 4188.8}], mask, image, figure.FigureInfo("m", 0.4))
+    assert lines == [
+        "1 lesion, 4.2 mL in total",
+        "mask at 1 x 1 x 1 mm over the 2 x 2 x 2 mm input",
+        "model: m, threshold 0.4",
+    ]
+    empty = figure._legend([], mask, image, figure.FigureInfo())
+    assert empty[0] == "no lesion found" and len(empty) == 2
+
+
+@pytest.mark.parametrize("flip", [1, -1])
+def test_markers_follow_a_flipped_axis(flip):
+    image, mask = _case(np.diag([float(flip), 1.0, 1.0]))
+    display = figure._display_grid(Grid.from_image(mask))
+    (axial, coronal, _) = figure._panels(figure._scalar(image), mask, display, np.asarray(display.size) // 2)
+    assert axial.title == "Axial" and coronal.title == "Coronal"
+    assert axial.sides == {
+        "right": "L" if flip == 1 else "R",
+        "left": "R" if flip == 1 else "L",
+        "top": "A",
+        "bottom": "P",
+    }
+    assert coronal.sides["top"] == "S"
