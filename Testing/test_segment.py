@@ -215,10 +215,10 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
         segment.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])
 
 
-def _mri_card(**postprocess) -> dict:
+def _mri_card(**plausibility) -> dict:
     card = _card(3)
     card["preprocessing"]["normalization"] = {"kind": "mri"}
-    card["postprocess"] = postprocess
+    card["plausibility"] = plausibility
     return card
 
 
@@ -281,6 +281,21 @@ def test_a_mask_covering_too_much_of_the_tissue_is_flagged():
     segment.segment_image(
         image, Interpolator(), _mri_card(max_tissue_fraction=0.9), CPU, warn=warnings.append
     )
+    assert warnings == []
+
+
+def test_thick_slices_and_too_much_tissue_are_said_in_one_line():
+    image = _head_with_lesion()  # 2 mm, about 113 mL of "tissue"
+    grid = Grid((40, 44, 12), (2.0, 2.0, 6.0), (0.0, 0.0, 2.0), image.GetDirection())
+    thick = geometry.resample(image, grid)
+    warnings = []
+    card = _mri_card(max_tissue_ml=50, tissue_hint="strip the skull first")
+    segment.segment_image(thick, Interpolator(), card, CPU, warn=warnings.append)
+    assert len(warnings) == 2
+    assert "6 mm along axis z, 3.0x the model's 2 mm" in warnings[0]
+    assert "mL of tissue, more than any training image (50 mL): strip the skull first" in warnings[1]
+    warnings.clear()
+    segment.segment_image(image, Interpolator(), _mri_card(max_tissue_ml=500), CPU, warn=warnings.append)
     assert warnings == []
 
 

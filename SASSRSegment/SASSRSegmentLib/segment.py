@@ -325,6 +325,7 @@ def _prepare(
         channels.append(values)
         tissue = traced if tissue is None else tissue
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
+    _check_input(input_grid, work_lr, tissue_ml, card, warn)
     return _Prepared(
         input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, plane, tissue_ml
     )
@@ -424,10 +425,35 @@ def segment_image(
     return _lift(mask, prepared), (None if probs is None else _lift(probs, prepared))
 
 
+# An input axis this much coarser than the model's working spacing loses what lies between its samples.
+COARSE_FACTOR = 1.5
+
+
+def _check_input(
+    grid: Grid, work: Grid, tissue_ml: float | None, card: dict, warn: Callable[[str], None]
+) -> None:
+    """One-line warnings for inputs unlike the model's training images: much coarser sampling (thick
+    slices), or more tissue than any training image held (e.g. a head that is not skull-stripped)."""
+    coarse = [(i, s / w) for i, (s, w) in enumerate(zip(grid.spacing, work.spacing)) if s / w > COARSE_FACTOR]
+    if coarse:
+        axis, factor = max(coarse, key=lambda c: c[1])
+        warn(
+            f"the input's voxels are {grid.spacing[axis]:g} mm along axis {'xyz'[axis]}, {factor:.1f}x the model's "
+            f"{work.spacing[axis]:g} mm: what lies between its slices is interpolated, so expect a less accurate mask"
+        )
+    checks = card.get("plausibility", {})
+    limit = checks.get("max_tissue_ml")
+    if limit is not None and tissue_ml is not None and tissue_ml > float(limit):
+        warn(
+            f"the image holds {tissue_ml:.0f} mL of tissue, more than any training image ({float(limit):.0f} mL)"
+            + (f": {checks['tissue_hint']}" if checks.get("tissue_hint") else "")
+        )
+
+
 def _check_plausible(mask: sitk.Image, prepared: _Prepared, card: dict, warn: Callable[[str], None]) -> None:
     """Warn when the mask covers more of the tissue than any lesion the model was trained on: the
     input is then most likely unlike its training data (contrast, resolution, a different organ)."""
-    limit = card.get("postprocess", {}).get("max_tissue_fraction")
+    limit = card.get("plausibility", {}).get("max_tissue_fraction")
     if limit is None or not prepared.tissue_ml:
         return
     lesion_ml = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * math.prod(mask.GetSpacing()) / 1000.0
