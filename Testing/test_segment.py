@@ -525,6 +525,17 @@ def test_a_cancelled_batch_keeps_and_lists_the_inputs_that_finished(
     assert {r["case"] for r in rows} <= {"case0", "case1"}
 
 
+def test_the_summary_says_where_each_output_went(tmp_path, tiny_bundle_3d, capsys):
+    _write_volume(tmp_path / "in.nrrd")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "in.nrrd"), "-o", str(out / "m.nrrd"), "--model", str(tiny_bundle_3d)]
+    args += ["--lesion-table", str(out / "t.csv"), "--figure", str(out / "f.png"), "--progress", "bar"]
+    assert cli.main(args) == 0
+    summary = [line for line in capsys.readouterr().err.splitlines() if "in: " in line]
+    assert len(summary) == 1 and " mL in total; wrote " in summary[0]
+    assert all(str(out / name) in summary[0] for name in ("m.nrrd", "t.csv", "f.png"))
+
+
 def test_cli_progress_json_lines(tmp_path, tiny_bundle_3d, capsys):
     _write_volume(tmp_path / "in.nii.gz")
     args = [

@@ -855,11 +855,6 @@ class _Session:
             info = FigureInfo(card.get("name", str(args.model)), card_threshold(card, args.threshold))
             overlay_figure(image, mask, args.figure, args.overwrite, staging, info)
         report("write", 1.0)
-        unit = "volume_mm3" if mask.GetDimension() == 3 else "area_mm2"
-        total = sum(r[unit] for r in rows)
-        self.progress.log(
-            f"{job.item.name}: {len(rows)} lesion(s), {total:.1f} {unit[-3:]} in total -> {job.mask}"
-        )
         threshold = card_threshold(card, args.threshold)
         return rows, {"model": card.get("name", args.model), "threshold": threshold}
 
@@ -891,7 +886,8 @@ def run(args: argparse.Namespace) -> int:
                     lesions.write_lesion_table(
                         rows, args.lesion_table, args.overwrite, {**meta, **table_meta}, staging
                     )
-                staging.commit()
+                written = staging.commit()
+            session.progress.log(_summary(job.item.name, rows, written))
         except UserError as exc:
             if not batch:
                 raise
@@ -916,6 +912,15 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         raise UserError(f"{len(failures)} of {len(jobs)} input(s) failed (reasons above): {_names(failures)}")
     return 0
+
+
+def _summary(name: str, rows: list[dict], written: list[Path]) -> str:
+    """What one input gave and where each output went (volumes in mL, as clinicians read them)."""
+    if rows and "volume_mm3" in rows[0]:
+        amount = f"{sum(r['volume_mm3'] for r in rows) / 1000:.2f} mL"
+    else:
+        amount = f"{sum(r.get('area_mm2', 0.0) for r in rows):.1f} mm2"
+    return f"{name}: {len(rows)} lesion(s), {amount} in total; wrote {', '.join(str(p) for p in written)}"
 
 
 def _names(names: list[str]) -> str:
