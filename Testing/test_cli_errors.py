@@ -129,7 +129,12 @@ def test_demo(tmp_path):
     assert result.returncode == 0, result.stderr
     stem = segment.SAMPLE_NAME.removesuffix(".nrrd")
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert names == [f"{stem}_figure.png", f"{stem}_lesions.csv", f"{stem}_mask.seg.nrrd"]
+    assert names == [
+        f"{stem}_figure.png",
+        f"{stem}_lesions.csv",
+        f"{stem}_lesions.provenance.json",
+        f"{stem}_mask.seg.nrrd",
+    ]
     mask = sitk.ReadImage(str(tmp_path / "demo" / f"{stem}_mask.seg.nrrd"))
     sample = sitk.ReadImage(str(segment.samples_dir() / segment.SAMPLE_NAME))
     np.testing.assert_allclose(mask.GetSpacing(), np.asarray(sample.GetSpacing()) / 2)

@@ -477,6 +477,7 @@ def test_a_cancel_at_any_write_leaves_no_output_and_keeps_the_old_ones(
     for flag, name in zip(flags, names):
         args += [flag, str(out / name)]
     assert cli.main(args) == 0
+    names.append("t.provenance.json")  # the CSV table's sidecar
     before = {name: (out / name).read_bytes() for name in names}
     real_write = imageio.Staging.path
     for fail_at in range(len(names) + 1):  # a Ctrl-C as each output is staged, and just before the commit
@@ -534,6 +535,44 @@ def test_the_summary_says_where_each_output_went(tmp_path, tiny_bundle_3d, capsy
     summary = [line for line in capsys.readouterr().err.splitlines() if "in: " in line]
     assert len(summary) == 1 and " mL in total; wrote " in summary[0]
     assert all(str(out / name) in summary[0] for name in ("m.nrrd", "t.csv", "f.png"))
+
+
+def test_the_table_is_clinical_first_with_provenance_beside_it(tmp_path, tiny_bundle_3d):
+    (tmp_path / "patient-smith").mkdir()
+    source = tmp_path / "patient-smith" / "in.nrrd"
+    _write_volume(source)
+    out = tmp_path / "out"
+    base = ["segment", str(source), "--model", str(tiny_bundle_3d), "--quiet"]
+    assert cli.main([*base, "-o", str(out / "m.nrrd"), "--lesion-table", str(out / "t.csv")]) == 0
+    # A threshold no probability reaches: no lesion, the same header.
+    assert (
+        cli.main([*base, "-o", str(out / "e.nrrd"), "--lesion-table", str(out / "e.csv"), "--threshold", "0.9999"])
+        == 0
+    )
+    header = (out / "t.csv").read_text().splitlines()[0].split(",")
+    assert (out / "e.csv").read_text().splitlines() == [",".join(header)]
+    assert header[:5] == [
+        "id",
+        "volume_ml",
+        "axial_diameter_mm",
+        "perpendicular_diameter_mm",
+        "longest_diameter_mm",
+    ]
+    assert header[5:9] == ["centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm", "mean_probability"]
+    rows = list(csv.DictReader((out / "t.csv").open()))
+    assert rows and all(len(r["axial_diameter_mm"].split(".")[-1]) <= 1 for r in rows)
+    record = json.loads((out / "t.provenance.json").read_text())
+    assert record["input"] == "in.nrrd" and "patient-smith" not in (out / "t.provenance.json").read_text()
+    assert (
+        record["model"] == "tiny-3d"
+        and record["threshold"] == 0.5
+        and record["software"].startswith("SASSRSegment")
+    )
+    assert record["measurement_plane"].startswith("axial")
+    header_record = json.loads(sitk.ReadImage(str(out / "m.nrrd")).GetMetaData("SASSRSegment_provenance"))
+    assert {k: v for k, v in header_record.items() if k != "created_utc"} == {
+        k: v for k, v in record.items() if k != "created_utc"
+    }
 
 
 def test_cli_progress_json_lines(tmp_path, tiny_bundle_3d, capsys):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from . import measure
 from .errors import UserError
 from .geometry import Grid
 from .imageio import Staging, split_extension, write_text
@@ -165,14 +166,15 @@ def lesion_table(
     fully_connected: bool = True,
     diameters: bool = True,
 ) -> list[dict]:
-    """One row per connected lesion (largest first).
+    """One row per connected lesion (largest first), clinical keys first.
 
-    Keys: id, voxels, volume_mm3 (area_mm2 for 2D images), centroid_lps_mm, centroid_ras_mm,
-    bbox_index_start, bbox_index_size (voxels, x y z), bbox_ras_min_mm, bbox_ras_max_mm (the RAS
-    axis-aligned box around the lesion's voxels, voxel edges included), longest_diameter_mm, and
-    mean_probability when `probabilities` (on the mask's grid) is given: values 0..1, or uint8 values
-    round(255 p). diameters=False leaves longest_diameter_mm out: it is the one costly column (a search
-    over pairs of surface voxels), and a summary or a figure does not need it.
+    Clinical: id (the lesion number, also the figure's and the segments'), volume_ml (area_mm2 for 2D
+    images), axial_diameter_mm and perpendicular_diameter_mm (RECIST / RANO, in the measurement plane:
+    see `measure`), longest_diameter_mm (3D), centroid_ras_mm, and mean_probability when
+    `probabilities` (on the mask's grid) is given: values 0..1, or uint8 values round(255 p).
+    Technical: voxels, volume_mm3, centroid_lps_mm, bbox_index_start, bbox_index_size (voxels, x y z),
+    bbox_ras_min_mm, bbox_ras_max_mm (the RAS axis-aligned box around the lesion's voxels, voxel edges
+    included). diameters=False leaves the diameters out (a summary or a figure does not need them).
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
@@ -188,9 +190,8 @@ def lesion_table(
         mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
     # Not relabelled by size (that would be a second four-byte label volume): rows are sorted instead.
     labels = sitk.ConnectedComponent(mask, fully_connected)
+    label_array = sitk.GetArrayViewFromImage(labels)
     shape = sitk.LabelShapeStatisticsImageFilter()
-    if diameters:
-        shape.ComputeFeretDiameterOn()
     shape.Execute(labels)
     stats = None
     probability_unit = 1.0
@@ -200,7 +201,6 @@ def lesion_table(
         stats.Execute(probabilities, labels)
     grid = Grid.from_image(mask)
     d = grid.dims
-    size_key = "volume_mm3" if d == 3 else "area_mm2"
     rows = []
     by_size = sorted(shape.GetLabels(), key=lambda label: (-shape.GetNumberOfPixels(label), label))
     for rank, label in enumerate(by_size, 1):
@@ -212,23 +212,42 @@ def lesion_table(
             corners.append(_lps_to_ras(grid.index_to_physical(index)))
         corners = np.stack(corners)
         centroid = np.asarray(shape.GetCentroid(label))
-        row = {
-            "id": rank,
-            "voxels": int(shape.GetNumberOfPixels(label)),
-            size_key: float(shape.GetPhysicalSize(label)),
-            "centroid_lps_mm": centroid.tolist(),
-            "centroid_ras_mm": _lps_to_ras(centroid).tolist(),
-            "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset)],
-            "bbox_index_size": [int(v) for v in box[d:]],
-            "bbox_ras_min_mm": corners.min(axis=0).tolist(),
-            "bbox_ras_max_mm": corners.max(axis=0).tolist(),
-        }
+        physical_size = float(shape.GetPhysicalSize(label))
+        row: dict = {"id": rank}
+        row.update({"volume_ml": physical_size / 1000.0} if d == 3 else {"area_mm2": physical_size})
         if diameters:
-            row["longest_diameter_mm"] = float(shape.GetFeretDiameter(label))
+            box_slices = tuple(slice(a, a + n) for a, n in zip(box[:d][::-1], box[d:][::-1]))
+            found = measure.diameters(label_array[box_slices] == label, grid, tuple(box[:d]))
+            row["axial_diameter_mm"] = found.axial_mm
+            row["perpendicular_diameter_mm"] = found.perpendicular_mm
+            row["longest_diameter_mm"] = found.longest_mm
+        row["centroid_ras_mm"] = _lps_to_ras(centroid).tolist()
         if stats is not None:
             row["mean_probability"] = float(stats.GetMean(label)) / probability_unit
+        row["voxels"] = int(shape.GetNumberOfPixels(label))
+        if d == 3:
+            row["volume_mm3"] = physical_size
+        row.update(
+            {
+                "centroid_lps_mm": centroid.tolist(),
+                "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset)],
+                "bbox_index_size": [int(v) for v in box[d:]],
+                "bbox_ras_min_mm": corners.min(axis=0).tolist(),
+                "bbox_ras_max_mm": corners.max(axis=0).tolist(),
+            }
+        )
         rows.append(row)
     return rows
+
+
+# Decimals per column, by the column's unit: what a measurement at HR resolution can carry.
+_DECIMALS = (("_ml", 3), ("_mm3", 1), ("_mm2", 1), ("_mm", 1), ("probability", 3))
+
+
+def _rounded(key: str, value):
+    if not isinstance(value, float):
+        return value
+    return round(value, next((n for suffix, n in _DECIMALS if key.endswith(suffix)), 4))
 
 
 def _flatten(row: dict) -> dict:
@@ -238,30 +257,46 @@ def _flatten(row: dict) -> dict:
             # "centroid_ras_mm" -> centroid_ras_x_mm, ...: the unit stays last.
             base, unit = (key[:-3], "_mm") if key.endswith("_mm") else (key, "")
             for axis, v in zip(_AXES, value):
-                flat[f"{base}_{axis}{unit}"] = round(v, 4) if isinstance(v, float) else v
+                flat[f"{base}_{axis}{unit}"] = _rounded(f"{base}_{axis}{unit}", v)
         else:
-            flat[key] = round(value, 4) if isinstance(value, float) else value
+            flat[key] = _rounded(key, value)
     return flat
 
 
-def format_table(rows: list[dict], kind: str, meta: dict | None = None) -> str:
-    """The table as CSV text (vector columns split per axis) or JSON text ({"lesions": [...], ...})."""
+def table_columns(dims: int, probabilities: bool = True) -> list[str]:
+    """The CSV header of a `dims`-D lesion table (the same whether or not there are lesions)."""
+    box = sitk.Image([3] * dims, sitk.sitkUInt8)
+    box[(1,) * dims] = 1
+    probability = sitk.Cast(box, sitk.sitkFloat32) if probabilities else None
+    return list(_flatten(lesion_table(box, probability)[0]))
+
+
+def format_table(
+    rows: list[dict], kind: str, meta: dict | None = None, columns: list[str] | None = None
+) -> str:
+    """The table as CSV text (vector columns split per axis; `columns` first, in order, so an empty
+    table still has its header) or JSON text ({..., "lesions": [...]})."""
     if kind == ".json":
         document = {
             "coordinates": "physical millimetres; *_lps_* in SimpleITK/DICOM LPS, *_ras_* in Slicer RAS",
             **(meta or {}),
-            "lesions": rows,
+            "lesions": [_flatten_rounded(r) for r in rows],
         }
         return json.dumps(document, indent=2) + "\n"
     flat = [_flatten(r) for r in rows]
-    columns: list[str] = []
+    names: list[str] = [c for c in ("case",) if any(c in r for r in flat)] + list(columns or [])
     for r in flat:
-        columns += [c for c in r if c not in columns]
+        names += [c for c in r if c not in names]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns or ["id"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=names or ["id"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(flat)
     return buffer.getvalue()
+
+
+def _flatten_rounded(row: dict) -> dict:
+    """A JSON row: vectors kept as lists, every number rounded like the CSV's."""
+    return {k: [_rounded(k, x) for x in v] if isinstance(v, list) else _rounded(k, v) for k, v in row.items()}
 
 
 def check_table_path(path: str | os.PathLike) -> str:
@@ -277,6 +312,18 @@ def write_lesion_table(
     overwrite: bool = False,
     meta: dict | None = None,
     staging: Staging | None = None,
+    columns: list[str] | None = None,
 ) -> Path:
-    """Write the table atomically (or into `staging`); the format follows the extension (.csv or .json)."""
-    return write_text(format_table(rows, check_table_path(path), meta), path, overwrite, staging)
+    """Write the table atomically (or into `staging`); the format follows the extension (.csv or .json).
+
+    A CSV table's `meta` (provenance) goes into a sidecar `<table>.provenance.json`; a JSON table holds it.
+    """
+    kind = check_table_path(path)
+    if kind == ".csv" and meta:
+        write_text(json.dumps(meta, indent=2) + "\n", provenance_path(path), overwrite, staging)
+    return write_text(format_table(rows, kind, meta, columns), path, overwrite, staging)
+
+
+def provenance_path(table: str | os.PathLike) -> Path:
+    stem, _ = split_extension(table)
+    return Path(table).with_name(f"{Path(stem).name}.provenance.json")

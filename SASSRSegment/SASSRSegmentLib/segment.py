@@ -9,6 +9,7 @@ covers exactly the physical extent of its input, so it overlays it in any viewer
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, imageio, lesions, normalization
+from . import geometry, imageio, lesions, normalization, provenance
 from .errors import UserError
 from .geometry import Grid
 from .progress import Progress
@@ -818,6 +819,7 @@ class _Session:
         report("read", 0.0)
         image = imageio.read_image(job.item)
         card, net = self.models.get(effective_dims(image))
+        warnings: list[str] = []
         self._check_formats(job, image, card, net)
         common = dict(
             roi=args.roi, output_grid=args.output_grid, overlap=args.overlap, memory_limit=self.memory_limit
@@ -831,7 +833,7 @@ class _Session:
             threshold=args.threshold,
             batch_size=self.batch_size,
             progress=report,
-            warn=lambda m: self.warn(f"{job.item.name}: {m}" if self.batch else m),
+            warn=lambda m: (warnings.append(m), self.warn(f"{job.item.name}: {m}" if self.batch else m)),
             # The table's mean probabilities need 8-bit ones only; without either, memory stays at a
             # few bytes per HR voxel.
             probabilities="float32" if job.probabilities else ("uint8" if args.lesion_table else "none"),
@@ -841,6 +843,9 @@ class _Session:
         if job.sr_image:
             sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
         report("write", 0.0)
+        threshold = card_threshold(card, args.threshold)
+        record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
+        mask.SetMetaData(provenance.METADATA_KEY, json.dumps(record))
         imageio.write_image(mask, job.mask, args.overwrite, staging)
         if job.probabilities:
             self._write_float(probabilities, job.probabilities, staging)
@@ -852,11 +857,10 @@ class _Session:
         if args.figure:
             from .figure import FigureInfo, overlay_figure
 
-            info = FigureInfo(card.get("name", str(args.model)), card_threshold(card, args.threshold))
+            info = FigureInfo(record["model"], record["threshold"])
             overlay_figure(image, mask, args.figure, args.overwrite, staging, info)
         report("write", 1.0)
-        threshold = card_threshold(card, args.threshold)
-        return rows, {"model": card.get("name", args.model), "threshold": threshold}
+        return rows, record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -871,20 +875,19 @@ def run(args: argparse.Namespace) -> int:
     jobs = _plan(args, items, batch)
     session = _Session(args, batch)
     table: list[dict] = []
-    meta: dict = {}
+    records: list[dict] = []
     failures: list[str] = []
     done: list[str] = []
     started = time.monotonic()
-    table_meta = {"fully_connected": not args.face_connected}
     for k, job in enumerate(jobs):
         where = f"{job.item.name} ({k + 1}/{len(jobs)})" if len(jobs) > 1 else job.item.name
         try:
             # One input's outputs appear together or not at all (a single input's table included).
             with imageio.Staging(args.overwrite) as staging:
-                rows, meta = session.segment(job, where, staging)
+                rows, record = session.segment(job, where, staging)
                 if args.lesion_table and not batch:
                     lesions.write_lesion_table(
-                        rows, args.lesion_table, args.overwrite, {**meta, **table_meta}, staging
+                        rows, args.lesion_table, args.overwrite, record, staging, _columns(record)
                     )
                 written = staging.commit()
             session.progress.log(_summary(job.item.name, rows, written))
@@ -896,16 +899,17 @@ def run(args: argparse.Namespace) -> int:
             continue
         except KeyboardInterrupt:
             if batch:
-                _finish_batch(args, table, {**meta, **table_meta}, done)
+                _finish_batch(args, table, records)
                 finished = f"finished and kept: {_names(done)}; " if done else ""
                 # Said even with --quiet, like an error: the user must know what the folder now holds.
                 left = _names([j.item.path.name for j in jobs[k:]])
                 print(f"{finished}not done: {left}", file=sys.stderr, flush=True)
             raise
         done.append(job.item.path.name)
+        records.append(record)
         table += [{"case": job.item.name, **r} for r in rows] if batch else rows
     if batch:
-        _finish_batch(args, table, {**meta, **table_meta}, done)
+        _finish_batch(args, table, records)
     session.progress.log(
         f"segmented {len(jobs) - len(failures)} of {len(jobs)} input(s) in {time.monotonic() - started:.1f} s"
     )
@@ -927,7 +931,14 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
-def _finish_batch(args: argparse.Namespace, table: list[dict], meta: dict, done: list[str]) -> None:
+def _columns(record: dict) -> list[str]:
+    return lesions.table_columns(int(record["spatial_dims"]))
+
+
+def _finish_batch(args: argparse.Namespace, table: list[dict], records: list[dict]) -> None:
     """A batch's table holds the inputs that finished (all of them, or those before a cancel)."""
-    if args.lesion_table and done:
-        lesions.write_lesion_table(table, args.lesion_table, args.overwrite, meta)
+    if args.lesion_table and records:
+        meta = {**provenance.shared(records), "inputs": [r["input"] for r in records]}
+        lesions.write_lesion_table(
+            table, args.lesion_table, args.overwrite, meta, columns=_columns(records[0])
+        )
