@@ -5,7 +5,9 @@ reads its JSON progress lines, and imports the high-resolution (HR) label map in
 reference geometry is the HR grid, so that editing in Segment Editor happens at HR.
 
 Everything above the "Slicer module" section is plain Python: pytest imports this file without Slicer
-to test the command line, the progress parsing, the model cards and the process runner.
+to test the command line, the progress parsing, the model cards and the process runner. The Logic below
+it needs no Qt and no parameter node, so that Testing/test_slicer_core.py runs it on Slicer's core
+libraries (the slicer-core wheel) with small stand-ins for the application.
 """
 
 import csv
@@ -205,7 +207,7 @@ def gridSpatialDims(dimensions):
 
 def hrScales(card, dimensions):
     """Per-axis refinement of the engine's HR output: the card's scale, except across a 2D image's slice."""
-    scale = int((card.get("preprocessing") or {}).get("scale") or 2)
+    scale = int(card["preprocessing"]["scale"])
     return [scale, scale, 1 if gridSpatialDims(dimensions) == 2 else scale]
 
 
@@ -1275,17 +1277,24 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("No installed model takes this input: choose a model bundle folder."))
         cards = self.modelCards()
         card = next((card for card in cards if card["name"] == modelName), None)
-        if card:
-            return card
         folder = Path(modelName)
-        if (folder / "model.json").is_file():
+        if card is None and (folder / "model.json").is_file():
             try:
                 card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise RuntimeError(
                     _("Cannot read the model card of {folder}: {error}").format(folder=folder, error=exc)
                 ) from None
-            return {**card, "name": folder.name, "folder": str(folder)}
+            card = {**card, "name": folder.name, "folder": str(folder)}
+        if card is not None:
+            # The HR grid is computed here from the card, before the engine runs.
+            if not isinstance((card.get("preprocessing") or {}).get("scale"), int):
+                raise RuntimeError(
+                    _("The model card of '{name}' gives no scale: reinstall the model.").format(
+                        name=card["name"]
+                    )
+                )
+            return card
         choices = ", ".join(card["name"] for card in cards) or _("no bundled model is installed")
         raise RuntimeError(
             _("Unknown model '{name}': choose one of: {names}.").format(name=modelName, names=choices)
