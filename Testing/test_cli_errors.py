@@ -167,6 +167,44 @@ def test_cancel_stops_promptly_and_leaves_nothing(tmp_path, tiny_bundle_3d, sign
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_cancel_during_one_long_library_call_exits_within_a_second_and_leaves_nothing(tmp_path):
+    # A command blocked in one call that no signal interrupts (as sitk.WriteImage of a large volume, or
+    # a long ITK filter, is) with an output staged: the cancel must not wait for it.
+    script = tmp_path / "blocked.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import SimpleITK as sitk\n"
+        "from SASSRSegmentLib import cli, imageio\n"
+        "def run(args):\n"
+        "    image = sitk.Image(300, 300, 200, sitk.sitkFloat32)\n"
+        "    with imageio.Staging(False) as staging:\n"
+        "        staging.path(Path(sys.argv[1]) / 'new' / 'm.nrrd').write_text('half a volume')\n"
+        "        print('staged', flush=True)\n"
+        "        for _ in range(20):\n"
+        "            sitk.DiscreteGaussian(image, 20.0)  # seconds inside ITK, deaf to signals\n"
+        "sys.exit(cli.run_command(run, None, in_worker=True))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "staged"
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and elapsed < 2.0
+    assert process.stderr.read().strip() == "cancelled"
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []
+
+
 # ----------------------------------------------------------------------------------------- in-process
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+import threading
 
 from .errors import UserError
 
@@ -53,10 +55,12 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_command(run, args: argparse.Namespace) -> int:
-    """Run a command's `run(args)` with the exit-status contract: 2 user error, 130 cancelled."""
-    # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+# How long a cancel waits for the command to unwind before it discards the staged outputs and exits.
+CANCEL_WAIT_S = 1.0
+
+
+def _status(run, args: argparse.Namespace) -> int:
+    """`run(args)` with the exit-status contract: 2 user error, 130 cancelled."""
     try:
         return int(run(args) or 0)
     except UserError as exc:
@@ -65,6 +69,42 @@ def run_command(run, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+
+
+def run_command(run, args: argparse.Namespace, in_worker: bool = False) -> int:
+    """Run a command's `run(args)`; with `in_worker`, in a worker thread, so that Ctrl-C and SIGTERM
+    take effect within about a second even while the work is inside one long library call (ITK and
+    torch calls cannot be interrupted): the worker stops at its next progress step or is abandoned, its
+    staged outputs are discarded, and the process exits with status 130."""
+    if threading.current_thread() is not threading.main_thread():
+        return _status(run, args)
+    # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if not in_worker:
+        return _status(run, args)
+    from . import progress
+
+    progress.CANCEL.clear()
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(status=_status(run, args)), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        progress.CANCEL.set()
+        worker.join(CANCEL_WAIT_S)
+        from .imageio import discard_pending
+
+        discard_pending()
+        if "status" not in outcome:
+            print("cancelled", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not a normal interpreter exit: the worker may still be inside torch or ITK, whose threads do
+        # not survive being torn down under them.
+        os._exit(outcome.get("status", 130))
+    return outcome["status"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,4 +117,5 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help(sys.stderr)
         return 2
-    return run_command(_load(args._module).run, args)
+    module = _load(args._module)
+    return run_command(module.run, args, getattr(module, "RUNS_IN_WORKER", False))

@@ -36,6 +36,10 @@ from .segment import (
     segment_image,
 )
 
+# The command line runs this command in a worker thread: a cancel then takes effect within a second at
+# every stage (see cli.run_command).
+RUNS_IN_WORKER = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="bundled model name or bundle folder")

@@ -233,6 +233,7 @@ class Staging:
         self.overwrite = overwrite
         self._staged: list[tuple[Path, Path]] = []
         self._created: list[Path] = []  # folders made for outputs, removed again if nothing lands there
+        self._lock = threading.Lock()  # a discard from another thread waits for a commit in progress
 
     def path(self, path: str | os.PathLike) -> Path:
         """The temporary file to write for `path` (same folder and extension; missing folders are made)."""
@@ -253,7 +254,7 @@ class Staging:
 
     def commit(self) -> list[Path]:
         """Move every staged file into place; returns the outputs."""
-        with _signals_held():
+        with self._lock, _signals_held():
             for tmp, path in self._staged:
                 # mkstemp makes the file private (0600); give it the permissions a plain open() would.
                 os.chmod(tmp, 0o666 & ~_umask())
@@ -261,16 +262,38 @@ class Staging:
             done, self._staged, self._created = [path for _, path in self._staged], [], []
         return done
 
+    def discard(self) -> None:
+        """Delete whatever is staged and not committed, and the folders made for it."""
+        with self._lock:
+            for tmp, _ in self._staged:
+                tmp.unlink(missing_ok=True)
+            for folder in sorted(self._created, key=lambda f: len(f.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            self._staged, self._created = [], []
+
     def __enter__(self) -> Staging:
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        for tmp, _ in self._staged:
-            tmp.unlink(missing_ok=True)
-        for folder in sorted(self._created, key=lambda f: len(f.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        self._staged, self._created = [], []
+        self.discard()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+
+_LIVE: set[Staging] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def discard_pending() -> None:
+    """Discard every open staging: a cancel that cannot wait for the command to unwind (it is inside one
+    long library call) leaves nothing behind all the same."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for staging in live:
+        staging.discard()
 
 
 @contextlib.contextmanager

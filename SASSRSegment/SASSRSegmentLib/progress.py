@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import TextIO
+
+# Set by the command line when Ctrl-C or SIGTERM arrives while a command runs in its worker thread:
+# the next progress update there raises KeyboardInterrupt, so long loops unwind at their next step.
+CANCEL = threading.Event()
 
 
 class Progress:
@@ -28,6 +33,8 @@ class Progress:
         self._last_stage = None
 
     def update(self, stage: str, fraction: float, message: str = "") -> None:
+        if CANCEL.is_set():
+            raise KeyboardInterrupt
         fraction = min(max(float(fraction), 0.0), 1.0)
         now = time.monotonic()
         # Throttle repeats within a stage, but always show stage changes and completion.

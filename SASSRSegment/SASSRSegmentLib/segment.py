@@ -25,6 +25,9 @@ from .errors import UserError
 from .geometry import Grid
 from .progress import Progress
 
+# The command line runs this command in a worker thread: a cancel then takes effect within a second at
+# every stage (see cli.run_command).
+RUNS_IN_WORKER = True
 SAMPLE_NAME = "brats_2013_pat0005_1_flair_2mm.nrrd"
 MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX = "_mask", "_probabilities", "_sr"
 # Bytes per voxel held at the peak. Output grid: the uint8 mask image and, while small components are
