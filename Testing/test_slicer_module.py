@@ -11,8 +11,11 @@ import json
 import os
 import py_compile
 import re
+import shutil
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -83,6 +86,51 @@ def test_module_compiles_for_slicers_python():
                 isinstance(part, ast.BinOp) and isinstance(part.op, ast.BitOr)
                 for part in ast.walk(annotation)
             ), f"line {node.lineno}: `X | Y` types need Python 3.10"
+
+
+def _python39():
+    """A Python 3.9 interpreter (Slicer 5.6 and 5.8's): $SASSR_PYTHON39, or python3.9 on PATH if it runs."""
+    for candidate in (os.environ.get("SASSR_PYTHON39"), shutil.which("python3.9")):
+        if not candidate:
+            continue
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 9))"],
+            capture_output=True,
+            text=True,
+        )
+        if probe.stdout.strip() == "True":
+            return candidate
+    pytest.skip(
+        "no Python 3.9 found: set SASSR_PYTHON39 to one to run the module's helpers on Slicer 5.6's Python"
+    )
+
+
+def test_module_helpers_run_on_python_39(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import importlib.util, sys
+            spec = importlib.util.spec_from_file_location("m", sys.argv[1])
+            m = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(m)
+            cards = m.readModelCards()
+            assert m.defaultModelName(cards, 3, "MR") == cards[0]["name"]
+            assert m.panelMessage("--roi: each max must be larger than its min").startswith("the Region")
+            engine = "import json; print(json.dumps({'log': 'warning: w'}))"
+            runner = m.SegmentRunner([sys.executable, "-c", engine])
+            runner.start()
+            assert runner.wait() == 0 and runner.warnings == ["w"], runner.warnings
+            m.segmentCommand("py", "in", "out", roiBounds=[0, 1, 0, 1, 0, 1], threshold=0.4)
+            print(m.SegmentationResult("completed"), m.FileResult("in"))
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(MODULE_DIR)}
+    done = subprocess.run(
+        [_python39(), str(script), str(MODULE_FILE)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_every_ui_attribute_used_by_the_module_exists_in_the_ui():
