@@ -102,3 +102,16 @@ def test_markers_follow_a_flipped_axis(flip):
         "bottom": "P",
     }
     assert coronal.sides["top"] == "S"
+
+
+def test_a_2d_image_is_one_unmarked_panel():
+    grid = Grid((40, 30), (0.5, 0.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    image = grid.image_from_array(np.random.default_rng(0).uniform(0, 255, (30, 40)).astype(np.float32))
+    hr = Grid((80, 60), (0.25, 0.25), (-0.125, -0.125), grid.direction)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[20:40, 30:50] = 1
+    display = figure._display_grid(hr)
+    (panel,) = figure._panels(figure._scalar(image), hr.image_from_array(mask), display, np.zeros(2, int))
+    assert panel.title == "Image" and panel.sides == {}
+    legend = figure._legend([{"area_mm2": 25.0}], hr.image_from_array(mask), image, figure.FigureInfo())
+    assert legend[0] == "1 lesion, 25 mm2 in total"

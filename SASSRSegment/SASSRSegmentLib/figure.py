@@ -132,14 +132,17 @@ def _panels(image: sitk.Image, mask: sitk.Image, display: Grid, centre: np.ndarr
         if flip:
             grey, hr = grey[::-1], hr[::-1]
         scaled = (np.clip((grey - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
-        up = -m[:, down] if not flip else m[:, down]
-        sides = {"right": side(m[:, across]), "left": side(-m[:, across])}
-        if m.shape[0] == 3:
-            sides.update(top=side(up), bottom=side(-up))
-            title = view_name(m[:, axis if axis is not None else 2])
+        if axis is None:  # a 2D image (or one slice) has no patient orientation to mark
+            title, sides = "Image", {}
         else:
-            sides = {}
-            title = "Image"
+            up = m[:, down] if flip else -m[:, down]
+            title = view_name(m[:, axis])
+            sides = {
+                "right": side(m[:, across]),
+                "left": side(-m[:, across]),
+                "top": side(up),
+                "bottom": side(-up),
+            }
         panels.append(_Panel(_blend(scaled, hr), title, sides))
     return panels
 
@@ -168,12 +171,16 @@ def _spacing_text(image: sitk.Image) -> str:
 
 def _legend(rows: list[dict], mask: sitk.Image, image: sitk.Image, info: FigureInfo) -> list[str]:
     volumetric = mask.GetDimension() == 3 and mask.GetSize()[2] > 1
-    unit, key, factor = ("mL", "volume_mm3", 1e-3) if volumetric else ("cm2", "area_mm2", 1e-2)
+    key, amount = (
+        ("volume_mm3", lambda v: f"{v / 1000:.1f} mL")
+        if volumetric
+        else ("area_mm2", lambda v: f"{v:.0f} mm2")
+    )
     if rows:
-        total = sum(r[key] for r in rows) * factor
-        count = f"{len(rows)} lesion{'s' if len(rows) > 1 else ''}, {total:.1f} {unit} in total"
+        total = sum(r[key] for r in rows)
+        count = f"{len(rows)} lesion{'s' if len(rows) > 1 else ''}, {amount(total)} in total"
         if len(rows) > 1:
-            count += f"; views through lesion 1 ({rows[0][key] * factor:.1f} {unit})"
+            count += f"; views through lesion 1 ({amount(rows[0][key])})"
     else:
         count = "no lesion found"
     lines = [count, f"mask at {_spacing_text(mask)} mm over the {_spacing_text(image)} mm input"]
