@@ -580,6 +580,22 @@ def readCsvColumns(path):
     return columns
 
 
+# The lesion table's column names end in their unit (engine convention); the table node shows it.
+_UNIT_SUFFIXES = (("_ml", "mL"), ("_mm3", "mm3"), ("_mm2", "mm2"), ("_mm", "mm"))
+COLUMN_DESCRIPTIONS = {
+    "id": "lesion number (as in the segment names and the figure)",
+    "axial_diameter_mm": "longest diameter in the measurement plane (RECIST 1.1 / RANO)",
+    "perpendicular_diameter_mm": "extent across the axial diameter, in the same slice",
+    "longest_diameter_mm": "longest 3D diameter",
+    "mean_probability": "the network's mean lesion probability over the lesion (0..1)",
+}
+
+
+def columnUnit(name):
+    """The unit a lesion-table column name ends in ("" when it has none)."""
+    return next((unit for suffix, unit in _UNIT_SUFFIXES if name.endswith(suffix)), "")
+
+
 def _convertColumn(cells):
     for convert in (int, float):
         try:
@@ -1921,6 +1937,9 @@ def loadLesionTable(path, volumeNode, name):
         for value in values:
             array.InsertNextValue(value)
         table.AddColumn(array)
+        tableNode.SetColumnUnitLabel(columnName, columnUnit(columnName))
+        if columnName in COLUMN_DESCRIPTIONS:
+            tableNode.SetColumnDescription(columnName, COLUMN_DESCRIPTIONS[columnName])
     tableNode.Modified()
     placeLikeInput(tableNode, volumeNode)
     return tableNode

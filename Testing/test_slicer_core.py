@@ -208,6 +208,20 @@ def test_default_options_make_segmentation_and_lesion_table(mod, logic, tmp_path
     assert int(_table_column(table, "voxels").sum()) == voxels
     assert list(_table_column(table, "id")) == list(range(1, table.GetNumberOfRows() + 1))
     assert result.lesionCount == table.GetNumberOfRows() > 0
+    # The engine's clinical columns, in its order, with their units.
+    names = [table.GetTable().GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert names[:5] == [
+        "id",
+        "volume_ml",
+        "axial_diameter_mm",
+        "perpendicular_diameter_mm",
+        "longest_diameter_mm",
+    ]
+    assert (
+        table.GetColumnUnitLabel("volume_ml") == "mL"
+        and table.GetColumnUnitLabel("centroid_ras_x_mm") == "mm"
+    )
+    assert "RECIST" in table.GetColumnDescription("axial_diameter_mm")
     assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
 
 
