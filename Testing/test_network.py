@@ -1,12 +1,18 @@
-"""SASRNet: shapes, eval behaviour, inference cost, gradients, config round trip, ablations."""
+"""SASRNet: shapes, eval behaviour, inference cost, gradients, config round trip, ablations, the HR
+heads, the space-to-batch dilated convolution, and the bundled models."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from SASSRSegmentLib.bundle import load_bundle
 from SASSRSegmentLib.losses import SASRLoss
-from SASSRSegmentLib.network import SASRConfig, SASRNet, SASROutput
+from SASSRSegmentLib.network import SASRConfig, SASRNet, SASROutput, atrous_conv, pixel_shuffle
+
+MODELS = Path(__file__).resolve().parent.parent / "SASSRSegment" / "Resources" / "Models"
 
 SMALL = (4, 8, 16)
 
@@ -17,10 +23,11 @@ def _net(**kw) -> SASRNet:
     return SASRNet(**kw)
 
 
+@pytest.mark.parametrize("head", ["interpolate", "subpixel"])
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("scale", [2, 4])
-def test_output_shapes_for_odd_sizes(dims, scale):
-    net = _net(spatial_dims=dims, scale=scale)
+def test_output_shapes_for_odd_sizes(dims, scale, head):
+    net = _net(spatial_dims=dims, scale=scale, hr_head=head)
     size = (9, 13, 7)[:dims]
     x = torch.randn(2, 1, *size)
     net.train()
@@ -84,12 +91,14 @@ def test_image_sr_decoder_costs_nothing_at_inference():
         {"image_sr": False, "sdc": False, "learned_upsampling": False},
         {"sdc_weighting": "sigmoid"},
         {"norm": "batch"},
+        {"hr_head": "subpixel"},
+        {"hr_head": "subpixel", "image_sr": False},
     ],
 )
 @pytest.mark.parametrize("dims", [2, 3])
 def test_every_trainable_parameter_gets_a_gradient(switches, dims):
     net = _net(spatial_dims=dims, **switches).train()
-    size = (12, 12, 12)[:dims]
+    size = (12, 12, 8)[:dims]
     x = torch.randn(2, 1, *size)
     hr = tuple(s * 2 for s in size)
     mask = (torch.rand(2, 1, *hr) > 0.7).float()
@@ -123,6 +132,8 @@ def test_config_json_round_trip_rebuilds_the_same_network():
         {"norm": "layer"},
         {"dropout": 1.0},
         {"depth": 3},
+        {"hr_head": "transposed"},
+        {"hr_channels": 0},
     ],
 )
 def test_bad_configs_are_rejected(bad):
@@ -147,3 +158,97 @@ def test_wrong_input_rank_is_a_clear_error():
     net = _net(spatial_dims=3)
     with pytest.raises(ValueError, match="expected a"):
         net(torch.randn(1, 1, 8, 8))
+
+
+def test_pixel_shuffle_is_torchs_in_2d_and_places_every_child_in_3d():
+    x = torch.randn(2, 3 * 4, 5, 7)
+    assert torch.equal(pixel_shuffle(x, 2), F.pixel_shuffle(x, 2))
+    # 3D: channel k of an LR voxel goes to the child at offsets (k // 4, k // 2 % 2, k % 2).
+    lr = torch.arange(2 * 8 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 8, 3, 4, 5)
+    hr = pixel_shuffle(lr, 2)
+    assert hr.shape == (2, 1, 6, 8, 10)
+    for k in range(8):
+        a, b, c = k // 4, k // 2 % 2, k % 2
+        assert torch.equal(hr[:, 0, a::2, b::2, c::2], lr[:, k])
+    with pytest.raises(ValueError, match="children"):
+        pixel_shuffle(torch.randn(1, 6, 4, 4, 4), 2)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dilation", [2, 5])
+def test_atrous_conv_is_the_dilated_convolution_forward_and_backward(dims, dilation):
+    torch.manual_seed(0)
+    size = (11, 9, 14)[:dims]  # not multiples of the dilation: padded and cropped back
+    conv = F.conv3d if dims == 3 else F.conv2d
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    w = torch.randn(4, 3, *[3] * dims, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    ref = conv(x, w, b, padding=dilation, dilation=dilation)
+    out = atrous_conv(x, w, b, dilation)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (x, w, b))
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b))
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_training_and_eval_paths_of_the_dilated_branches_agree():
+    """Training uses atrous_conv, eval() the native kernel: the same network either way."""
+    net = _net(spatial_dims=3, norm="batch")
+    x = torch.randn(2, 1, 10, 12, 8)
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)
+        for m in net.modules():  # the training path of the convolutions, the eval statistics of the norm
+            if isinstance(m, torch.nn.Conv3d):
+                m.train()
+        assert torch.allclose(net(x), ref, atol=1e-5)
+
+
+def _hr_convolutions(net: SASRNet, x: torch.Tensor) -> list[str]:
+    """Names of the convolutions other than 1x1 that ran on an HR-sized input."""
+    lr_voxels = x[0, 0].numel()
+    found = []
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, n=name: found.append(n) if inp[0][0, 0].numel() > lr_voxels else None
+        )
+        for name, m in net.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and max(m.kernel_size) > 1
+    ]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def test_subpixel_head_runs_no_convolution_at_hr():
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert _hr_convolutions(_net(spatial_dims=3, hr_head="subpixel").train(), x) == []
+    assert len(_hr_convolutions(_net(spatial_dims=3).train(), x)) == 4  # two HR heads, two convs each
+
+
+def test_subpixel_head_starts_as_nearest_neighbour_upsampling():
+    """ICNR initialisation: the HR children of an LR voxel start equal, so no checkerboard."""
+    net = _net(spatial_dims=3, hr_head="subpixel")
+    lr = torch.randn(1, net.config.features[0], 6, 6, 6)
+    x = torch.randn(1, 1, 6, 6, 6)
+    hr = net.seg_hr_head(lr, x)
+    assert hr.shape == (1, net.config.hr_channels, 12, 12, 12)
+    nearest = hr[:, :, ::2, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    assert torch.allclose(hr, nearest, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in MODELS.iterdir() if (p / "model.json").is_file()))
+def test_bundled_models_load_unchanged(name):
+    """The shipped cards predate the HR-head options: they load strictly, with the interpolating head."""
+    card = json.loads((MODELS / name / "model.json").read_text())
+    assert "hr_head" not in card["network"]
+    _, net = load_bundle(MODELS / name)
+    assert net.config.hr_head == "interpolate" and not net.training
+    d = net.config.spatial_dims
+    n = 2 * net.stride  # the deepest level sees 2 voxels (instance norm needs more than one)
+    x = torch.randn(1, net.config.in_channels, *[n] * d)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (1, 1, *[n * net.config.scale] * d) and torch.isfinite(y).all()

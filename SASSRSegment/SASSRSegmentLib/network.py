@@ -5,6 +5,11 @@ decoder (reconstructs the HR image). Both decoders are built from the same stage
 stages are scale-aware dilated convolution (SDC) blocks whose voxel-wise branch weights ("scale maps")
 let the receptive field follow lesion size. The image-SR decoder exists only to shape the segmentation
 branch through the feature- and scale-affinity losses during training: `eval()` never runs it.
+
+Each branch reaches the HR grid through an HR head (`hr_head`): "interpolate" (the default, the bundled
+models' head) interpolates the LR features x scale and refines them with a double convolution at HR;
+"subpixel" predicts every HR child voxel's features at LR with one convolution and puts them in place
+with a pixel shuffle, so no convolution runs at HR (in 3D x2 the HR grid has 8x the voxels).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SASRConfig", "SASRNet", "SASROutput"]
+__all__ = ["SASRConfig", "SASRNet", "SASROutput", "pixel_shuffle"]
+HR_HEADS = ("interpolate", "subpixel")
 
 
 @dataclass
@@ -36,6 +42,8 @@ class SASRConfig:
     # softmax makes the branches compete for each voxel (the released code's free sigmoids do not),
     # so the map reads as "which receptive field this voxel uses".
     sdc_weighting: str = "softmax"
+    hr_head: str = "interpolate"
+    hr_channels: int = 8  # features per HR voxel of a "subpixel" head
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
@@ -52,6 +60,10 @@ class SASRConfig:
             raise ValueError(f"sdc_weighting must be 'softmax' or 'sigmoid', got {self.sdc_weighting!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hr_head not in HR_HEADS:
+            raise ValueError(f"hr_head must be one of {HR_HEADS}, got {self.hr_head!r}")
+        if self.hr_channels < 1:
+            raise ValueError(f"hr_channels must be >= 1, got {self.hr_channels}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,6 +104,68 @@ def _conv(spatial_dims: int):
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
 
+def atrous_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+) -> torch.Tensor:
+    """A 'same'-padded dilated convolution computed as a plain one on the `dilation`^d interleaved
+    sub-grids of `x` (space-to-batch): the same numbers, but oneDNN's backward of a dilated 3D
+    convolution is 4-8x slower on CPU than that of an undilated one on the same voxels, which made
+    the SDC branches the most expensive part of a training step."""
+    b, c, *size = x.shape
+    d, nd = dilation, len(size)
+    pads = []
+    for n in reversed(size):
+        pads += [0, (-n) % d]
+    if any(pads):
+        x = F.pad(x, pads)  # zeros, as the convolution's own padding
+    padded = x.shape[2:]
+    m = [n // d for n in padded]
+    # (B, C, m_1, d, ..., m_n, d) -> (B, d, ..., d, C, m_1, ..., m_n): one batch entry per sub-grid.
+    x = x.reshape(b, c, *[v for n in m for v in (n, d)])
+    x = x.permute(0, *[3 + 2 * i for i in range(nd)], 1, *[2 + 2 * i for i in range(nd)])
+    conv = F.conv3d if nd == 3 else F.conv2d
+    y = conv(x.reshape(b * d**nd, c, *m), weight, bias, padding=weight.shape[-1] // 2)
+    out = y.shape[1]
+    y = y.reshape(b, *([d] * nd), out, *m)
+    y = y.permute(0, nd + 1, *[a for i in range(nd) for a in (nd + 2 + i, 1 + i)])
+    return y.reshape(b, out, *padded)[(..., *(slice(0, n) for n in size))]
+
+
+class _Atrous:
+    """A dilated convolution that trains through `atrous_conv` (same weights, same outputs); in eval()
+    it runs the native kernel, whose forward is the faster one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dilation[0] > 1:
+            return atrous_conv(x, self.weight, self.bias, self.dilation[0])
+        return super().forward(x)
+
+
+class _Pointwise:
+    """A 1x1 convolution computed as a weighted channel sum: the same numbers, but oneDNN's 1x1
+    convolution to one or a few channels at HR cost 3x as much (forward and backward) on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, *self.weight.shape[:2], *[1] * (x.dim() - 2))
+        return (x.unsqueeze(1) * self.weight.view(shape)).sum(2) + self.bias.view(shape[:2] + shape[3:])
+
+
+class PointwiseConv2d(_Pointwise, nn.Conv2d):
+    pass
+
+
+class PointwiseConv3d(_Pointwise, nn.Conv3d):
+    pass
+
+
+class AtrousConv2d(_Atrous, nn.Conv2d):
+    pass
+
+
+class AtrousConv3d(_Atrous, nn.Conv3d):
+    pass
+
+
 def _norm(spatial_dims: int, name: str, channels: int) -> nn.Module:
     if name == "batch":
         return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
@@ -116,8 +190,9 @@ class ConvNormAct(nn.Sequential):
         norm: str = "instance",
     ):
         padding = dilation * (kernel_size // 2)
+        conv = _conv(spatial_dims) if dilation == 1 else (AtrousConv3d if spatial_dims == 3 else AtrousConv2d)
         super().__init__(
-            _conv(spatial_dims)(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation),
+            conv(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation),
             _norm(spatial_dims, norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
@@ -220,7 +295,7 @@ class Decoder(nn.Module):
     def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = skips[-1]
         maps = []
-        for stage, skip in zip(self.stages, reversed(skips[:-1]), strict=True):
+        for stage, skip in zip(self.stages, reversed(skips[:-1])):
             x, weights = stage(x, skip)
             if weights is not None:
                 maps.append(weights)
@@ -231,18 +306,67 @@ class Decoder(nn.Module):
         return x, torch.cat([_interpolate(m, size=size) for m in maps], dim=1)
 
 
+def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, C * scale^d, *S) -> (B, C, *(S * scale)) for any d; for d = 2 it is `F.pixel_shuffle`.
+
+    Channel c * scale^d + k fills, in every LR voxel, the HR child whose offsets (one per axis, first
+    axis slowest) spell k in base `scale`.
+    """
+    b, c, *size = x.shape
+    d = len(size)
+    if c % scale**d:
+        raise ValueError(f"{c} channels do not divide into scale^{d} = {scale**d} children")
+    x = x.reshape(b, c // scale**d, *([scale] * d), *size)
+    # (B, C, o_1..o_d, n_1..n_d) -> (B, C, n_1, o_1, ..., n_d, o_d): each offset beside its axis.
+    x = x.permute(0, 1, *[a for i in range(d) for a in (2 + d + i, 2 + i)])
+    return x.reshape(b, c // scale**d, *(n * scale for n in size))
+
+
 class HRHead(nn.Module):
     """Lifts LR decoder features to the HR grid (interpolation x scale, then two convs)."""
 
     def __init__(self, cfg: SASRConfig, channels: int):
         super().__init__()
         self.scale = cfg.scale
+        self.out_channels = channels
         self.refine = DoubleConv(cfg.spatial_dims, channels + cfg.in_channels, channels, cfg.norm)
 
     def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> torch.Tensor:
         up = _interpolate(features, self.scale)
         # The interpolated input gives the head the intensity edges at HR positions.
         return self.refine(torch.cat([up, _interpolate(x_lr, self.scale)], dim=1))
+
+
+class SubpixelHead(nn.Module):
+    """Lifts LR decoder features to the HR grid by a sub-pixel convolution (Shi et al., CVPR 2016).
+
+    A 3x3 convolution of the LR features predicts `hr_channels` features for each of an LR voxel's
+    scale^d HR children; a pixel shuffle puts them in place; then norm and LeakyReLU. Unlike the
+    interpolating head it does not take the LR input as well: the encoder has seen it, and one channel
+    more (17 instead of 16) made this convolution 1.5x slower on CPU.
+    """
+
+    def __init__(self, cfg: SASRConfig, channels: int):
+        super().__init__()
+        d, children = cfg.spatial_dims, cfg.scale**cfg.spatial_dims
+        self.scale = cfg.scale
+        self.out_channels = cfg.hr_channels
+        self.conv = _conv(d)(channels, cfg.hr_channels * children, 3, padding=1)
+        # ICNR (Aitken et al. 2017): every child starts with the same kernel, so the initial output is
+        # a nearest-neighbour upsampling, free of the checkerboard a random sub-pixel kernel draws.
+        with torch.no_grad():
+            weight = self.conv.weight[::children].clone()
+            self.conv.weight.copy_(weight.repeat_interleave(children, dim=0))
+            self.conv.bias.copy_(self.conv.bias[::children].repeat_interleave(children))
+        self.norm = _norm(d, cfg.norm, cfg.hr_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(pixel_shuffle(self.conv(features), self.scale)))
+
+
+def _hr_head(cfg: SASRConfig, channels: int) -> nn.Module:
+    return SubpixelHead(cfg, channels) if cfg.hr_head == "subpixel" else HRHead(cfg, channels)
 
 
 class SASRNet(nn.Module):
@@ -265,12 +389,16 @@ class SASRNet(nn.Module):
         self.encoder = Encoder(cfg)
         self.seg_decoder = Decoder(cfg)
         self.seg_lr_head = conv(f0, 1, 1)
-        self.seg_hr_head = HRHead(cfg, f0) if cfg.learned_upsampling else None
-        self.seg_hr_logits = conv(f0, 1, 1) if cfg.learned_upsampling else None
+        # The HR outputs have one channel (or one per input channel): a channel sum, not a convolution.
+        pointwise = PointwiseConv3d if cfg.spatial_dims == 3 else PointwiseConv2d
+        self.seg_hr_head = _hr_head(cfg, f0) if cfg.learned_upsampling else None
+        self.seg_hr_logits = (
+            pointwise(self.seg_hr_head.out_channels, 1, 1) if cfg.learned_upsampling else None
+        )
         if cfg.image_sr:
             self.sr_decoder = Decoder(cfg)
-            self.sr_hr_head = HRHead(cfg, f0)
-            self.sr_out = conv(f0, cfg.in_channels, 1)
+            self.sr_hr_head = _hr_head(cfg, f0)
+            self.sr_out = pointwise(self.sr_hr_head.out_channels, cfg.in_channels, 1)
         else:
             self.sr_decoder = self.sr_hr_head = self.sr_out = None
 
