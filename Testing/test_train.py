@@ -20,7 +20,7 @@ import torch
 from test_data import make_dataset
 
 from SASSRSegmentLib import preprocess, train
-from SASSRSegmentLib.bundle import load_bundle
+from SASSRSegmentLib.bundle import load_bundle, save_bundle
 from SASSRSegmentLib.data import open_dataset
 from SASSRSegmentLib.errors import UserError
 from SASSRSegmentLib.sampling import lr_from_hr
@@ -102,6 +102,57 @@ def test_committed_configs_load():
     busi = train.load_config(REPO / "configs" / "breast-ultrasound-2d.json")
     assert busi.lr_longer_side == 160 and busi.normalization == {"kind": "uint8"} and busi.batch_size == 16
     assert busi.patch_size(2, 160) == [160, 160] and busi.flip_axes == [1]
+
+
+def test_robust_brain_config_shares_the_brain_models_data_settings():
+    """Same cache (preprocessing keys), split, widths and patch as the bundled brain model: only the
+    LR synthesis and the HR heads differ, so the two are comparable."""
+    base = train.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
+    robust = train.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust.json")
+    assert (robust.degradation, robust.hr_head, base.degradation, base.hr_head) == (
+        "random",
+        "subpixel",
+        "block",
+        "interpolate",
+    )
+    same = ("scale", "lr_spacing", "normalization", "labels", "crop_margin_lr", "patch_size_lr", "features")
+    assert all(getattr(robust, k) == getattr(base, k) for k in same + ("split_file", "groups", "batch_size"))
+    assert robust.checkpoint_minutes and robust.val_every == 250
+    net = train.build_network(robust, {"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"]}, "full")
+    assert net.config.hr_head == "subpixel" and net.config.hr_channels == robust.hr_channels
+
+
+def test_new_options_are_checked(tmp_path):
+    bad = write_json(
+        tmp_path / "bad.json", {"hr_head": "deconv", "degradation": "blur", "checkpoint_minutes": 0}
+    )
+    with pytest.raises(UserError) as info:
+        train.load_config(bad)
+    message = str(info.value)
+    assert 'hr_head must be one of "interpolate", "subpixel"' in message
+    assert 'degradation must be one of "block", "random"' in message
+    assert "checkpoint_minutes must be > 0" in message
+
+
+def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):
+    cfg = train.TrainConfig(features=[4, 8], dilations=[1, 2])
+    prep = {"spatial_dims": 2, "scale": 2, "channels": ["a"]}
+    source = train.build_network(cfg, prep, "full")
+    card = {"name": "old", "preprocessing": prep}
+    save_bundle(tmp_path / "old", source, card)
+    meta = json.loads((tmp_path / "old" / "model.json").read_text())
+    for key in ("hr_head", "hr_channels"):
+        del meta["network"][key]
+    (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
+    target = train.build_network(cfg, prep, "full")
+    train.initialise_from(target, str(tmp_path / "old"))
+    _, loaded = load_bundle(tmp_path / "old")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), target.state_dict().values()))
+    other = train.build_network(
+        train.TrainConfig(features=[4, 8], dilations=[1, 2], hr_head="subpixel"), prep, "full"
+    )
+    with pytest.raises(UserError, match="its network differs"):
+        train.initialise_from(other, str(tmp_path / "old"))
 
 
 @pytest.mark.parametrize("ablation", sorted(train.ABLATIONS))
@@ -368,6 +419,30 @@ def test_torchrun_two_processes(tiny_cache, tmp_path):
     assert last["step"] == 6 and last["world"] == 2 and len(last["rng"]) == 2
     assert [r["val_dice"] != "" for r in read_log(output)] == [False, False, True, False, False, True]
     load_bundle(output, torch.device("cpu"))
+
+
+def test_random_degradation_and_timed_checkpoints(tiny_cache, tmp_path, monkeypatch):
+    """The robust settings train end to end on 8-bit 2D data, and a checkpoint is written on the clock."""
+    config = json.loads(tiny_config(tmp_path).read_text())
+    config |= {"degradation": "random", "hr_head": "subpixel", "checkpoint_minutes": 1e-6, "val_every": 1000}
+    output = tmp_path / "run"
+    saved = []
+    save = train._atomic_torch_save
+    monkeypatch.setattr(
+        train,
+        "_atomic_torch_save",
+        lambda obj, path: saved.append((path.name, obj["step"])) or save(obj, path),
+    )
+    code = run_train(
+        "--dataset", str(tiny_cache), "--output", str(output), "--config",
+        str(write_json(tmp_path / "robust.json", config)), "--max-steps", "3", "--workers", "0",
+    )  # fmt: skip
+    assert code == 0
+    # A checkpoint after every step (always due on this clock), though validation comes only at the end.
+    assert [step for name, step in saved if name == "checkpoint_last.pt"] == [1, 2, 3]
+    card, net = load_bundle(output, torch.device("cpu"))
+    assert card["network"]["hr_head"] == "subpixel" and card["training"]["config"]["degradation"] == "random"
+    assert all(r["loss"] != "" and np.isfinite(float(r["loss"])) for r in read_log(output))
 
 
 def test_options_checked_against_the_data(tiny_cache, tmp_path):

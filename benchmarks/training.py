@@ -1,11 +1,14 @@
 """Training throughput of the default 2D and 3D configurations on this machine.
 
-Network steps/s (forward, loss, backward, AdamW) for fp32 / bf16 autocast (/ fp16 on CUDA) with
-channels-last off and on, on synthetic patches of the configs' shapes; and patch loading alone
-(batches/s) from a real preprocessed cache, in the training process versus DataLoader workers.
+Network steps/s and LR voxels/s (forward, loss, backward, AdamW) of the full network and of the
+`baseline` ablation (plain U-Net) beside it, for fp32 / bf16 autocast (/ fp16 on CUDA) with channels-last
+off and on, on synthetic patches of the configs' shapes; and patch loading alone (batches/s, with the
+config's LR synthesis) from a real preprocessed cache, in the training process versus DataLoader workers.
+Wall-clock speed on a shared machine says what the neighbours did too, so each row also gives the
+process's CPU seconds per step.
 
-    python benchmarks/training.py                      # both configs, CPU or the GPU if there is one
-    python benchmarks/training.py --only 3d --steps 5 --device cuda
+    python benchmarks/training.py                      # every config, CPU or the GPU if there is one
+    python benchmarks/training.py --only 3d-robust --amp bf16 --skip-data
     python benchmarks/training.py --cache-3d CACHE     # time loading from an existing cache (no SimpleITK needed)
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -31,6 +35,7 @@ from SASSRSegmentLib.sampling import Augmentation, PatchSampler, batches, lr_fro
 CONFIGS = {
     "2d": (REPO / "configs" / "breast-ultrasound-2d.json", "Dataset002_BUSI", 48),
     "3d": (REPO / "configs" / "brain-tumour-flair-3d.json", "Dataset001_BraTSFLAIR", 4),
+    "3d-robust": (REPO / "configs" / "brain-tumour-flair-3d-robust.json", "Dataset001_BraTSFLAIR", 4),
 }
 
 
@@ -39,13 +44,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_speed(cfg, dims: int, device, amp: str, channels_last: bool, steps: int) -> float:
-    """Optimiser steps per second on random patches of the config's shape."""
+def step_speed(
+    cfg, dims: int, device, amp: str, channels_last: bool, steps: int, ablation: str = "full"
+) -> tuple[float, float]:
+    """(optimiser steps per second, CPU seconds per step) on random patches of the config's shape."""
     prep = {"spatial_dims": dims, "scale": cfg.scale, "channels": ["x"]}
     patch = cfg.patch_size(dims, cfg.lr_longer_side)
     torch.manual_seed(0)
-    net = train.build_network(cfg, prep, "full")
-    loss_fn = train.build_loss(cfg, "full")
+    net = train.build_network(cfg, prep, ablation)
+    loss_fn = train.build_loss(cfg, ablation)
     fmt = train.memory_format(dims, channels_last)
     net.to(device=device, memory_format=fmt).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -65,11 +72,11 @@ def step_speed(cfg, dims: int, device, amp: str, channels_last: bool, steps: int
 
     one_step()  # warm-up: allocator, cuDNN algorithm choice
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         one_step()
     sync(device)
-    return steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start), (time.process_time() - cpu) / steps
 
 
 def build_cache(key: str, cfg, folder: Path) -> Path | None:
@@ -109,7 +116,8 @@ def loading_speed(cfg, cache_dir: Path, workers: int, batches_to_time: int) -> f
         p_affine=cfg.p_affine,
         affine_degrees=cfg.affine_degrees,
     )
-    sampler = PatchSampler(cache, cache.names, patch, cfg.p_fg, augmentation=aug)
+    degradation = train.degradation_for(cache.prep) if cfg.degradation == "random" else None
+    sampler = PatchSampler(cache, cache.names, patch, cfg.p_fg, augmentation=aug, degradation=degradation)
     stream = batches(sampler, cfg.batch_size, workers, seed=0)
     for _ in range(1 + 4 * workers):  # worker start-up and the prefetch queue are not throughput
         next(stream)
@@ -128,7 +136,10 @@ def main() -> int:
         "--steps", type=int, default=2, help="timed optimiser steps per setting (after one warm-up)"
     )
     parser.add_argument("--batches", type=int, default=20, help="timed batches for data loading")
-    parser.add_argument("--only", choices=("2d", "3d"))
+    parser.add_argument("--only", choices=sorted(CONFIGS))
+    parser.add_argument(
+        "--ablations", default="full,baseline", help="comma-separated --ablation names to time (network)"
+    )
     parser.add_argument("--amp", choices=("fp32", "bf16", "fp16"), help="time only this precision")
     parser.add_argument("--skip-network", action="store_true")
     parser.add_argument("--skip-data", action="store_true")
@@ -141,24 +152,36 @@ def main() -> int:
     print(f"device {train.hardware(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     amps = [args.amp] if args.amp else ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    for key in ("2d", "3d"):
+    for key in CONFIGS:
         if args.only and key != args.only:
             continue
         cfg = train.load_config(CONFIGS[key][0])
         dims = int(key[0])
         patch = cfg.patch_size(dims, cfg.lr_longer_side)
-        print(f"{key}: batch {cfg.batch_size}, LR patch {patch} -> HR x{cfg.scale}, features {cfg.features}")
+        lr_voxels = cfg.batch_size * math.prod(patch)
+        print(
+            f"{key}: batch {cfg.batch_size}, LR patch {patch} -> HR x{cfg.scale}, features {cfg.features}, "
+            f"HR head {cfg.hr_head}, LR synthesis {cfg.degradation}"
+        )
         if not args.skip_network:
-            for amp in amps:
-                row = {"config": key, "amp": amp}
-                for cl in (False, True):
-                    row["channels_last" if cl else "contiguous"] = round(
-                        step_speed(cfg, dims, device, amp, cl, args.steps), 3
+            for ablation in args.ablations.split(","):
+                for amp in amps:
+                    row = {"config": key, "ablation": ablation, "amp": amp}
+                    for cl in (False, True):
+                        layout = "channels_last" if cl else "contiguous"
+                        speed, cpu = step_speed(cfg, dims, device, amp, cl, args.steps, ablation)
+                        row[layout] = round(speed, 3)
+                        row[f"{layout}_lr_voxels_per_s"] = round(speed * lr_voxels)
+                        row[f"{layout}_cpu_s_per_step"] = round(cpu, 2)
+                    print(
+                        f"  {ablation:9s} {amp:5s} steps/s (LR voxels/s, CPU s/step): "
+                        + "   ".join(
+                            f"{layout} {row[layout]:7.3f} ({row[layout + '_lr_voxels_per_s']:,}, "
+                            f"{row[layout + '_cpu_s_per_step']})"
+                            for layout in ("contiguous", "channels_last")
+                        )
                     )
-                print(
-                    f"  {amp:5s} steps/s: contiguous {row['contiguous']:8.3f}   channels-last {row['channels_last']:8.3f}"
-                )
-                results.append(row)
+                    results.append(row)
         if not args.skip_data:
             with tempfile.TemporaryDirectory() as tmp:
                 cache_dir = getattr(args, f"cache_{key}") or build_cache(key, cfg, Path(tmp) / "cache")

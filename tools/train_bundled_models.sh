@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Trains the two bundled models and their ablations, all at once on one GPU, from prepared caches.
+# Trains the two bundled models, the robust brain model (random LR synthesis: it shares the brain cache)
+# and their ablations, all at once on one GPU, from prepared caches.
 #
 # The caches are made beforehand (they let the GPU machine train without SimpleITK):
 #   python -m SASSRSegmentLib preprocess --dataset ../shared/data/Dataset001_BraTSFLAIR \
@@ -30,6 +31,7 @@ nproc
 # name dataset config ablation loader-workers (3D patches need more workers to keep up)
 RUNS="
 brain-full cache-brain configs/brain-tumour-flair-3d.json full 3
+brain-robust cache-brain configs/brain-tumour-flair-3d-robust.json full 4
 brain-baseline cache-brain configs/brain-tumour-flair-3d.json baseline 3
 busi-full cache-busi configs/breast-ultrasound-2d.json full 1
 busi-baseline cache-busi configs/breast-ultrasound-2d.json baseline 1

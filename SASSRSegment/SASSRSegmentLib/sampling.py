@@ -1,8 +1,9 @@
 """Training patches: lesion-centred, size-balanced sampling at HR, augmentation, and LR synthesis.
 
 A patch is cut from the cached HR working image (`patch_size_lr * scale` voxels); its LR network input is
-the block average of the augmented HR patch (`lr_from_hr`), so input and targets cover exactly the same
-physical extent whatever the augmentation. With probability `p_fg` a patch is centred on a lesion: a
+made of the augmented HR patch, by block averaging (`lr_from_hr`, in the training loop) or, with a
+`Degradation`, by one of the random ways real LR images are made (degrade.py, here), so input and
+targets cover exactly the same physical extent whatever the augmentation. With probability `p_fg` a patch is centred on a lesion: a
 case with lesions is drawn, then one of its connected lesions uniformly, so a 20-voxel metastasis is
 sampled as often as the 50 mL tumour next to it.
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .degrade import Degradation
 from .preprocess import Cache
 
 
@@ -48,6 +50,7 @@ class PatchSampler:
     p_fg: float = 0.5
     augmentation: Augmentation = field(default_factory=Augmentation)
     min_lesion_voxels: int | None = None  # smaller specks are not sampled as lesions; None: one LR voxel
+    degradation: Degradation | None = None  # None: the LR input is the block average, made later
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -97,8 +100,8 @@ class PatchSampler:
         """Crop [start, start+extent) of image and mask, padding outside with the case's background."""
         image, seg = self.cache.image(name), self.cache.seg(name)
         shape = seg.shape
-        src = tuple(slice(max(0, s), min(n, s + e)) for s, e, n in zip(start, extent, shape, strict=True))
-        dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start, strict=True))
+        src = tuple(slice(max(0, s), min(n, s + e)) for s, e, n in zip(start, extent, shape))
+        dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
         out_img = np.empty((image.shape[0], *extent), dtype=np.float32)
         out_img[:] = self.cache.background(name).reshape(-1, *([1] * len(extent)))
         out_seg = np.zeros(tuple(extent), dtype=np.uint8)
@@ -107,7 +110,8 @@ class PatchSampler:
         return out_img, out_seg
 
     # -- what
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """(HR image, HR mask), and the LR input last when there is a `degradation`."""
         aug = self.augmentation
         name, centre = self._centre(rng)
         shape = self.cache.seg(name).shape
@@ -132,6 +136,12 @@ class PatchSampler:
             k = int(rng.integers(4))
             image, seg = np.rot90(image, k, axes=(-2, -1)), np.rot90(seg, k, axes=(-2, -1))
         image = np.ascontiguousarray(image)
+        tissue = None
+        if self.degradation is not None and self.degradation.kind == "mri":
+            # Before the intensity augmentation moves the background off its value.
+            tissue = np.any(
+                image != self.cache.background(name)[:, None, None, None][:, : image.ndim], axis=0
+            )
         if aug.p_intensity > 0:
             for c in range(image.shape[0]):
                 if rng.random() < aug.p_intensity:
@@ -139,14 +149,17 @@ class PatchSampler:
                     image[c] += rng.normal(0.0, aug.intensity_shift)
                 if rng.random() < aug.p_gamma:
                     image[c] = _gamma(image[c], rng.uniform(*aug.gamma))
-        return image, np.ascontiguousarray(seg)
+        seg = np.ascontiguousarray(seg)
+        if self.degradation is None:
+            return image, seg
+        scale = int(self.cache.prep["scale"])
+        return image, seg, self.degradation.apply(image, scale, rng, tissue)
 
-    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(HR images (B, C, *P) float32, HR masks (B, 1, *P) float32), sampled in this process."""
-        samples = [self.sample(rng) for _ in range(size)]
-        image = torch.from_numpy(np.stack([s[0] for s in samples]))
-        mask = torch.from_numpy(np.stack([s[1] for s in samples])[:, None]).float()
-        return image, mask
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, ...]:
+        """(HR images (B, C, *P) float32, HR masks (B, 1, *P) float32[, LR inputs]), sampled here."""
+        parts = [np.stack(part) for part in zip(*[self.sample(rng) for _ in range(size)])]
+        parts[1] = parts[1][:, None].astype(np.float32)
+        return tuple(torch.from_numpy(p) for p in parts)
 
 
 def _random_affine(rng: np.random.Generator, dims: int, degrees: float, scale: Sequence[float]) -> np.ndarray:
@@ -204,13 +217,13 @@ class PatchStream(IterableDataset):
         super().__init__()
         self.sampler, self.seed, self.rank = sampler, seed, rank
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = np.random.default_rng([self.seed, self.rank, worker])
         while True:
-            image, seg = self.sampler.sample(rng)
-            yield image, seg[None].astype(np.float32)
+            image, seg, *lr = self.sampler.sample(rng)
+            yield (image, seg[None].astype(np.float32), *lr)
 
 
 def _worker_init(_: int) -> None:
@@ -221,8 +234,9 @@ def _worker_init(_: int) -> None:
 
 def batches(
     sampler: PatchSampler, batch_size: int, workers: int, seed: int, rank: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (HR image, HR mask) batches, from `workers` loader processes or (0) this process."""
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless (HR image, HR mask[, LR input]) batches, from `workers` loader processes or (0) this
+    process."""
     if workers <= 0:
         rng = np.random.default_rng([seed, rank, 1 << 20])
         while True:

@@ -27,14 +27,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .bundle import atomic_write_bytes, load_bundle, read_json, save_bundle
+from .degrade import DEGRADATIONS
 from .errors import UserError
 from .losses import LossWeights, SASRLoss
+from .network import HR_HEADS
 from .progress import Progress
 
 ABLATIONS: dict[str, tuple[dict, dict]] = {
@@ -74,11 +77,11 @@ class TrainConfig:
     threshold: float = 0.5
     # preprocessing (the card's "preprocessing")
     scale: int = 2
-    lr_spacing: list[float] | None = None  # 3D; None: scale x the data's median spacing
-    lr_longer_side: int | None = None  # 2D; None: 160
-    normalization: dict | None = None  # None: chosen from dataset.json channel names
-    labels: list[int | str] | None = None  # lesion label values or names; None: every label > 0
-    patch_size_lr: list[int] | None = None  # None: 48^3 (3D), lr_longer_side^2 (2D)
+    lr_spacing: Optional[list[float]] = None  # 3D; None: scale x the data's median spacing
+    lr_longer_side: Optional[int] = None  # 2D; None: 160
+    normalization: Optional[dict] = None  # None: chosen from dataset.json channel names
+    labels: Optional[list[Union[int, str]]] = None  # lesion label values or names; None: every label > 0
+    patch_size_lr: Optional[list[int]] = None  # None: 48^3 (3D), lr_longer_side^2 (2D)
     crop_margin_lr: int = 8
     groups: list[list[str]] = field(default_factory=list)  # same-patient cases, kept on one side
     # network
@@ -86,6 +89,8 @@ class TrainConfig:
     norm: str = "instance"
     dropout: float = 0.0
     dilations: list[int] = field(default_factory=lambda: [1, 2, 5])
+    hr_head: str = "interpolate"  # or "subpixel" (network.py)
+    hr_channels: int = 8  # HR features of a "subpixel" head
     # loss weights (defaults: those of losses.LossWeights)
     loss_seg: float = LossWeights.seg
     loss_rec: float = LossWeights.rec
@@ -94,7 +99,7 @@ class TrainConfig:
     rec_background_weight: float = LossWeights.background_weight
     # optimisation
     max_steps: int = 10000
-    max_minutes: float | None = None
+    max_minutes: Optional[float] = None
     batch_size: int = 2
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -109,8 +114,8 @@ class TrainConfig:
     workers: int = 2
     p_fg: float = 0.5
     # HR voxels; smaller label islands are never a lesion-centred patch's target (None: one LR voxel)
-    min_lesion_voxels: int | None = None
-    flip_axes: list[int] | None = None  # None: every axis
+    min_lesion_voxels: Optional[int] = None
+    flip_axes: Optional[list[int]] = None  # None: every axis
     rot90: bool = False
     p_intensity: float = 0.5
     intensity_scale: list[float] = field(default_factory=lambda: [0.75, 1.25])
@@ -120,14 +125,18 @@ class TrainConfig:
     p_affine: float = 0.0
     affine_degrees: float = 15.0
     affine_scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    # how the LR input is made of the HR patch: "block" (block average) or "random" (degrade.py)
+    degradation: str = "block"
     # validation
     val_fraction: float = 0.2
     split_seed: int = 0
-    split_file: str | None = None
+    split_file: Optional[str] = None
     val_every: int = 500
     val_overlap: float = 0.5
     val_batch_size: int = 4
     log_every: int = 10
+    # also write checkpoint_last.pt every this many minutes (None: only at validations and the end)
+    checkpoint_minutes: Optional[float] = None
 
     def patch_size(self, spatial_dims: int, lr_longer_side: int | None = None) -> list[int]:
         if self.patch_size_lr:
@@ -169,12 +178,22 @@ class TrainConfig:
             )
         if self.workers < 0:
             p.append(f"workers must be >= 0, got {self.workers}")
+        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
+            p.append(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.hr_head not in HR_HEADS:
+            p.append(f"hr_head must be one of {', '.join(map(json.dumps, HR_HEADS))}, got {self.hr_head!r}")
+        if self.hr_channels < 1:
+            p.append(f"hr_channels must be >= 1, got {self.hr_channels}")
+        if self.degradation not in DEGRADATIONS:
+            p.append(
+                f"degradation must be one of {', '.join(map(json.dumps, DEGRADATIONS))}, got {self.degradation!r}"
+            )
         return p
 
 
 def _type_ok(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin is typing.Union:
         return any(_type_ok(value, a) for a in args)
     if hint is type(None):
         return value is None
@@ -189,6 +208,18 @@ def _type_ok(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+def _type_name(hint) -> str:
+    """A hint as a user reads it: `list[float] | None`, whatever Python spells it."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:
+        return " | ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "None"
+    if args:
+        return f"{typing.get_origin(hint).__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return hint.__name__
+
+
 def config_from_dict(values: dict, where: str = "config") -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     names = [f.name for f in fields(TrainConfig)]
@@ -201,7 +232,7 @@ def config_from_dict(values: dict, where: str = "config") -> TrainConfig:
                 + (f" (did you mean {close[0]!r}?)" if close else " (see docs/training.md)")
             )
     problems += [
-        f"{k}: {json.dumps(v)} is not a valid {str(hints[k]) if typing.get_args(hints[k]) else hints[k].__name__}"
+        f"{k}: {json.dumps(v)} is not a valid {_type_name(hints[k])}"
         for k, v in values.items()
         if k in names and not _type_ok(v, hints[k])
     ]
@@ -320,9 +351,21 @@ def build_network(cfg: TrainConfig, prep: dict, ablation: str):
         norm=cfg.norm,
         dropout=cfg.dropout,
         dilations=tuple(cfg.dilations),
+        hr_head=cfg.hr_head,
+        hr_channels=cfg.hr_channels,
         **switches,
     )
     return SASRNet(net_cfg)
+
+
+def degradation_for(prep: dict):
+    """The random LR synthesis (degrade.py) for this preprocessing's modality and HR voxel size."""
+    from .degrade import Degradation
+
+    norm = prep["normalization"]
+    spacing = [s / prep["scale"] for s in prep["lr_spacing"][::-1]] if prep.get("lr_spacing") else [1.0] * 2
+    window = norm.get("window", (-1000.0, 400.0))
+    return Degradation(kind=norm["kind"], hr_spacing=spacing, ct_window=float(window[1] - window[0]))
 
 
 def build_loss(cfg: TrainConfig, ablation: str) -> SASRLoss:
@@ -656,6 +699,7 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
         [p * scale for p in prep["patch_size_lr"]],
         cfg.p_fg,
         min_lesion_voxels=cfg.min_lesion_voxels,
+        degradation=degradation_for(prep) if cfg.degradation == "random" else None,
         augmentation=Augmentation(
             flip_axes=flip_axes,
             rot90=cfg.rot90,
@@ -714,13 +758,15 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
     sums: dict[str, float] = {}
     window_start, window_steps = time.monotonic(), 0
     stopped = timed_out = False
+    last_save = time.monotonic()
     model.train()
     with StopFlag() as stop:
         while step < cfg.max_steps:
-            hr_image, hr_mask = next(stream)
+            hr_image, hr_mask, *made = next(stream)
             hr_image = hr_image.to(device, non_blocking=True)
             hr_mask = hr_mask.to(device, non_blocking=True)
-            lr = lr_from_hr(hr_image, scale).contiguous(memory_format=fmt)
+            lr = made[0].to(device, non_blocking=True) if made else lr_from_hr(hr_image, scale)
+            lr = lr.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(lr)
                 loss, terms = loss_fn(out, hr_mask, hr_image)
@@ -737,12 +783,17 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             minutes = (elapsed_before + time.monotonic() - start_time) / 60
+            since_save = (time.monotonic() - last_save) / 60
             flags = torch.tensor(
-                [float(stop.requested), float(cfg.max_minutes is not None and minutes >= cfg.max_minutes)]
+                [
+                    float(stop.requested),
+                    float(cfg.max_minutes is not None and minutes >= cfg.max_minutes),
+                    float(cfg.checkpoint_minutes is not None and since_save >= cfg.checkpoint_minutes),
+                ]
             )
             if runtime.world > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stopped, timed_out = bool(flags[0]), bool(flags[1])
+            stopped, timed_out, save_due = (bool(f) for f in flags)
             speed = window_steps / max(1e-9, time.monotonic() - window_start)
             if runtime.main:
                 fraction = step / cfg.max_steps
@@ -792,8 +843,9 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
                     best, best_step = shared
             if log is not None and row:
                 log.add(row)
-            if step % cfg.val_every == 0 or last_step:
+            if step % cfg.val_every == 0 or last_step or save_due:
                 save("checkpoint_last.pt")
+                last_save = time.monotonic()
             if last_step:
                 break
 
@@ -845,7 +897,8 @@ def command_line(world: int) -> str:
 def initialise_from(net, bundle: str) -> dict:
     """Start from a bundle's weights (fine-tuning); returns its provenance for the new card."""
     card, source = load_bundle(bundle)
-    if card["network"] != net.config.to_dict():
+    # Compared as configs: a card written before a network option existed holds no key for it.
+    if source.config != net.config:
         raise UserError(
             f"--init {bundle}: its network differs from this run's (config or --ablation); "
             "use a bundle trained with the same network settings"
@@ -918,7 +971,7 @@ def _text(img: np.ndarray, x: int, y: int, text: str, colour, size: int = 2) -> 
 
 
 def _line(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, colour) -> None:
-    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:], strict=True):
+    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
         n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
         img[np.linspace(y0, y1, n).round().astype(int), np.linspace(x0, x1, n).round().astype(int)] = colour
 

@@ -1,0 +1,208 @@
+"""Random LR synthesis (degrade.py): each operator's geometry, the noise models, and the sampler's use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_data import make_dataset
+from test_preprocess import prep3d
+
+from SASSRSegmentLib import degrade, preprocess
+from SASSRSegmentLib.data import open_dataset
+from SASSRSegmentLib.degrade import Degradation
+from SASSRSegmentLib.sampling import Augmentation, PatchSampler, batches, lr_from_hr
+
+N_LR = 20
+
+
+def operators(scale: int) -> dict[str, np.ndarray]:
+    sigma = np.sqrt(scale**2 - 1) / degrade.FWHM
+    return {
+        "block": degrade.block_matrix(N_LR, scale),
+        "gaussian-linear": degrade.gaussian_interpolation_matrix(N_LR, scale, 1.6 * sigma, cubic=False),
+        "gaussian-cubic": degrade.gaussian_interpolation_matrix(N_LR, scale, 0.3 * sigma, cubic=True),
+        "cubic, no anti-aliasing": degrade.gaussian_interpolation_matrix(N_LR, scale, 0.0, cubic=True),
+        "thick box": degrade.thick_slice_matrix(N_LR, scale, 2.5 * scale, 1.3, "box"),
+        "thick gaussian": degrade.thick_slice_matrix(N_LR, scale, 1.7 * scale, 0.4, "gaussian"),
+    }
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_every_resampling_operator_reproduces_a_ramp_at_the_lr_centres(scale):
+    """No operator shifts the image against the block-centred LR grid (the HR mask's frame)."""
+    ramp = np.arange(N_LR * scale, dtype=float)
+    centres = degrade.lr_centres(N_LR, scale)
+    for name, matrix in operators(scale).items():
+        assert matrix.shape == (N_LR, N_LR * scale)
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-12, err_msg=name)
+        if name.startswith("thick"):
+            # Beyond the outermost slice centroids resampling repeats the last slice, as on a real scan.
+            inner = (matrix[:, 0] == 0) & (matrix[:, -1] == 0)
+            assert inner.sum() >= N_LR // 2, name
+        else:
+            inner = np.ones(N_LR, bool)
+        np.testing.assert_allclose((matrix @ ramp)[inner], centres[inner], atol=1e-9, err_msg=name)
+
+
+def test_block_operator_is_lr_from_hr():
+    rng = np.random.default_rng(0)
+    for shape in [(2, 8, 12, 6), (1, 10, 14)]:
+        hr = rng.normal(size=shape).astype(np.float32)
+        matrices = [degrade.block_matrix(n // 2, 2).astype(np.float32) for n in shape[1:]]
+        expected = lr_from_hr(torch.from_numpy(hr)[None], 2)[0].numpy()
+        np.testing.assert_allclose(degrade.apply_separable(hr, matrices), expected, atol=1e-6)
+
+
+def test_anti_aliasing_blurs_more_with_sigma_and_cubic_interpolates():
+    impulse = np.zeros(40)
+    impulse[20] = 1.0
+    light = degrade.gaussian_interpolation_matrix(20, 2, 0.3, cubic=False) @ impulse
+    heavy = degrade.gaussian_interpolation_matrix(20, 2, 1.2, cubic=False) @ impulse
+    assert heavy.max() < light.max() and np.count_nonzero(heavy > 1e-3) > np.count_nonzero(light > 1e-3)
+    # Cubic interpolation of unsmoothed data overshoots (negative lobes), linear never does.
+    cubic = degrade.gaussian_interpolation_matrix(20, 2, 0.0, cubic=True)
+    assert cubic.min() < 0 and degrade.gaussian_interpolation_matrix(20, 2, 0.0, cubic=False).min() >= 0
+
+
+@pytest.mark.parametrize("phase", [0, 1])
+def test_decimation_samples_one_voxel_per_block(phase):
+    matrix = degrade.decimation_matrix(N_LR, 2, phase)
+    ramp = np.arange(2 * N_LR, dtype=float)
+    # The only operator off the block centres: by phase - 0.5 HR voxels, as a decimated scan is.
+    np.testing.assert_array_equal(matrix @ ramp, degrade.lr_centres(N_LR, 2) + phase - 0.5)
+    assert np.all(np.count_nonzero(matrix, axis=1) == 1)
+
+
+def test_kspace_truncation_keeps_the_lr_band_only():
+    n_lr, scale = 16, 2
+    n = n_lr * scale
+    matrix = degrade.kspace_matrix(n_lr, scale)
+    i = np.arange(n)
+    centres = degrade.lr_centres(n_lr, scale)
+    for k in (0, 3, n_lr - 1):  # in the band: sampled exactly at the LR centres
+        wave = np.cos(np.pi * k * (i + 0.5) / n)
+        np.testing.assert_allclose(matrix @ wave, np.cos(np.pi * k * (centres + 0.5) / n), atol=1e-9)
+    for k in (n_lr, n_lr + 5, n - 1):  # above it: gone (no aliasing into the band)
+        np.testing.assert_allclose(matrix @ np.cos(np.pi * k * (i + 0.5) / n), 0.0, atol=1e-9)
+    # An edge rings (Gibbs), above 1 and below 0, where a block average would give 0 | 1/2 | 1 steps;
+    # a Tukey taper of the band (apodisation) blurs it over more LR voxels.
+    step = (i >= n // 2).astype(float)
+    hard = matrix @ step
+    tapered = degrade.kspace_matrix(n_lr, scale, taper=0.5) @ step
+    assert hard.max() > 1.005 and hard.min() < -1e-3
+    below = n_lr // 2 - 1  # the last LR voxel before the edge
+    assert 0 < hard[below] < tapered[below] < 0.5
+
+
+def test_thick_slices_average_over_their_thickness():
+    line = np.zeros(60)
+    line[31] = 1.0  # a one-voxel bright structure across the slice direction
+    for thickness in (3.0, 6.0):  # HR voxels
+        lr = degrade.thick_slice_matrix(30, 2, thickness, 0.5, "box") @ line
+        # A partial volume of its slice: diluted by the thickness and spread over the LR voxels the
+        # slice covers, where a block average keeps 1/2 in one LR voxel.
+        assert lr.max() <= 1.0 / thickness + 1e-9
+        assert np.count_nonzero(lr > 1e-9) >= thickness / 2
+
+
+def far_from(tissue_hr: np.ndarray, lr_voxels: int = 4) -> np.ndarray:
+    """LR voxels (scale 2) with no HR tissue within `lr_voxels` LR voxels: beyond every operator's
+    reach (k-space ringing there is below the tissue level)."""
+    reach = 2 * lr_voxels
+    near = F.max_pool3d(
+        torch.from_numpy(tissue_hr).float()[None, None], 2 * reach + 1, stride=1, padding=reach
+    )
+    return lr_from_hr(near, 2)[0, 0].numpy() == 0
+
+
+def tissue_patch(shape=(40, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """A z-scored 'head': a smooth pattern inside a ball, exactly 0 outside (as the cache stores it)."""
+    grid = np.indices(shape).astype(float)
+    centre = (np.asarray(shape, float)[:, None, None, None] - 1) / 2
+    tissue = ((grid - centre) ** 2).sum(axis=0) <= (min(shape) * 0.3) ** 2
+    image = np.sin(grid[0] / 3) + 0.5 * np.cos(grid[-1] / 4)
+    return np.where(tissue, image, 0.0)[None].astype(np.float32), tissue
+
+
+def test_mri_degradation_keeps_the_background_zero_and_adds_bounded_noise(monkeypatch):
+    hr, tissue = tissue_patch()
+    deg = Degradation(kind="mri", p_bias=0.0, p_quantise=0.0)
+    block = [degrade.block_matrix(20, 2).astype(np.float32)] * 3
+    clean = degrade.apply_separable(hr, block)[0]
+    fraction = degrade.apply_separable(tissue[None].astype(np.float32), block)[0]
+    interior = fraction == 1
+    background = far_from(tissue)
+    assert background.sum() > 100
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        lr = deg.apply(hr, 2, rng, tissue)
+        assert lr.shape == (1, 20, 20, 20) and lr.dtype == np.float32
+        # The normaliser's background: exactly 0 (no noise, no spilled blur or ringing).
+        np.testing.assert_array_equal(lr[0][background], 0.0)
+        assert np.all(lr[0][interior] != 0)
+    values = clean[interior]
+    span = np.percentile(values, 99) - np.percentile(values, 1)
+    monkeypatch.setattr(Degradation, "matrices", lambda self, shape, scale, rng: block)
+    errors = []
+    for seed in range(6):  # block averaging only, to see the noise alone
+        noisy = deg.apply(hr, 2, np.random.default_rng(seed), tissue)[0][interior]
+        errors.append(np.std(noisy - values) / span)
+    assert 0.003 < min(errors) and max(errors) < 0.1 and np.ptp(errors) > 0.005
+
+
+def test_bias_field_is_smooth_and_bounded():
+    field = degrade._smooth_field((16, 16, 16), np.random.default_rng(0))
+    assert np.abs(field).max() == pytest.approx(1.0) and np.abs(np.diff(field, axis=0)).max() < 0.3
+
+
+def test_ultrasound_degradation_is_8_bit_and_in_range():
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (1, 40, 48)).astype(np.float32) / 255
+    deg = Degradation(kind="uint8")
+    for _ in range(5):
+        lr = deg.apply(hr, 2, rng)
+        assert lr.shape == (1, 20, 24) and 0 <= lr.min() and lr.max() <= 1
+        np.testing.assert_allclose(lr * 255, np.round(lr * 255), atol=1e-4)
+
+
+def test_same_seed_same_degradation():
+    hr, tissue = tissue_patch((16, 16, 16))
+    deg = Degradation()
+    a = deg.apply(hr, 2, np.random.default_rng(7), tissue)
+    b = deg.apply(hr, 2, np.random.default_rng(7), tissue)
+    c = deg.apply(hr, 2, np.random.default_rng(8), tissue)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_sampler_makes_the_lr_input_when_degrading(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "ds", {"a": {"shape": (16, 20, 20), "lesions": [((8, 10, 10), 3)]}})
+    prep = prep3d(patch_size_lr=[12, 14, 14])
+    preprocess.build_cache(open_dataset(root), prep, tmp_path / "cache", 2, workers=1)
+    cache = preprocess.open_cache(tmp_path / "cache")
+    seen = []
+    apply = Degradation.apply
+    monkeypatch.setattr(
+        Degradation, "apply", lambda self, hr, *a: seen.append((hr.copy(), *a)) or apply(self, hr, *a)
+    )
+    aug = Augmentation(p_intensity=1.0, p_gamma=0.0)
+    sampler = PatchSampler(cache, ["a"], (24, 28, 28), augmentation=aug, degradation=Degradation())
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        image, seg, lr = sampler.sample(rng)
+        assert image.shape == (1, 24, 28, 28) and seg.shape == (24, 28, 28) and lr.shape == (1, 12, 14, 14)
+        hr, scale, _, tissue = seen[-1]
+        np.testing.assert_array_equal(hr, image)  # the augmented HR patch, the image-SR target
+        # The tissue is traced before the intensity shift moves the background (0) to some b:
+        # outside it there is one value, b, and inside it never b.
+        assert scale == 2 and tissue.any() and not tissue.all()
+        (b,) = np.unique(hr[0][~tissue])
+        assert b != 0 and not np.any(hr[0][tissue] == b)
+    hr_image, hr_mask, lr_batch = next(batches(sampler, 3, workers=0, seed=0))
+    assert hr_image.shape == (3, 1, 24, 28, 28) and hr_mask.shape == (3, 1, 24, 28, 28)
+    assert lr_batch.shape == (3, 1, 12, 14, 14) and lr_batch.dtype == torch.float32
+    # Without a degradation the sampler leaves the LR input to lr_from_hr, as before.
+    plain = PatchSampler(cache, ["a"], (12, 12, 12), augmentation=aug)
+    assert len(plain.sample(np.random.default_rng(0))) == 2
