@@ -192,15 +192,17 @@ def test_atrous_conv_is_the_dilated_convolution_forward_and_backward(dims, dilat
         assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_training_and_eval_paths_of_the_dilated_branches_agree():
-    """Training uses atrous_conv, eval() the native kernel: the same network either way."""
-    net = _net(spatial_dims=3, norm="batch")
-    x = torch.randn(2, 1, 10, 12, 8)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_training_and_eval_paths_of_the_convolutions_agree(dims):
+    """Dilated and HR-output convolutions train through their own code and run natively in eval():
+    the same network either way."""
+    net = _net(spatial_dims=dims, norm="batch")
+    x = torch.randn(2, 1, *(10, 12, 8)[:dims])
     net.eval()
     with torch.no_grad():
         ref = net(x)
         for m in net.modules():  # the training path of the convolutions, the eval statistics of the norm
-            if isinstance(m, torch.nn.Conv3d):
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 m.train()
         assert torch.allclose(net(x), ref, atol=1e-5)
 

@@ -142,10 +142,13 @@ class _Atrous:
 
 
 class _Pointwise:
-    """A 1x1 convolution computed as a weighted channel sum: the same numbers, but oneDNN's 1x1
-    convolution to one or a few channels at HR cost 3x as much (forward and backward) on CPU."""
+    """A 1x1 convolution to one or a few channels that trains as a weighted channel sum: the same
+    numbers, but oneDNN's version cost 3x as much (forward and backward) at HR on CPU. In eval() it
+    runs the native kernel, which needs no temporary the size of its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
         shape = (1, *self.weight.shape[:2], *[1] * (x.dim() - 2))
         return (x.unsqueeze(1) * self.weight.view(shape)).sum(2) + self.bias.view(shape[:2] + shape[3:])
 
