@@ -184,7 +184,8 @@ def main() -> int:
                     results.append(row)
         if not args.skip_data:
             with tempfile.TemporaryDirectory() as tmp:
-                cache_dir = getattr(args, f"cache_{key}") or build_cache(key, cfg, Path(tmp) / "cache")
+                # Both 3D configs preprocess alike: --cache-3d serves them both.
+                cache_dir = getattr(args, f"cache_{key[:2]}") or build_cache(key, cfg, Path(tmp) / "cache")
                 if cache_dir is not None:
                     row = {"config": key, "loading": True}
                     for workers in (0, 2):

