@@ -546,7 +546,9 @@ def test_the_table_is_clinical_first_with_provenance_beside_it(tmp_path, tiny_bu
     assert cli.main([*base, "-o", str(out / "m.nrrd"), "--lesion-table", str(out / "t.csv")]) == 0
     # A threshold no probability reaches: no lesion, the same header.
     assert (
-        cli.main([*base, "-o", str(out / "e.nrrd"), "--lesion-table", str(out / "e.csv"), "--threshold", "0.9999"])
+        cli.main(
+            [*base, "-o", str(out / "e.nrrd"), "--lesion-table", str(out / "e.csv"), "--threshold", "0.9999"]
+        )
         == 0
     )
     header = (out / "t.csv").read_text().splitlines()[0].split(",")
