@@ -80,25 +80,12 @@ def test_2d_table_reports_area():
     assert row["longest_diameter_mm"] == pytest.approx(math.hypot(9 * 0.5, 3 * 0.25))
 
 
-def test_diameters_are_computed_only_when_asked(tmp_path, monkeypatch, tiny_bundle_3d):
+def test_diameters_are_computed_only_when_asked():
     mask = _spheres([GRID.index_to_physical([30, 25, 12]), GRID.index_to_physical([10, 12, 8])], [3.0, 2.0])
     full, light = lesion_table(mask), lesion_table(mask, diameters=False)
     diameter_keys = {"axial_diameter_mm", "perpendicular_diameter_mm", "longest_diameter_mm"}
     assert all(diameter_keys <= set(r) for r in full) and not any(diameter_keys & set(r) for r in light)
     assert [{k: v for k, v in r.items() if k not in diameter_keys} for r in full] == light
-    # `segment` without --lesion-table asks for none (its summary line needs counts and volumes only).
-    from SASSRSegmentLib import cli, lesions
-
-    calls = []
-    original = lesions.lesion_table
-    monkeypatch.setattr(lesions, "lesion_table", lambda *a, **k: calls.append(k) or original(*a, **k))
-    image = sitk.Cast(mask, sitk.sitkFloat32) * 100
-    sitk.WriteImage(image, str(tmp_path / "in.nrrd"))
-    base = ["segment", str(tmp_path / "in.nrrd"), "--model", str(tiny_bundle_3d), "--quiet"]
-    assert cli.main([*base, "-o", str(tmp_path / "a.nrrd")]) == 0
-    assert cli.main([*base, "-o", str(tmp_path / "b.nrrd"), "--lesion-table", str(tmp_path / "b.csv")]) == 0
-    # (the table's header comes from a one-voxel table, measured too)
-    assert [k.get("diameters", True) for k in calls] == [False, True, True]
 
 
 def test_empty_mask_gives_an_empty_table():

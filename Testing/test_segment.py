@@ -577,6 +577,21 @@ def test_the_table_is_clinical_first_with_provenance_beside_it(tmp_path, tiny_bu
     }
 
 
+def test_segment_measures_diameters_only_for_a_lesion_table(tmp_path, monkeypatch, tiny_bundle_3d):
+    # Its summary line needs counts and volumes only; the diameters are the table's costly columns.
+    from SASSRSegmentLib import lesions
+
+    _write_volume(tmp_path / "in.nrrd")
+    calls = []
+    original = lesions.lesion_table
+    monkeypatch.setattr(lesions, "lesion_table", lambda *a, **k: calls.append(k) or original(*a, **k))
+    base = ["segment", str(tmp_path / "in.nrrd"), "--model", str(tiny_bundle_3d), "--quiet"]
+    assert cli.main([*base, "-o", str(tmp_path / "a.nrrd")]) == 0
+    assert cli.main([*base, "-o", str(tmp_path / "b.nrrd"), "--lesion-table", str(tmp_path / "b.csv")]) == 0
+    # (the table's header comes from a one-voxel table, measured too)
+    assert [k.get("diameters", True) for k in calls] == [False, True, True]
+
+
 def test_cli_progress_json_lines(tmp_path, tiny_bundle_3d, capsys):
     _write_volume(tmp_path / "in.nii.gz")
     args = [
