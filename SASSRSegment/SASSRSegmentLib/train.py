@@ -773,8 +773,12 @@ def _run(args, output: Path, runtime: Runtime, progress: Progress) -> int:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            # A non-finite loss or gradient (a bf16 overflow, a degenerate batch) is not applied: one
+            # such step would turn every weight into NaN for the rest of the run. (fp16's scaler skips
+            # these steps itself.)
+            if scaler.is_enabled() or bool(torch.isfinite(norm) and torch.isfinite(loss.detach())):
+                scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
