@@ -89,8 +89,10 @@ def test_module_compiles_for_slicers_python():
 
 
 def _python39():
-    """A Python 3.9 interpreter (Slicer 5.6 and 5.8's): $SASSR_PYTHON39, or python3.9 on PATH if it runs."""
-    for candidate in (os.environ.get("SASSR_PYTHON39"), shutil.which("python3.9")):
+    """A Python 3.9 interpreter (Slicer 5.6 and 5.8's): $SASSR_PYTHON39, pyenv's, or python3.9 on PATH,
+    whichever runs (pyenv's shim on PATH may not)."""
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))
+    for candidate in (os.environ.get("SASSR_PYTHON39"), *map(str, pyenv), shutil.which("python3.9")):
         if not candidate:
             continue
         probe = subprocess.run(
