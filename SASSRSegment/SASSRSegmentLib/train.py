@@ -935,95 +935,66 @@ def write_bundle(output: Path, net, cfg: TrainConfig, prep: dict, training: dict
 
 # ------------------------------------------------------------------------------------------------ plot
 
+
 # 3x5 bitmap glyphs (rows top to bottom, 3 bits each) for axis labels without a font library.
-_GLYPHS = {
-    "0": "111101101101111",
-    "1": "010110010010111",
-    "2": "111001111100111",
-    "3": "111001111001111",
-    "4": "101101111001001",
-    "5": "111100111001111",
-    "6": "111100111101111",
-    "7": "111001001001001",
-    "8": "111101111101111",
-    "9": "111101111001111",
-    ".": "000000000000010",
-    "-": "000000111000000",
-    "e": "000111111100111",
-    "k": "100101110101101",
-    " ": "000000000000000",
-    "l": "100100100100111",
-    "o": "000111101101111",
-    "s": "000111100001111",
-    "d": "001001111101111",
-    "i": "010000010010010",
-    "c": "000111100100111",
-    "t": "010111010010011",
-    "p": "000111101111100",
-    "v": "000101101101010",
-}
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, colour, size: int = 2) -> None:
-    for ch in text:
-        bits = _GLYPHS.get(ch, _GLYPHS[" "])
-        for r in range(5):
-            for c in range(3):
-                if bits[r * 3 + c] == "1":
-                    img[y + r * size : y + (r + 1) * size, x + c * size : x + (c + 1) * size] = colour
-        x += 4 * size
-
-
-def _line(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, colour) -> None:
-    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        img[np.linspace(y0, y1, n).round().astype(int), np.linspace(x0, x1, n).round().astype(int)] = colour
-
-
 def _number(v: float) -> str:
     return f"{v:.3g}".replace("+", "")
 
 
 def render_curves(rows: list[dict], width: int = 720, height: int = 400) -> np.ndarray:
-    """RGB image: training loss (blue, left axis) and validation Dice (red, right axis, 0-1) against step."""
-    img = np.full((height, width, 3), 255, np.uint8)
+    """RGB image: training loss (blue, left axis) and validation Dice (red, right axis, 0-1) against step.
+
+    Steps whose loss was not finite (skipped, see the training loop) are left out of the curve."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        font = ImageFont.load_default()
     left, right, top, bottom = 70, width - 60, 30, height - 40
-    img[top:bottom, left] = img[bottom, left:right] = img[top:bottom, right] = 0
-    steps = np.array([float(r["step"]) for r in rows if r.get("loss") not in ("", None)])
-    loss = np.array([float(r["loss"]) for r in rows if r.get("loss") not in ("", None)])
+    draw.line([(left, top), (left, bottom), (right, bottom), (right, top)], fill=(0, 0, 0))
+    logged = [(float(r["step"]), float(r["loss"])) for r in rows if r.get("loss") not in ("", None)]
+    logged = [(s, v) for s, v in logged if math.isfinite(v)]
     val = [(float(r["step"]), float(r["val_dice"])) for r in rows if r.get("val_dice") not in ("", None)]
-    max_step = max([1.0, *steps, *[v[0] for v in val]])
-    top_loss = float(loss.max()) if loss.size else 1.0
-    x_of = lambda s: left + (right - left) * np.asarray(s) / max_step  # noqa: E731
+    max_step = max([1.0, *[s for s, _ in logged], *[s for s, _ in val]])
+    top_loss = max([v for _, v in logged], default=1.0)
+
+    def point(step: float, fraction: float) -> tuple[float, float]:
+        return left + (right - left) * step / max_step, bottom - (bottom - top) * min(max(fraction, 0.0), 1.0)
+
     blue, red, grey = (30, 80, 200), (200, 40, 40), (120, 120, 120)
-    _text(img, left, 8, "loss", blue)
-    _text(img, right - 40, 8, "dice", red)
-    _text(img, (left + right) // 2 - 16, height - 16, "step", grey)
-    _text(img, left - 4, bottom + 8, "0", grey)
-    _text(img, right - 40, bottom + 8, _number(max_step), grey)
-    _text(img, 4, top, _number(top_loss), blue)
-    _text(img, 4, bottom - 10, "0", blue)
-    _text(img, right + 6, top, "1", red)
-    _text(img, right + 6, bottom - 10, "0", red)
-    if loss.size > 1:
-        _line(img, x_of(steps), bottom - (bottom - top) * loss / max(top_loss, 1e-12), blue)
+    for x, y, text, colour in (
+        (left, 8, "loss", blue),
+        (right - 40, 8, "dice", red),
+        ((left + right) // 2 - 16, height - 18, "step", grey),
+        (left - 4, bottom + 6, "0", grey),
+        (right - 40, bottom + 6, _number(max_step), grey),
+        (4, top, _number(top_loss), blue),
+        (4, bottom - 12, "0", blue),
+        (right + 6, top, "1", red),
+        (right + 6, bottom - 12, "0", red),
+    ):
+        draw.text((x, y), text, fill=colour, font=font)
+    if len(logged) > 1:
+        draw.line([point(s, v / max(top_loss, 1e-12)) for s, v in logged], fill=blue, width=2)
     if len(val) > 1:
-        vs, vd = np.array(val).T
-        _line(img, x_of(vs), bottom - (bottom - top) * np.clip(vd, 0, 1), red)
+        draw.line([point(s, v) for s, v in val], fill=red, width=2)
     for s, v in val:
-        x, y = int(round(float(x_of(s)))), int(round(bottom - (bottom - top) * min(max(v, 0), 1)))
-        img[max(top, y - 2) : y + 3, max(left, x - 2) : x + 3] = red
-    return img
+        x, y = point(s, v)
+        draw.rectangle([x - 2, y - 2, x + 2, y + 2], fill=red)
+    return np.asarray(canvas)
 
 
 def write_plot(path: Path, rows: list[dict], progress: Progress) -> None:
     try:
-        import SimpleITK as sitk
+        from PIL import Image
     except ImportError:
-        progress.log("SimpleITK is not installed here: curves.png skipped (log.csv has the numbers)")
+        progress.log("Pillow is not installed here: curves.png skipped (log.csv has the numbers)")
         return
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    sitk.WriteImage(sitk.GetImageFromArray(render_curves(rows), isVector=True), str(tmp))
+    Image.fromarray(render_curves(rows)).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
