@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from SASSRSegmentLib.bundle import load_bundle
-from SASSRSegmentLib.losses import SASRLoss
-from SASSRSegmentLib.network import SASRConfig, SASRNet, SASROutput, atrous_conv, pixel_shuffle
+from SASSRSegmentLib.losses import SASRLoss, affinity_matrix
+from SASSRSegmentLib.network import (
+    ChildFeatures,
+    SASRConfig,
+    SASRNet,
+    SASROutput,
+    atrous_conv,
+    pixel_shuffle,
+)
 
 MODELS = Path(__file__).resolve().parent.parent / "SASSRSegment" / "Resources" / "Models"
 
@@ -235,10 +242,37 @@ def test_subpixel_head_starts_as_nearest_neighbour_upsampling():
     net = _net(spatial_dims=3, hr_head="subpixel")
     lr = torch.randn(1, net.config.features[0], 6, 6, 6)
     x = torch.randn(1, 1, 6, 6, 6)
-    hr = net.seg_hr_head(lr, x)
+    hr = net.seg_hr_head(lr, x).hr()
     assert hr.shape == (1, net.config.hr_channels, 12, 12, 12)
     nearest = hr[:, :, ::2, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
     assert torch.allclose(hr, nearest, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_subpixel_features_kept_as_children_are_the_hr_computation(dims, norm):
+    """The sub-pixel head keeps HR features as each LR voxel's children; its norm, the 1x1 output
+    projection and the affinity pooling must give what the same layers give on the HR grid."""
+    torch.manual_seed(0)
+    net = _net(spatial_dims=dims, hr_head="subpixel", norm=norm).train()
+    x = torch.randn(2, 1, *(12, 16, 8)[:dims])
+    out = net(x)
+    head = net.seg_hr_head
+    feats, _ = net.seg_decoder(net.encoder(x))
+    hr = head.act(head.norm(pixel_shuffle(head.conv(feats), 2)))
+    assert isinstance(out.seg_features, ChildFeatures)
+    assert out.seg_features.shape == hr.shape
+    assert torch.allclose(out.seg_features.hr(), hr, atol=1e-5)
+    interpolated = F.interpolate(
+        net.seg_lr_head(feats), scale_factor=2, mode="bilinear" if dims == 2 else "trilinear"
+    )
+    assert torch.allclose(out.mask, interpolated + net.seg_hr_logits(hr), atol=1e-5)
+    for grid in (4, 3, 5, 64):  # whole LR voxels per bin, and bins that split LR voxels
+        assert torch.allclose(affinity_matrix(out.seg_features, grid), affinity_matrix(hr, grid), atol=1e-5)
+    cropped = out.seg_features.crop((5, 7, 3)[:dims])
+    assert torch.equal(
+        cropped.hr(), out.seg_features.hr()[(..., *(slice(0, 2 * n) for n in (5, 7, 3)[:dims]))]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in MODELS.iterdir() if (p / "model.json").is_file()))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network import SASROutput
+from .network import ChildFeatures, SASROutput
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -35,27 +35,33 @@ def weighted_reconstruction_loss(
     return diff.sum() / (weight.sum() * image.shape[1])
 
 
-def affinity_matrix(features: torch.Tensor, grid: int) -> torch.Tensor:
+def affinity_matrix(features: torch.Tensor | ChildFeatures, grid: int) -> torch.Tensor:
     """Pairwise cosine affinity (B, N, N) of feature vectors on a pooled grid of at most `grid` per axis.
 
     Adaptive average pooling bounds N (grid**dims positions) whatever the patch size, so memory stays
     small for large HR patches; L2 normalisation per position makes the affinity independent of feature
     magnitude, which differs between the two branches.
     """
-    spatial = features.shape[2:]
-    pool = F.adaptive_avg_pool3d if features.dim() == 5 else F.adaptive_avg_pool2d
-    pooled = pool(features.float(), tuple(min(grid, s) for s in spatial))
+    if isinstance(features, ChildFeatures):
+        pooled = features.pooled(grid)
+    else:
+        pool = F.adaptive_avg_pool3d if features.dim() == 5 else F.adaptive_avg_pool2d
+        pooled = pool(features.float(), tuple(min(grid, s) for s in features.shape[2:]))
     flat = F.normalize(pooled.flatten(2), dim=1, eps=1e-6)  # (B, C, N)
     return flat.transpose(1, 2) @ flat
 
 
-def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, grid: int) -> torch.Tensor:
+def affinity_loss(
+    student: torch.Tensor | ChildFeatures, teacher: torch.Tensor | ChildFeatures, grid: int
+) -> torch.Tensor:
     """Mean absolute difference between the two affinity matrices, averaged over the batch.
 
     The teacher (the image-SR branch) is detached: the affinity terms pull the segmentation branch
     toward the structure the SR branch found, not the other way around.
     """
-    return (affinity_matrix(student, grid) - affinity_matrix(teacher.detach(), grid)).abs().mean()
+    with torch.no_grad():
+        target = affinity_matrix(teacher, grid)
+    return (affinity_matrix(student, grid) - target).abs().mean()
 
 
 @dataclass
@@ -68,7 +74,7 @@ class LossWeights:
     sa: float = 0.5
     background_weight: float = 0.2
     affinity_grid_2d: int = 32
-    affinity_grid_3d: int = 12
+    affinity_grid_3d: int = 6
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SASRConfig", "SASRNet", "SASROutput", "pixel_shuffle"]
+__all__ = ["ChildFeatures", "SASRConfig", "SASRNet", "SASROutput", "pixel_shuffle"]
 HR_HEADS = ("interpolate", "subpixel")
 
 
@@ -93,8 +93,10 @@ class SASROutput:
 
     mask: torch.Tensor  # HR mask logits (B, 1, *HR)
     image: torch.Tensor | None = None  # HR reconstructed image (B, C, *HR) when image_sr
-    seg_features: torch.Tensor | None = None  # HR features of the segmentation branch (for FA)
-    sr_features: torch.Tensor | None = None  # HR features of the image-SR branch (for FA)
+    # HR features of the segmentation / image-SR branch (for FA): a tensor on the HR grid, or
+    # `ChildFeatures` from a sub-pixel head.
+    seg_features: torch.Tensor | ChildFeatures | None = None
+    sr_features: torch.Tensor | ChildFeatures | None = None
     seg_scales: torch.Tensor | None = None  # SDC scale maps of the segmentation decoder (for SA)
     sr_scales: torch.Tensor | None = None  # SDC scale maps of the image-SR decoder (for SA)
     extras: dict = field(default_factory=dict)
@@ -340,13 +342,57 @@ class HRHead(nn.Module):
         return self.refine(torch.cat([up, _interpolate(x_lr, self.scale)], dim=1))
 
 
+class ChildFeatures:
+    """HR features held as each LR voxel's scale^d children, (B, C, scale^d, *LR), the layout a sub-pixel
+    convolution produces. Everything the network and the losses do with them (1x1 projections, instance
+    norm, pooling) has the same numbers in this layout, so the HR grid is never materialised for them:
+    at HR those strided copies and broadcast products were half of a 3D training step on CPU."""
+
+    def __init__(self, children: torch.Tensor, scale: int):
+        self.children = children
+        self.scale = scale
+
+    @property
+    def shape(self) -> torch.Size:
+        b, c, _, *size = self.children.shape
+        return torch.Size([b, c, *(n * self.scale for n in size)])
+
+    def crop(self, size: tuple[int, ...]) -> ChildFeatures:
+        """The HR crop to `size` LR voxels per axis (LR voxel n owns HR children n*scale ...)."""
+        return ChildFeatures(self.children[(..., *(slice(0, n) for n in size))], self.scale)
+
+    def hr(self) -> torch.Tensor:
+        b, c, k, *size = self.children.shape
+        return pixel_shuffle(self.children.reshape(b, c * k, *size), self.scale)
+
+    def project(self, conv: nn.Module) -> torch.Tensor:
+        """`conv` (a 1x1 convolution) applied at HR, returned on the HR grid."""
+        b, c, k, *size = self.children.shape
+        weight = conv.weight.reshape(conv.weight.shape[0], c).to(self.children.dtype)
+        y = weight @ self.children.reshape(b, c, -1)
+        y = y + conv.bias.to(y.dtype).view(1, -1, 1)
+        return pixel_shuffle(y.reshape(b, -1, *size), self.scale)
+
+    def pooled(self, grid: int) -> torch.Tensor:
+        """Adaptive average pooling of the HR features to at most `grid` per axis. Where every pooling
+        bin is whole LR voxels it is the children's mean pooled on the LR grid; otherwise the HR grid."""
+        size = self.children.shape[3:]
+        bins = [min(grid, n * self.scale) for n in size]
+        pool = F.adaptive_avg_pool3d if len(size) == 3 else F.adaptive_avg_pool2d
+        if all(n % g == 0 for n, g in zip(size, bins)):
+            b, c, k = self.children.shape[:3]
+            pooled = pool(self.children.reshape(b, c * k, *size), bins).float()
+            return pooled.view(b, c, k, *bins).mean(2)
+        return pool(self.hr(), bins).float()
+
+
 class SubpixelHead(nn.Module):
     """Lifts LR decoder features to the HR grid by a sub-pixel convolution (Shi et al., CVPR 2016).
 
     A 3x3 convolution of the LR features predicts `hr_channels` features for each of an LR voxel's
-    scale^d HR children; a pixel shuffle puts them in place; then norm and LeakyReLU. Unlike the
-    interpolating head it does not take the LR input as well: the encoder has seen it, and one channel
-    more (17 instead of 16) made this convolution 1.5x slower on CPU.
+    scale^d HR children, then norm and LeakyReLU per HR channel; the result stays in the children layout
+    (`ChildFeatures`). Unlike the interpolating head it does not take the LR input as well: the encoder
+    has seen it, and one channel more (17 instead of 16) made this convolution 1.5x slower on CPU.
     """
 
     def __init__(self, cfg: SASRConfig, channels: int):
@@ -364,8 +410,25 @@ class SubpixelHead(nn.Module):
         self.norm = _norm(d, cfg.norm, cfg.hr_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
-    def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(pixel_shuffle(self.conv(features), self.scale)))
+    def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> ChildFeatures:
+        y = self.conv(features)
+        b, _, *size = y.shape
+        children = y.reshape(b, self.out_channels, -1, *size)
+        # Folding the children axis into the first spatial one keeps the norm's statistics those of
+        # each HR channel over all HR voxels.
+        flat = children.flatten(2, 3)
+        return ChildFeatures(self.act(self.norm(flat)).view_as(children), self.scale)
+
+
+def hr_project(features: torch.Tensor | ChildFeatures, conv: nn.Module) -> torch.Tensor:
+    """A 1x1 output convolution of HR features in either layout."""
+    return features.project(conv) if isinstance(features, ChildFeatures) else conv(features)
+
+
+def hr_crop(features: torch.Tensor | ChildFeatures, size: tuple[int, ...], scale: int):
+    if isinstance(features, ChildFeatures):
+        return features.crop(size)
+    return features[(..., *(slice(0, n * scale) for n in size))]
 
 
 def _hr_head(cfg: SASRConfig, channels: int) -> nn.Module:
@@ -438,7 +501,7 @@ class SASRNet(nn.Module):
             hr_features = self.seg_hr_head(feats, x)
             # Learned HR detail is a residual on top of interpolated LR logits, so training starts
             # from the interpolation baseline rather than from noise.
-            logits = logits + self.seg_hr_logits(hr_features)
+            logits = logits + hr_project(hr_features, self.seg_hr_logits)
         else:
             hr_features = _interpolate(feats, self.config.scale)
         return logits, hr_features, scales
@@ -446,7 +509,7 @@ class SASRNet(nn.Module):
     def _image_sr(self, x: torch.Tensor, skips: list[torch.Tensor]):
         feats, scales = self.sr_decoder(skips)
         hr_features = self.sr_hr_head(feats, x)
-        image = _interpolate(x, self.config.scale) + self.sr_out(hr_features)
+        image = _interpolate(x, self.config.scale) + hr_project(hr_features, self.sr_out)
         return image, hr_features, scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SASROutput:
@@ -457,13 +520,13 @@ class SASRNet(nn.Module):
             return self._crop(logits, size)
         out = SASROutput(
             mask=self._crop(logits, size),
-            seg_features=self._crop(seg_features, size),
+            seg_features=hr_crop(seg_features, size, self.config.scale),
             seg_scales=seg_scales,
         )
         if self.sr_decoder is not None:
             image, sr_features, sr_scales = self._image_sr(x, skips)
             out.image = self._crop(image, size)
-            out.sr_features = self._crop(sr_features, size)
+            out.sr_features = hr_crop(sr_features, size, self.config.scale)
             out.sr_scales = sr_scales
         return out
 
