@@ -30,8 +30,8 @@ def make_tiny_bundle(folder: Path, spatial_dims: int, image_sr: bool = True) -> 
     """An untrained, tiny-width bundle: exercises every code path in well under a second per image."""
     import torch
 
-    from SASSRSegmentLib.bundle import save_bundle
-    from SASSRSegmentLib.network import SASRConfig, SASRNet
+    from SASSRSegmentLib.model.bundle import save_bundle
+    from SASSRSegmentLib.model.network import SASRConfig, SASRNet
 
     torch.manual_seed(0)
     net = SASRNet(SASRConfig(spatial_dims=spatial_dims, features=(4, 8), dilations=(1, 2), image_sr=image_sr))

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from SASSRSegmentLib.bundle import bundled_models, load_bundle, resolve_model, save_bundle
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.inference import gaussian_importance, sliding_window_predict, window_starts
-from SASSRSegmentLib.network import SASRConfig, SASRNet
+from SASSRSegmentLib.inference.windows import gaussian_importance, sliding_window_predict, window_starts
+from SASSRSegmentLib.model.bundle import bundled_models, load_bundle, resolve_model, save_bundle
+from SASSRSegmentLib.model.network import SASRConfig, SASRNet
+from SASSRSegmentLib.runtime.errors import UserError
 
 PREP_2D = {"spatial_dims": 2, "scale": 2, "lr_longer_side": 32, "normalization": {"kind": "uint8"}}
 
@@ -104,7 +104,7 @@ def test_sliding_window_with_a_real_network_and_small_image(dims):
 
 
 def test_autocast_choice(monkeypatch):
-    from SASSRSegmentLib import devices
+    from SASSRSegmentLib.runtime import devices
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)

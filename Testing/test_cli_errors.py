@@ -19,8 +19,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SASSRSegmentLib import cli, segment
-from SASSRSegmentLib.bundle import bundled_models, read_card
+from SASSRSegmentLib import cli
+from SASSRSegmentLib.commands import segment as segment_command
+from SASSRSegmentLib.model.bundle import bundled_models, read_card
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +118,7 @@ def test_cuda_asked_but_absent(tmp_path, tiny_bundle_3d):
 def test_demo(tmp_path):
     """With the bundled sample and 3D model: mask, lesion table and figure; without: says what is missing."""
     has_model = any(read_card(f)["preprocessing"].get("spatial_dims") == 3 for f in bundled_models().values())
-    has_sample = (segment.samples_dir() / segment.SAMPLE_NAME).is_file()
+    has_sample = (segment_command.samples_dir() / segment_command.SAMPLE_NAME).is_file()
     # A region around the sample's centre keeps this fast on a CPU (the full demo is `make demo`).
     roi = ["--roi", "-130", "-100", "110", "140", "60", "90"]
     result = _run("segment", "--demo", "-o", tmp_path / "demo", "--progress", "quiet", *roi, timeout=600)
@@ -127,7 +128,7 @@ def test_demo(tmp_path):
         assert ("sample image" in result.stderr) != has_sample
         return
     assert result.returncode == 0, result.stderr
-    stem = segment.SAMPLE_NAME.removesuffix(".nrrd")
+    stem = segment_command.SAMPLE_NAME.removesuffix(".nrrd")
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert names == [
         f"{stem}_figure.png",
@@ -136,7 +137,7 @@ def test_demo(tmp_path):
         f"{stem}_mask.seg.nrrd",
     ]
     mask = sitk.ReadImage(str(tmp_path / "demo" / f"{stem}_mask.seg.nrrd"))
-    sample = sitk.ReadImage(str(segment.samples_dir() / segment.SAMPLE_NAME))
+    sample = sitk.ReadImage(str(segment_command.samples_dir() / segment_command.SAMPLE_NAME))
     np.testing.assert_allclose(mask.GetSpacing(), np.asarray(sample.GetSpacing()) / 2)
     assert all(30 <= n <= 34 for n in mask.GetSize())  # 30 mm at 1 mm, plus the voxels the edges touch
 
@@ -175,7 +176,8 @@ def test_cancel_during_one_long_library_call_exits_within_a_second_and_leaves_no
         "import sys\n"
         "from pathlib import Path\n"
         "import SimpleITK as sitk\n"
-        "from SASSRSegmentLib import cli, imageio\n"
+        "from SASSRSegmentLib.commands.runner import run_command\n"
+        "from SASSRSegmentLib.io import imageio\n"
         "def run(args):\n"
         "    image = sitk.Image(300, 300, 200, sitk.sitkFloat32)\n"
         "    with imageio.Staging(False) as staging:\n"
@@ -183,7 +185,7 @@ def test_cancel_during_one_long_library_call_exits_within_a_second_and_leaves_no
         "        print('staged', flush=True)\n"
         "        for _ in range(20):\n"
         "            sitk.DiscreteGaussian(image, 20.0)  # seconds inside ITK, deaf to signals\n"
-        "sys.exit(cli.run_command(run, None, in_worker=True))\n"
+        "sys.exit(run_command(run, None, in_worker=True))\n"
     )
     process = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "out")],

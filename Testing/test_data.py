@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import data
-from SASSRSegmentLib.errors import UserError
+from SASSRSegmentLib.data import datasets as data
+from SASSRSegmentLib.runtime.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from test_data import make_dataset
 from test_preprocess import prep3d
 
-from SASSRSegmentLib import degrade, preprocess
-from SASSRSegmentLib.data import open_dataset
-from SASSRSegmentLib.degrade import Degradation
-from SASSRSegmentLib.sampling import Augmentation, PatchSampler, batches, lr_from_hr
+from SASSRSegmentLib.data import cache as preprocess
+from SASSRSegmentLib.data import degrade
+from SASSRSegmentLib.data.datasets import open_dataset
+from SASSRSegmentLib.data.degrade import Degradation
+from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, batches, lr_from_hr
 
 N_LR = 20
 

@@ -10,9 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SASSRSegmentLib import cli, geometry, metrics
-from SASSRSegmentLib.evaluate import interpolation_baseline, synthesise_case
-from SASSRSegmentLib.geometry import Grid, hr_grid
+from SASSRSegmentLib import cli
+from SASSRSegmentLib.evaluation import metrics
+from SASSRSegmentLib.evaluation.scoring import interpolation_baseline, synthesise_case
+from SASSRSegmentLib.io import geometry
+from SASSRSegmentLib.io.geometry import Grid, hr_grid
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +178,7 @@ def test_evaluate_on_real_ultrasound_cases(shared_data, tmp_path, tiny_bundle_2d
 
 
 def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys):
-    from SASSRSegmentLib import models
+    from SASSRSegmentLib.commands import models
 
     monkeypatch.setattr(models, "bundled_models", lambda: {"tiny-2d": tiny_bundle_2d, "toy-3d": model})
     assert cli.main(["models", "--json"]) == 0

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import figure
-from SASSRSegmentLib.geometry import Grid
+from SASSRSegmentLib.inference import figure
+from SASSRSegmentLib.io.geometry import Grid
 
 
 def test_sides_and_view_names_follow_the_direction_cosines():

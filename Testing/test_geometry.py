@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.geometry import (
+from SASSRSegmentLib.io.geometry import (
     Grid,
     crop_to_multiple,
     downsample_block,
@@ -21,6 +20,7 @@ from SASSRSegmentLib.geometry import (
     training_hr_grid,
     working_lr_grid,
 )
+from SASSRSegmentLib.runtime.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import imageio
-from SASSRSegmentLib.errors import UserError
+from SASSRSegmentLib.io import imageio
+from SASSRSegmentLib.runtime.errors import UserError
 
 
 def _volume(size=(6, 5, 4), spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0)) -> sitk.Image:

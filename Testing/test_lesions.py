@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.geometry import Grid
-from SASSRSegmentLib.lesions import connected_lesions, format_table, lesion_table, write_lesion_table
+from SASSRSegmentLib.inference.lesions import (
+    connected_lesions,
+    format_table,
+    lesion_table,
+    write_lesion_table,
+)
+from SASSRSegmentLib.io.geometry import Grid
+from SASSRSegmentLib.runtime.errors import UserError
 
 # An oblique (rotated about z by 30 degrees), anisotropic, off-origin grid.
 _C, _S = math.cos(math.pi / 6), math.sin(math.pi / 6)
@@ -111,7 +116,7 @@ def test_csv_and_json_writers(tmp_path):
 
 
 def test_drop_small_components_keeps_the_main_masses():
-    from SASSRSegmentLib.lesions import drop_small_components
+    from SASSRSegmentLib.inference.lesions import drop_small_components
 
     arr = np.zeros((1, 40, 40), np.uint8)
     arr[0, 2:22, 2:22] = 1  # 400 voxels
@@ -127,7 +132,7 @@ def test_drop_small_components_keeps_the_main_masses():
 
 
 def test_lesion_region_is_the_box_around_the_voxels():
-    from SASSRSegmentLib.lesions import lesion_region
+    from SASSRSegmentLib.inference.lesions import lesion_region
 
     arr = np.zeros((20, 30, 40), np.uint8)
     assert lesion_region(sitk.GetImageFromArray(arr)) is None
@@ -143,7 +148,7 @@ def test_lesion_region_is_the_box_around_the_voxels():
 @pytest.mark.parametrize("fully_connected", [True, False])
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
 def test_slab_wise_components_agree_with_whole_volume_labelling(shape, fully_connected, density):
-    from SASSRSegmentLib.lesions import keep_large_components
+    from SASSRSegmentLib.inference.lesions import keep_large_components
 
     rng = np.random.default_rng(len(shape) * 100 + int(density * 10))
     array = (rng.random(shape) < density).astype(np.uint8)

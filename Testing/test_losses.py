@@ -5,14 +5,14 @@ import resource
 import pytest
 import torch
 
-from SASSRSegmentLib.losses import (
+from SASSRSegmentLib.model.losses import (
     LossWeights,
     SASRLoss,
     affinity_loss,
     dice_bce_loss,
     weighted_reconstruction_loss,
 )
-from SASSRSegmentLib.network import SASROutput
+from SASSRSegmentLib.model.network import SASROutput
 
 
 def test_dice_bce_is_small_for_confident_correct_logits_and_large_otherwise():

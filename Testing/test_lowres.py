@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import geometry, lowres
-from SASSRSegmentLib.geometry import Grid
+from SASSRSegmentLib.data import lowres
+from SASSRSegmentLib.io import geometry
+from SASSRSegmentLib.io.geometry import Grid
 
 
 def _image(shape, spacing, dtype=np.float32, seed=0):

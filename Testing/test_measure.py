@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import measure
-from SASSRSegmentLib.geometry import Grid
+from SASSRSegmentLib.inference import measure
+from SASSRSegmentLib.io.geometry import Grid
 
 
 def _grid(shape_zyx, spacing, direction=None):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib import metrics
+from SASSRSegmentLib.evaluation import metrics
 
 
 def _image(array, spacing=None):

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SASSRSegmentLib.bundle import load_bundle
-from SASSRSegmentLib.losses import SASRLoss, affinity_matrix
-from SASSRSegmentLib.network import (
+from SASSRSegmentLib.model.bundle import load_bundle
+from SASSRSegmentLib.model.losses import SASRLoss, affinity_matrix
+from SASSRSegmentLib.model.network import (
     ChildFeatures,
     SASRConfig,
     SASRNet,

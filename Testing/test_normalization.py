@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 
-from SASSRSegmentLib import geometry
-from SASSRSegmentLib.normalization import choose_normalization, erode, fit, normalize, tissue_mask
+from SASSRSegmentLib.data.normalization import choose_normalization, erode, fit, normalize, tissue_mask
+from SASSRSegmentLib.io import geometry
 
 
 def _head(background: float, gain: float, offset: float) -> np.ndarray:
@@ -32,7 +32,7 @@ def test_mri_zscore_is_the_same_for_raw_and_prenormalised_conventions():
 
 def test_mri_normalising_before_or_after_block_averaging_agrees():
     """Training normalises HR then block-averages; inference normalises the LR scan it is given."""
-    from SASSRSegmentLib.geometry import downsample_block
+    from SASSRSegmentLib.io.geometry import downsample_block
 
     z, y, x = np.mgrid[:64, :64, :64]
     ball = (z - 31.5) ** 2 + (y - 30.0) ** 2 + (x - 33.0) ** 2 < 25.3**2

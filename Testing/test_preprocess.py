@@ -14,11 +14,13 @@ import SimpleITK as sitk
 import torch
 from test_data import blob_label, make_dataset, write_image
 
-from SASSRSegmentLib import geometry, preprocess
-from SASSRSegmentLib.data import open_dataset
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.normalization import erode
-from SASSRSegmentLib.sampling import Augmentation, PatchSampler, lr_from_hr
+from SASSRSegmentLib.commands import preprocess as preprocess_command
+from SASSRSegmentLib.data import cache as preprocess
+from SASSRSegmentLib.data.datasets import open_dataset
+from SASSRSegmentLib.data.normalization import erode
+from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, lr_from_hr
+from SASSRSegmentLib.io import geometry
+from SASSRSegmentLib.runtime.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -253,13 +255,13 @@ def test_brats_raw_and_prenormalised_cases_match_after_preprocessing(shared_data
         (root / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(source / "imagesTr" / f"{case}_0000.nii.gz")
         (root / "labelsTr" / f"{case}.nii.gz").symlink_to(source / "labelsTr" / f"{case}.nii.gz")
     parser = argparse.ArgumentParser()
-    preprocess.add_arguments(parser)
+    preprocess_command.add_arguments(parser)
     config = REPO / "configs" / "brain-tumour-flair-3d.json"
     args = parser.parse_args(
         ["--dataset", str(root), "--output", str(tmp_path / "cache"), "--config", str(config)]
     )
     args.progress = "quiet"
-    assert preprocess.run(args) == 0  # two worker processes
+    assert preprocess_command.run(args) == 0  # two worker processes
     cache = preprocess.open_cache(tmp_path / "cache")
     raw_max = {}
     for case in cache.names:

@@ -10,10 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SASSRSegmentLib import metrics, segment
-from SASSRSegmentLib.bundle import bundled_models, load_bundle
+from SASSRSegmentLib.commands import segment as segment_command
+from SASSRSegmentLib.evaluation import metrics
+from SASSRSegmentLib.inference import pipeline
+from SASSRSegmentLib.model.bundle import bundled_models, load_bundle
 
-SAMPLE = segment.samples_dir() / segment.SAMPLE_NAME
+SAMPLE = segment_command.samples_dir() / segment_command.SAMPLE_NAME
 MODEL = "brain-tumour-flair-3d"
 
 
@@ -45,9 +47,9 @@ def test_the_sample_mask_survives_noise_smoothing_tails_and_rescaling(brain):
     card, net = brain
     image = sitk.ReadImage(str(SAMPLE), sitk.sitkFloat32)
     warnings = []
-    clean, _ = segment.segment_image(image, net, card, probabilities="none", warn=warnings.append)
+    clean, _ = pipeline.segment_image(image, net, card, probabilities="none", warn=warnings.append)
     assert 30_000 < sitk.GetArrayViewFromImage(clean).sum() < 45_000 and warnings == []  # about 37 mL
     for name, variant in _variants(image).items():
-        mask, _ = segment.segment_image(variant, net, card, probabilities="none", warn=warnings.append)
+        mask, _ = pipeline.segment_image(variant, net, card, probabilities="none", warn=warnings.append)
         assert metrics.overlap(mask, clean)["dice"] >= 0.95, name
     assert warnings == []

@@ -15,14 +15,17 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from SASSRSegmentLib import cli, geometry, segment
-from SASSRSegmentLib.bundle import load_bundle
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.geometry import Grid
-from SASSRSegmentLib.lesions import lesion_table
+from SASSRSegmentLib import cli
+from SASSRSegmentLib.commands import segment as segment_command
+from SASSRSegmentLib.inference import inputs, memory, pipeline
+from SASSRSegmentLib.inference.lesions import lesion_table
+from SASSRSegmentLib.io import geometry
+from SASSRSegmentLib.io.geometry import Grid
+from SASSRSegmentLib.model.bundle import load_bundle
+from SASSRSegmentLib.runtime.errors import UserError
 
 CPU = torch.device("cpu")
-SAMPLE = segment.samples_dir() / segment.SAMPLE_NAME
+SAMPLE = segment_command.samples_dir() / segment_command.SAMPLE_NAME
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +115,7 @@ def _equivalent_radius(row: dict) -> float:
 def test_hr_output_overlays_an_oblique_anisotropic_volume():
     centre = OBLIQUE.index_to_physical([19.3, 17.6, 4.2])
     image = ball_image(OBLIQUE, centre, 10.0)
-    mask, probabilities = segment.segment_image(image, Interpolator(), _card(3), CPU)
+    mask, probabilities = pipeline.segment_image(image, Interpolator(), _card(3), CPU)
     _assert_same_extent(mask, image)
     np.testing.assert_allclose(mask.GetSpacing(), (0.5, 0.5, 2.5))
     assert mask.GetSize() == (80, 72, 18)
@@ -123,7 +126,7 @@ def test_hr_output_overlays_an_oblique_anisotropic_volume():
     np.testing.assert_allclose(ball["centroid_lps_mm"], centre, atol=0.1)
     assert _equivalent_radius(ball) == pytest.approx(10.0, abs=0.5)
     # --output-grid input: the very grid of the input, the same ball.
-    on_input, _ = segment.segment_image(image, Interpolator(), _card(3), CPU, output_grid="input")
+    on_input, _ = pipeline.segment_image(image, Interpolator(), _card(3), CPU, output_grid="input")
     assert Grid.from_image(on_input) == Grid.from_image(image)
     (ball,) = lesion_table(on_input)
     np.testing.assert_allclose(ball["centroid_lps_mm"], centre, atol=0.2)
@@ -136,12 +139,12 @@ def test_mask_alone_or_with_8_bit_probabilities_is_the_same_mask(spacing):
     image = ball_image(grid, grid.index_to_physical([14.2, 12.7, 3.6]), 7.0)
     card = _card(3)
     card["preprocessing"]["patch_size_lr"] = [4, 8, 8]  # several windows on every axis
-    mask, probabilities = segment.segment_image(image, Interpolator(), card, CPU)
-    alone, none = segment.segment_image(image, Interpolator(), card, CPU, probabilities="none")
+    mask, probabilities = pipeline.segment_image(image, Interpolator(), card, CPU)
+    alone, none = pipeline.segment_image(image, Interpolator(), card, CPU, probabilities="none")
     assert none is None and Grid.from_image(alone) == Grid.from_image(mask)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(alone), sitk.GetArrayFromImage(mask))
     assert 0 < sitk.GetArrayFromImage(mask).sum() < math.prod(mask.GetSize())
-    with_8_bit, p8 = segment.segment_image(image, Interpolator(), card, CPU, probabilities="uint8")
+    with_8_bit, p8 = pipeline.segment_image(image, Interpolator(), card, CPU, probabilities="uint8")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(with_8_bit), sitk.GetArrayFromImage(mask))
     assert p8.GetPixelID() == sitk.sitkUInt8 and Grid.from_image(p8) == Grid.from_image(mask)
     p = sitk.GetArrayFromImage(probabilities)
@@ -156,7 +159,7 @@ def test_hr_output_overlays_a_2d_image():
     grid = Grid((50, 34), (0.5, 0.7), (3.0, -4.0), (1.0, 0.0, 0.0, 1.0))
     centre = grid.index_to_physical([23.6, 15.2])
     image = ball_image(grid, centre, 6.0)
-    mask, _ = segment.segment_image(image, Interpolator(), _card(2), CPU)
+    mask, _ = pipeline.segment_image(image, Interpolator(), _card(2), CPU)
     _assert_same_extent(mask, image)
     assert mask.GetSize() == (100, 68)
     (disc,) = lesion_table(mask)
@@ -170,8 +173,8 @@ def test_super_resolved_image_lies_on_the_mask_grid():
     image = grid.image_from_array(np.broadcast_to(x, (6, 8, 10)).copy())
     card = _card(3)
     card["preprocessing"]["lr_spacing"] = [1.0, 1.5, 3.0]  # no resampling to a working grid
-    sr = segment.super_resolve_image(image, Interpolator(), card, CPU)
-    mask, _ = segment.segment_image(image, Interpolator(), card, CPU)
+    sr = pipeline.super_resolve_image(image, Interpolator(), card, CPU)
+    mask, _ = pipeline.segment_image(image, Interpolator(), card, CPU)
     assert Grid.from_image(sr) == Grid.from_image(mask)
     hr_x = (np.arange(20) + 0.5) / 2 - 0.5  # HR voxel centres in LR index units
     expected = np.clip(hr_x, 0, 9) * 10.0 / 100.0  # ct window [0, 100] -> [0, 1]
@@ -182,11 +185,11 @@ def test_single_slice_volume_with_a_2d_model(tiny_bundle_2d):
     card, net = load_bundle(tiny_bundle_2d)
     grid = Grid((30, 20, 1), (0.6, 0.4, 3.0), (1.0, 2.0, 3.0), tuple(_rotation(0.5, 0.2).ravel()))
     image = grid.image_from_array(np.random.default_rng(0).integers(0, 255, (1, 20, 30)).astype(np.uint8))
-    mask, probabilities = segment.segment_image(image, net, card, CPU)
+    mask, probabilities = pipeline.segment_image(image, net, card, CPU)
     assert mask.GetSize() == (60, 40, 1)
     np.testing.assert_allclose(mask.GetSpacing(), (0.3, 0.2, 3.0))
     _assert_same_extent(mask, image)
-    on_input, _ = segment.segment_image(image, net, card, CPU, output_grid="input")
+    on_input, _ = pipeline.segment_image(image, net, card, CPU, output_grid="input")
     assert Grid.from_image(on_input) == grid
 
 
@@ -195,8 +198,8 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
     image = ball_image(OBLIQUE, centre, 10.0)
     ras = np.asarray(centre) * [-1, -1, 1]
     box = [v for c in ras for v in (c - 6.0, c + 6.0)]
-    mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU, roi=box)
-    full_mask, _ = segment.segment_image(image, Interpolator(), _card(3), CPU)
+    mask, _ = pipeline.segment_image(image, Interpolator(), _card(3), CPU, roi=box)
+    full_mask, _ = pipeline.segment_image(image, Interpolator(), _card(3), CPU)
     full, roi = Grid.from_image(full_mask), Grid.from_image(mask)
     assert all(n <= m for n, m in zip(roi.size, full.size)) and math.prod(roi.size) < math.prod(full.size)
     np.testing.assert_allclose(roi.spacing, full.spacing)
@@ -212,7 +215,7 @@ def test_roi_is_given_in_ras_and_keeps_the_geometry():
     crop = sitk.GetArrayFromImage(full_mask)[tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1]))]
     assert np.mean(crop != sitk.GetArrayFromImage(mask)) < 0.01
     with pytest.raises(UserError, match="does not overlap"):
-        segment.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])
+        pipeline.segment_image(image, Interpolator(), _card(3), CPU, roi=[500, 510, 500, 510, 500, 510])
 
 
 def _mri_card(**plausibility) -> dict:
@@ -234,11 +237,11 @@ def _head_with_lesion() -> sitk.Image:
 def test_an_roi_is_normalised_with_the_whole_volume_levels():
     image = _head_with_lesion()
     card = _mri_card()
-    full_mask, _ = segment.segment_image(image, Interpolator(), card, CPU)
+    full_mask, _ = pipeline.segment_image(image, Interpolator(), card, CPU)
     lesion = np.asarray([26, 25, 20]) * 2.0
     ras = lesion * [-1, -1, 1]
     box = [v for c in ras for v in (c - 12.0, c + 12.0)]
-    mask, _ = segment.segment_image(image, Interpolator(), card, CPU, roi=box)
+    mask, _ = pipeline.segment_image(image, Interpolator(), card, CPU, roi=box)
     full, roi = Grid.from_image(full_mask), Grid.from_image(mask)
     i0 = np.round(full.physical_to_index(roi.origin)).astype(int)
     crop = sitk.GetArrayFromImage(full_mask)[tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1]))]
@@ -254,7 +257,7 @@ def test_a_1mm_scan_reaches_a_2mm_model_by_block_averaging():
     image = grid.image_from_array(rng.uniform(0, 100, grid.size[::-1]).astype(np.float32))
     work = geometry.working_lr_grid(grid, _card(3)["preprocessing"])
     assert work.size == (11, 10, 7)  # overshoots the odd axes by half an LR voxel
-    got = segment.to_working_grid(image, work)
+    got = inputs.to_working_grid(image, work)
     padded = np.pad(sitk.GetArrayFromImage(image), [(0, 1), (0, 0), (0, 1)], mode="edge")
     expected = geometry.downsample_block(padded, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -264,7 +267,7 @@ def test_a_1mm_scan_reaches_a_2mm_model_by_block_averaging():
     work = geometry.working_lr_grid(coarse, _card(3)["preprocessing"])
     assert geometry.block_factors(coarse, work) is None
     np.testing.assert_allclose(
-        segment.to_working_grid(other, work),
+        inputs.to_working_grid(other, work),
         sitk.GetArrayFromImage(geometry.resample(other, work)),
         rtol=1e-6,
     )
@@ -273,12 +276,12 @@ def test_a_1mm_scan_reaches_a_2mm_model_by_block_averaging():
 def test_a_mask_covering_too_much_of_the_tissue_is_flagged():
     image = _head_with_lesion()
     warnings = []
-    segment.segment_image(
+    pipeline.segment_image(
         image, Interpolator(), _mri_card(max_tissue_fraction=0.01), CPU, warn=warnings.append
     )
     assert len(warnings) == 1 and "% of the tissue" in warnings[0] and "more than any lesion" in warnings[0]
     warnings.clear()
-    segment.segment_image(
+    pipeline.segment_image(
         image, Interpolator(), _mri_card(max_tissue_fraction=0.9), CPU, warn=warnings.append
     )
     assert warnings == []
@@ -290,12 +293,12 @@ def test_thick_slices_and_too_much_tissue_are_said_in_one_line():
     thick = geometry.resample(image, grid)
     warnings = []
     card = _mri_card(max_tissue_ml=50, tissue_hint="strip the skull first")
-    segment.segment_image(thick, Interpolator(), card, CPU, warn=warnings.append)
+    pipeline.segment_image(thick, Interpolator(), card, CPU, warn=warnings.append)
     assert len(warnings) == 2
     assert "6 mm along axis z, 3.0x the model's 2 mm" in warnings[0]
     assert "mL of tissue, more than any training image (50 mL): strip the skull first" in warnings[1]
     warnings.clear()
-    segment.segment_image(image, Interpolator(), _mri_card(max_tissue_ml=500), CPU, warn=warnings.append)
+    pipeline.segment_image(image, Interpolator(), _mri_card(max_tissue_ml=500), CPU, warn=warnings.append)
     assert warnings == []
 
 
@@ -303,7 +306,7 @@ def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
     card, net = load_bundle(tiny_bundle_3d)
     image = sitk.Image(12, 10, 8, sitk.sitkInt16) + 7
     warnings = []
-    mask, probabilities = segment.segment_image(image, net, card, CPU, warn=warnings.append)
+    mask, probabilities = pipeline.segment_image(image, net, card, CPU, warn=warnings.append)
     assert mask.GetSize() == (24, 20, 16) and not sitk.GetArrayFromImage(mask).any()
     assert warnings and "constant" in warnings[0]
 
@@ -312,7 +315,7 @@ def test_image_smaller_than_a_window_is_padded_not_refused(tiny_bundle_3d):
     card, net = load_bundle(tiny_bundle_3d)
     image = sitk.GetImageFromArray(np.random.default_rng(1).random((2, 3, 3)).astype(np.float32))
     image.SetSpacing((2.0, 2.0, 2.0))
-    mask, probabilities = segment.segment_image(image, net, card, CPU)
+    mask, probabilities = pipeline.segment_image(image, net, card, CPU)
     assert mask.GetSize() == (6, 6, 4)
     values = sitk.GetArrayFromImage(probabilities)
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
@@ -326,39 +329,39 @@ def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
     bad[1, 2, 3] = np.nan
     bad[2, 2, 3] = np.inf
     with pytest.raises(UserError, match="2 NaN or infinite"):
-        segment.segment_image(sitk.GetImageFromArray(bad), net3, card3, CPU)
+        pipeline.segment_image(sitk.GetImageFromArray(bad), net3, card3, CPU)
     with pytest.raises(UserError, match="2D image but .* 3D model"):
-        segment.segment_image(sitk.GetImageFromArray(volume[0]), net3, card3, CPU)
+        pipeline.segment_image(sitk.GetImageFromArray(volume[0]), net3, card3, CPU)
     with pytest.raises(UserError, match="3D volume but .* 2D model"):
-        segment.segment_image(sitk.GetImageFromArray(volume), net2, card2, CPU)
+        pipeline.segment_image(sitk.GetImageFromArray(volume), net2, card2, CPU)
     four_d = sitk.JoinSeries([sitk.GetImageFromArray(volume)] * 2)
     with pytest.raises(UserError, match="4D"):
-        segment.segment_image(four_d, net3, card3, CPU)
-    mask, _ = segment.segment_image(sitk.JoinSeries([sitk.GetImageFromArray(volume)]), net3, card3, CPU)
+        pipeline.segment_image(four_d, net3, card3, CPU)
+    mask, _ = pipeline.segment_image(sitk.JoinSeries([sitk.GetImageFromArray(volume)]), net3, card3, CPU)
     assert mask.GetSize() == (16, 16, 12)
     with pytest.raises(UserError, match="about .* GB .*--roi"):
-        segment.segment_image(sitk.GetImageFromArray(volume), net3, card3, CPU, memory_limit=10_000)
+        pipeline.segment_image(sitk.GetImageFromArray(volume), net3, card3, CPU, memory_limit=10_000)
 
 
 def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
     card, net = load_bundle(tiny_bundle_2d)
     grey = np.random.default_rng(3).integers(0, 255, (20, 24)).astype(np.uint8)
     rgb = sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True)
-    from_rgb, _ = segment.segment_image(rgb, net, card, CPU)
-    from_grey, _ = segment.segment_image(sitk.GetImageFromArray(grey), net, card, CPU)
+    from_rgb, _ = pipeline.segment_image(rgb, net, card, CPU)
+    from_grey, _ = pipeline.segment_image(sitk.GetImageFromArray(grey), net, card, CPU)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(from_rgb), sitk.GetArrayFromImage(from_grey))
     colour = np.stack([grey, grey[::-1], grey], -1)
     with pytest.raises(UserError, match="colour image"):
-        segment.segment_image(sitk.GetImageFromArray(colour, isVector=True), net, card, CPU)
+        pipeline.segment_image(sitk.GetImageFromArray(colour, isVector=True), net, card, CPU)
 
 
 def test_threshold_and_tta_change_the_result(tiny_bundle_3d):
     card, net = load_bundle(tiny_bundle_3d)
     image = sitk.GetImageFromArray(np.random.default_rng(4).random((6, 10, 10)).astype(np.float32))
-    mask, probabilities = segment.segment_image(image, net, card, CPU, threshold=0.52)
+    mask, probabilities = pipeline.segment_image(image, net, card, CPU, threshold=0.52)
     p = sitk.GetArrayFromImage(probabilities)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), p >= 0.52)
-    _, with_tta = segment.segment_image(image, net, card, CPU, tta=True)
+    _, with_tta = pipeline.segment_image(image, net, card, CPU, tta=True)
     assert np.abs(sitk.GetArrayFromImage(with_tta) - p).max() > 1e-4  # an untrained net is not flip-invariant
 
 
@@ -368,19 +371,19 @@ def test_memory_check_prices_what_is_kept():
     card = _card(3)
     hr = geometry.hr_grid(grid, 2)
     need = {
-        kind: segment.estimate_bytes(grid, hr, hr, (24, 24, 24), card, 1, kind)
-        for kind in segment.PROBABILITY_KINDS
+        kind: memory.estimate_bytes(grid, hr, hr, (24, 24, 24), card, 1, kind)
+        for kind in memory.PROBABILITY_KINDS
     }
     assert need["none"] < need["uint8"] < need["float32"]
     # Each extra byte per HR voxel shows: 2 for 8-bit probabilities, 8 for float32 ones.
     assert need["float32"] - need["uint8"] == 6 * math.prod(hr.size)
     limit = (need["none"] + need["uint8"]) // 2  # enough for the mask alone, not for a lesion table
-    mask, _ = segment.segment_image(
+    mask, _ = pipeline.segment_image(
         image, Interpolator(), card, CPU, memory_limit=limit, probabilities="none"
     )
     assert sitk.GetArrayFromImage(mask).any()
     with pytest.raises(UserError, match="--roi"):
-        segment.segment_image(image, Interpolator(), card, CPU, memory_limit=limit, probabilities="uint8")
+        pipeline.segment_image(image, Interpolator(), card, CPU, memory_limit=limit, probabilities="uint8")
 
 
 class _FlipRecorder(Interpolator):
@@ -402,11 +405,11 @@ def test_tta_flips_only_the_axes_the_model_was_trained_to_flip():
     card = _card(2)
     card["preprocessing"]["normalization"] = {"kind": "ct", "window": [0.0, 3000.0]}
     recorder = _FlipRecorder()
-    segment.segment_image(image, recorder, card, CPU, tta=True)
+    pipeline.segment_image(image, recorder, card, CPU, tta=True)
     assert recorder.seen == {(False, False), (True, False), (False, True), (True, True)}
     card["training"] = {"config": {"flip_axes": [1]}}  # left-right only, like the ultrasound model
     recorder = _FlipRecorder()
-    segment.segment_image(image, recorder, card, CPU, tta=True)
+    pipeline.segment_image(image, recorder, card, CPU, tta=True)
     assert recorder.seen == {(False, False), (False, True)}
 
 
@@ -467,7 +470,7 @@ def test_cli_single_input_with_every_output(tmp_path, tiny_bundle_3d, capsys):
 def test_a_cancel_at_any_write_leaves_no_output_and_keeps_the_old_ones(
     tmp_path, tiny_bundle_3d, monkeypatch, capsys
 ):
-    from SASSRSegmentLib import imageio
+    from SASSRSegmentLib.io import imageio
 
     _write_volume(tmp_path / "in.nrrd")
     out = tmp_path / "out"
@@ -508,7 +511,7 @@ def test_a_cancelled_batch_keeps_and_lists_the_inputs_that_finished(
     for k in range(3):
         _write_volume(tmp_path / "in" / f"case{k}.nrrd", k)
     finished = []
-    real = segment._Session.segment
+    real = segment_command._Session.segment
 
     def stop_at_third(self, job, where, staging):
         if len(finished) == 2:
@@ -516,7 +519,7 @@ def test_a_cancelled_batch_keeps_and_lists_the_inputs_that_finished(
         finished.append(job.item.name)
         return real(self, job, where, staging)
 
-    monkeypatch.setattr(segment._Session, "segment", stop_at_third)
+    monkeypatch.setattr(segment_command._Session, "segment", stop_at_third)
     args = ["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle_3d)]
     assert cli.main([*args, "--lesion-table", str(tmp_path / "t.csv"), "--progress", "quiet"]) == 130
     err = capsys.readouterr().err
@@ -579,7 +582,7 @@ def test_the_table_is_clinical_first_with_provenance_beside_it(tmp_path, tiny_bu
 
 def test_segment_measures_diameters_only_for_a_lesion_table(tmp_path, monkeypatch, tiny_bundle_3d):
     # Its summary line needs counts and volumes only; the diameters are the table's costly columns.
-    from SASSRSegmentLib import lesions
+    from SASSRSegmentLib.inference import lesions
 
     _write_volume(tmp_path / "in.nrrd")
     calls = []

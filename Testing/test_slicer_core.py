@@ -7,6 +7,7 @@ Most runs use tiny untrained bundles built here; the bundled brain model runs on
 own self-test.
 """
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -29,7 +30,9 @@ from conftest import make_tiny_bundle  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE_FILE = ROOT / "SASSRSegment" / "SASSRSegment.py"
+MODULE_DIR = ROOT / "SASSRSegment"
+MODULE_FILE = MODULE_DIR / "SASSRSegment.py"
+PACKAGE = "SASSRSegmentSlicer"
 
 # name -> (spatial dims, modality, image-SR decoder). Sorted by name, the CT model is the first 3D one.
 TINY_MODELS = {
@@ -48,23 +51,50 @@ def _make_tiny_bundle(folder, dims, modality, image_sr):
     (folder / "model.json").write_text(json.dumps(card))
 
 
+@contextlib.contextmanager
+def _package_imported_anew():
+    """The module folder on sys.path (as Slicer has it), and the module's SASSRSegmentSlicer package
+    imported anew there, with the stand-ins in place; as it was before, on exit.
+
+    Another test file may have imported the package already, in plain Python, where it holds no Slicer.
+    """
+    ours = [name for name in sys.modules if name.split(".")[0] == PACKAGE]
+    saved = {name: sys.modules.pop(name) for name in ours}
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+        for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     for name, (dims, modality, image_sr) in TINY_MODELS.items():
         _make_tiny_bundle(models / name, dims, modality, image_sr)
-    with slicer_standins.installed(tmp_path_factory.mktemp("slicer-temp")) as app:
+    with slicer_standins.installed(tmp_path_factory.mktemp("slicer-temp")) as app, _package_imported_anew():
         spec = importlib.util.spec_from_file_location("SASSRSegmentInSlicer", MODULE_FILE)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert module.slicer is slicer
-        yield types.SimpleNamespace(mod=module, app=app, models=models, temp=Path(app.temporaryPath))
+        yield types.SimpleNamespace(
+            mod=module, pkg=sys.modules[PACKAGE], app=app, models=models, temp=Path(app.temporaryPath)
+        )
 
 
 @pytest.fixture
 def mod(env):
     slicer.mrmlScene.Clear()
     return env.mod
+
+
+@pytest.fixture
+def pkg(env, mod):
+    """The module's SASSRSegmentSlicer package as the module file imported it: pkg.logic, pkg.job, ..."""
+    return env.pkg
 
 
 @pytest.fixture
@@ -135,16 +165,16 @@ def _to_world(node, rows):
     return [[sum(transform[r][k] * rows[k][c] for k in range(4)) for c in range(4)] for r in range(4)]
 
 
-def _assert_hr_reference_geometry(mod, segmentation, volume, scales):
+def _assert_hr_reference_geometry(pkg, segmentation, volume, scales):
     """The segmentation's reference geometry is the input's HR grid, in world terms the input's extent."""
-    rows, dimensions = mod.referenceGeometry(segmentation)
+    rows, dimensions = pkg.segmentation.referenceGeometry(segmentation)
     lr = volume.GetImageData().GetDimensions()
     assert dimensions == [n * s for n, s in zip(lr, scales)]
-    expected, _ = mod.superResolvedGrid(_to_world(volume, _lr_rows(volume)), lr, scales)
+    expected, _ = pkg.geometry.superResolvedGrid(_to_world(volume, _lr_rows(volume)), lr, scales)
     assert np.allclose(_to_world(segmentation, rows), expected, atol=1e-6)
-    worldBounds = mod.voxelCornerBounds(_to_world(segmentation, rows), dimensions)
+    worldBounds = pkg.geometry.voxelCornerBounds(_to_world(segmentation, rows), dimensions)
     assert worldBounds == pytest.approx(
-        mod.voxelCornerBounds(_to_world(volume, _lr_rows(volume)), lr), abs=1e-6
+        pkg.geometry.voxelCornerBounds(_to_world(volume, _lr_rows(volume)), lr), abs=1e-6
     )
 
 
@@ -180,7 +210,7 @@ def _roi(center, size, name="R"):
 # ------------------------------------------------------------------------------- the panel's defaults
 
 
-def test_default_options_make_segmentation_and_lesion_table(mod, logic, tmp_path):
+def test_default_options_make_segmentation_and_lesion_table(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     study = shNode.CreateFolderItem(shNode.GetSceneItemID(), "Study")
@@ -195,13 +225,13 @@ def test_default_options_make_segmentation_and_lesion_table(mod, logic, tmp_path
     # Both land in the input's study; the table (not transformable) has no transform to follow.
     for node in (segmentation, table):
         assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == study
-    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
-    segmentId = mod.segmentIdByName(segmentation, "Lesion")
+    segmentId = pkg.segmentation.segmentIdByName(segmentation, "Lesion")
     segment = segmentation.GetSegmentation().GetSegment(segmentId)
     terminology = vtk.reference("")
     assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
-    assert terminology.get() == mod.LESION_TERMINOLOGY
+    assert terminology.get() == pkg.segmentation.LESION_TERMINOLOGY
     voxels, spacing = _hr_voxels(segmentation, segmentId)
     assert spacing == pytest.approx((1.0, 1.0, 1.0))
     assert voxels > 0
@@ -225,9 +255,11 @@ def test_default_options_make_segmentation_and_lesion_table(mod, logic, tmp_path
     assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
 
 
-def test_lesion_terminology_is_the_dicom_master_list_neoplasm(mod):
+def test_lesion_terminology_is_the_dicom_master_list_neoplasm(pkg):
     entry = slicer.vtkSlicerTerminologyEntry()
-    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(mod.LESION_TERMINOLOGY, entry)
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(
+        pkg.segmentation.LESION_TERMINOLOGY, entry
+    )
     # Slicer's SegmentationCategoryTypeModifier-DICOM-Master.json holds Neoplasm in this context and category.
     assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
     category, kind = entry.GetCategoryObject(), entry.GetTypeObject()
@@ -260,7 +292,7 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
     assert bundled.defaultModelName(image) == "breast-ultrasound-2d"
 
 
-def test_2d_image_is_segmented_with_the_2d_model(mod, logic, tmp_path):
+def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):
     image = _image_2d(tmp_path)
     logLines = []
     # An ROI drawn on a 2D image may be flat across it: it is given the slice's thickness.
@@ -268,36 +300,36 @@ def test_2d_image_is_segmented_with_the_2d_model(mod, logic, tmp_path):
     result = _run(logic, image, roiNode=flatRoi, onLog=logLines.append)
     assert result.status == "completed", result.message
     assert any("tiny-us-2d" in line for line in logLines if line.startswith("Running"))
-    _assert_hr_reference_geometry(mod, result.segmentationNode, image, [2, 2, 1])
-    segmentId = mod.segmentIdByName(result.segmentationNode, "Lesion")
+    _assert_hr_reference_geometry(pkg, result.segmentationNode, image, [2, 2, 1])
+    segmentId = pkg.segmentation.segmentIdByName(result.segmentationNode, "Lesion")
     voxels, spacing = _hr_voxels(result.segmentationNode, segmentId)
     assert spacing == pytest.approx((0.25, 0.25, 1.0))
     assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
 
 
-def test_engine_errors_speak_of_the_panel(mod, logic, tmp_path):
+def test_engine_errors_speak_of_the_panel(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     _refused(logic, volume, "choose a 3D model in the Model list", modelName="tiny-us-2d")
-    assert mod.panelMessage(
+    assert pkg.command.panelMessage(
         "this image needs about 9.0 GB at 2x resolution but only 4.0 GB is available; segment a region with "
         "--roi xmin xmax ymin ymax zmin zmax (RAS mm) or use --output-grid input"
     ) == (
         "this image needs about 9.0 GB at 2x resolution but only 4.0 GB is available; draw a Region (ROI) "
         "around the lesions, then retry"
     )
-    assert mod.panelMessage(
+    assert pkg.command.panelMessage(
         "--device cuda was asked for but no CUDA GPU is usable here; use --device cpu or auto"
     ) == ("no CUDA GPU is usable here: choose Auto or CPU as the Device")
 
 
-def test_super_resolved_image_needs_a_model_with_the_image_sr_decoder(mod, logic, tmp_path):
+def test_super_resolved_image_needs_a_model_with_the_image_sr_decoder(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     nodes = _node_ids()
     _refused(logic, volume, "no image super-resolution decoder", modelName="tiny-mr-3d", srImage=True)
     assert _node_ids() == nodes
-    cards = {card["name"]: card for card in mod.readModelCards()}
-    assert not mod.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
-    assert mod.hasImageSrDecoder(cards["breast-ultrasound-2d"])
+    cards = {card["name"]: card for card in pkg.cards.readModelCards()}
+    assert not pkg.cards.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert pkg.cards.hasImageSrDecoder(cards["breast-ultrasound-2d"])
 
     result = _run(logic, volume, modelName="tiny-ct-3d", srImage=True)
     assert result.status == "completed", result.message
@@ -311,12 +343,12 @@ def test_super_resolved_image_needs_a_model_with_the_image_sr_decoder(mod, logic
 # ------------------------------------------------------------------------------- ROI
 
 
-def test_roi_limits_the_label_but_not_the_reference_geometry(mod, logic, tmp_path):
+def test_roi_limits_the_label_but_not_the_reference_geometry(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     result = _run(logic, volume, roiNode=_roi(_centre(volume), [6.0, 6.0, 6.0]))
     assert result.status == "completed", result.message
-    _assert_hr_reference_geometry(mod, result.segmentationNode, volume, [2, 2, 2])
-    segmentId = mod.segmentIdByName(result.segmentationNode, "Lesion")
+    _assert_hr_reference_geometry(pkg, result.segmentationNode, volume, [2, 2, 2])
+    segmentId = pkg.segmentation.segmentIdByName(result.segmentationNode, "Lesion")
     voxels, _ = _hr_voxels(result.segmentationNode, segmentId)
     assert 0 < voxels <= 8 * 8 * 8  # the ROI touches 4 LR voxels a side: 8 HR voxels
     assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
@@ -346,7 +378,7 @@ def _translation(name, offset):
     return transform
 
 
-def test_transformed_input(mod, logic, tmp_path):
+def test_transformed_input(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Rotated")
     rotation = vtk.vtkTransform()
@@ -361,13 +393,13 @@ def test_transformed_input(mod, logic, tmp_path):
     segmentation = result.segmentationNode
     assert segmentation.GetTransformNodeID() == transform.GetID()
     assert result.tableNode is not None
-    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
-    segmentId = mod.segmentIdByName(segmentation, "Lesion")
+    _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
+    segmentId = pkg.segmentation.segmentIdByName(segmentation, "Lesion")
     voxels, _ = _hr_voxels(segmentation, segmentId)
     assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
 
 
-def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(mod, logic, tmp_path):
+def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     volume.SetAndObserveTransformNodeID(_translation("Volume shift", [10.0, -4.0, 2.5]).GetID())
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
@@ -382,44 +414,46 @@ def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(m
     assert result.segmentationNode is segmentation
     names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
     assert names == ["Brain", "Lesion"]
-    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
     # It now holds this volume's lesions: another volume's are refused.
-    assert mod.segmentationInputVolume(segmentation).GetID() == volume.GetID()
+    assert pkg.segmentation.segmentationInputVolume(segmentation).GetID() == volume.GetID()
     assert logic.outputSegmentationStatus(segmentation, _volume(tmp_path, "Patient B")) == "otherVolume"
 
 
-def test_users_segmentation_on_another_grid_is_switched_only_when_allowed(mod, logic, tmp_path):
+def test_users_segmentation_on_another_grid_is_switched_only_when_allowed(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
     segmentation.CreateDefaultDisplayNodes()
-    mod.setReferenceGeometry(segmentation, _lr_rows(volume), volume.GetImageData().GetDimensions())
-    before = mod.referenceGeometry(segmentation)
+    pkg.segmentation.setReferenceGeometry(
+        segmentation, _lr_rows(volume), volume.GetImageData().GetDimensions()
+    )
+    before = pkg.segmentation.referenceGeometry(segmentation)
 
     assert logic.outputSegmentationStatus(segmentation, volume) == "changeGrid"
     _refused(logic, volume, "on another grid", outputSegmentation=segmentation)
-    assert mod.referenceGeometry(segmentation) == before
+    assert pkg.segmentation.referenceGeometry(segmentation) == before
 
     result = _run(logic, volume, outputSegmentation=segmentation, changeGrid=True)
     assert result.status == "completed", result.message
-    _assert_hr_reference_geometry(mod, segmentation, volume, [2, 2, 2])
+    _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
     assert logic.outputSegmentationStatus(segmentation, volume) == "ready"
 
 
-def test_second_volume_never_goes_into_the_first_volumes_segmentation(mod, logic, tmp_path):
+def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, logic, tmp_path):
     first = _volume(tmp_path, "Patient A")
     second = _volume(tmp_path, "Patient B", size=(10, 12, 6), spacing=(1.5, 1.5, 3.0))
     firstResult = _run(logic, first)
     segmentation = firstResult.segmentationNode
-    geometry = mod.referenceGeometry(segmentation)
+    geometry = pkg.segmentation.referenceGeometry(segmentation)
 
     assert logic.outputSegmentationStatus(segmentation, second) == "otherVolume"
     _refused(logic, second, "holds the lesions of 'Patient A'", outputSegmentation=segmentation)
-    assert mod.referenceGeometry(segmentation) == geometry
+    assert pkg.segmentation.referenceGeometry(segmentation) == geometry
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
     secondResult = _run(logic, second)
     assert secondResult.segmentationNode.GetName() == "Patient B lesions"
-    _assert_hr_reference_geometry(mod, secondResult.segmentationNode, second, [2, 2, 2])
+    _assert_hr_reference_geometry(pkg, secondResult.segmentationNode, second, [2, 2, 2])
     # The same volume again: its own segmentation is reused (a second Lesion segment, or replaced).
     assert logic.outputSegmentationStatus(segmentation, first) == "ready"
     again = _run(logic, first, outputSegmentation=segmentation, replaceSegment=True)
@@ -431,14 +465,14 @@ def test_second_volume_never_goes_into_the_first_volumes_segmentation(mod, logic
 # ------------------------------------------------------------------------------- failures and cancel
 
 
-def test_failed_imports_roll_back_and_names_stay_unique(mod, logic, tmp_path, monkeypatch):
+def test_failed_imports_roll_back_and_names_stay_unique(pkg, logic, tmp_path, monkeypatch):
     volume = _volume(tmp_path)
-    original = mod.loadLesionTable
+    original = pkg.job.loadLesionTable
 
     def failing(*args):
         raise OSError("No space left on device:\n/tmp/x")
 
-    monkeypatch.setattr(mod, "loadLesionTable", failing)
+    monkeypatch.setattr(pkg.job, "loadLesionTable", failing)
     nodes = _node_ids()
     for _ in range(2):
         with pytest.raises(RuntimeError, match="Importing the results failed") as raised:
@@ -447,17 +481,17 @@ def test_failed_imports_roll_back_and_names_stay_unique(mod, logic, tmp_path, mo
         assert _node_ids() == nodes
 
     # A failure while replacing a segment of an existing segmentation puts the old segment back.
-    monkeypatch.setattr(mod, "loadLesionTable", original)
+    monkeypatch.setattr(pkg.job, "loadLesionTable", original)
     kept = _run(logic, volume).segmentationNode
     assert kept.GetName() == "Patient A lesions"  # the failed runs left no name taken
-    segmentId = mod.segmentIdByName(kept, "Lesion")
+    segmentId = pkg.segmentation.segmentIdByName(kept, "Lesion")
     voxelsBefore, _ = _hr_voxels(kept, segmentId)
-    monkeypatch.setattr(mod, "loadLesionTable", failing)
+    monkeypatch.setattr(pkg.job, "loadLesionTable", failing)
     nodes = _node_ids()
     with pytest.raises(RuntimeError, match="Importing the results failed"):
         _run(logic, volume, outputSegmentation=kept, replaceSegment=True, threshold=0.9)
     assert _node_ids() == nodes
-    assert mod.segmentIdByName(kept, "Lesion") == segmentId
+    assert pkg.segmentation.segmentIdByName(kept, "Lesion") == segmentId
     assert _hr_voxels(kept, segmentId)[0] == voxelsBefore
 
 
@@ -555,7 +589,7 @@ def test_successful_pytorch_install_is_reported(mod, logic, monkeypatch):
 # ------------------------------------------------------------------------------- console batch use
 
 
-def test_segment_files_for_console_batch_use(mod, logic, tmp_path):
+def test_segment_files_for_console_batch_use(pkg, logic, tmp_path):
     image = sitk.GetImageFromArray(np.random.default_rng(1).normal(100, 30, (8, 10, 12)).astype(np.float32))
     image.SetSpacing((2.0, 2.0, 2.0))
     sitk.WriteImage(image, str(tmp_path / "case1.nii.gz"))
@@ -572,7 +606,7 @@ def test_segment_files_for_console_batch_use(mod, logic, tmp_path):
     assert Path(good.outputPath) == tmp_path / "out" / "case1_lesions.nrrd" and not good.error
     mask = sitk.GetArrayFromImage(sitk.ReadImage(good.outputPath))
     assert mask.shape == (16, 20, 24)
-    columns = dict(mod.readCsvColumns(tmp_path / "out" / "case1_lesions.csv"))
+    columns = dict(pkg.tables.readCsvColumns(tmp_path / "out" / "case1_lesions.csv"))
     assert sum(columns["voxels"]) == int(mask.sum()) > 0
     assert broken.outputPath == "" and broken.error and "\n" not in broken.error
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
@@ -581,7 +615,7 @@ def test_segment_files_for_console_batch_use(mod, logic, tmp_path):
 # ------------------------------------------------------------------------------- the self-test
 
 
-def test_the_modules_self_test_with_the_bundled_brain_model(mod):
-    if not mod.readModelCards():
+def test_the_modules_self_test_with_the_bundled_brain_model(mod, pkg):
+    if not pkg.cards.readModelCards():
         pytest.skip("no bundled model (Resources/Models is empty)")
     mod.SASSRSegmentTest().runTest()

@@ -1,11 +1,13 @@
 """The Slicer side of SASSRSegment, checked without Slicer.
 
-The module file is imported in plain Python (its Slicer imports are guarded): its Slicer-free helpers
-and its process runner are tested for real, and the files Slicer needs (.ui, CMake lists, catalog entry,
-.s4ext, icons) are checked against the module's code.
+The module file and its SASSRSegmentSlicer package are imported in plain Python (their Slicer imports are
+guarded, in SASSRSegmentSlicer/slicerapi.py): the Slicer-free helpers and the process runner are tested
+for real, and the files Slicer needs (.ui, CMake lists, catalog entry, .s4ext, icons) are checked against
+the module's code.
 """
 
 import ast
+import graphlib
 import importlib.util
 import json
 import os
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib.geometry import Grid, hr_grid
+from SASSRSegmentLib.io.geometry import Grid, hr_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SASSRSegment"
@@ -33,8 +35,43 @@ MODULE_FILE = MODULE_DIR / "SASSRSegment.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SASSRSegment.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 ENGINE_DIR = MODULE_DIR / "SASSRSegmentLib"
+SLICER_DIR = MODULE_DIR / "SASSRSegmentSlicer"
+SLICER_FILES = sorted(SLICER_DIR.glob("*.py"))
 REFERENCE = ROOT.parent / "shared" / "reference"
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="process-group signals are POSIX")
+
+# Slicer puts the module folder on sys.path: the module file imports its SASSRSegmentSlicer package from there.
+sys.path.insert(0, str(MODULE_DIR))
+
+from SASSRSegmentSlicer import paths  # noqa: E402
+from SASSRSegmentSlicer.cards import (  # noqa: E402
+    defaultModelName,
+    hasImageSrDecoder,
+    modelsHelpHtml,
+    modelSummary,
+    readModelCards,
+)
+from SASSRSegmentSlicer.command import (  # noqa: E402
+    commandEnvironment,
+    failureMessage,
+    panelMessage,
+    parseProgressLine,
+    pythonExecutable,
+    segmentCommand,
+)
+from SASSRSegmentSlicer.devices import detectTorchDevices, deviceArgument, deviceSummary  # noqa: E402
+from SASSRSegmentSlicer.geometry import (  # noqa: E402
+    boundsOfPoints,
+    boxCorners,
+    gridSpatialDims,
+    hrScales,
+    superResolvedGrid,
+    voxelCornerBounds,
+)
+from SASSRSegmentSlicer.naming import formatElapsed, outputNodeNames, outputPathsForFiles, uniqueName  # noqa: E402
+from SASSRSegmentSlicer.roi import roiOverlapsGrid, sliceAxisBounds  # noqa: E402
+from SASSRSegmentSlicer.runner import CANCEL_GRACE_S, SegmentRunner  # noqa: E402
+from SASSRSegmentSlicer.tables import readCsvColumns  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +105,11 @@ def _parameter_fields():
     raise AssertionError("no @parameterNodeWrapper class in the module")
 
 
-def test_module_compiles_for_slicers_python():
-    py_compile.compile(str(MODULE_FILE), doraise=True)
+@pytest.mark.parametrize("path", [MODULE_FILE, *SLICER_FILES], ids=lambda path: path.name)
+def test_module_compiles_for_slicers_python(path):
+    py_compile.compile(str(path), doraise=True)
     # Slicer 5.6 and 5.8 ship Python 3.9: no newer syntax in the module ...
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), feature_version=(3, 9))
+    tree = ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
     # ... and none of the 3.10 features that parse but fail when run: `X | Y` types, zip(strict=).
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "zip":
@@ -113,18 +151,23 @@ def test_module_helpers_run_on_python_39(tmp_path):
         textwrap.dedent(
             """
             import importlib.util, sys
+            # The module file imports every file of its package.
             spec = importlib.util.spec_from_file_location("m", sys.argv[1])
             m = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(m)
-            cards = m.readModelCards()
-            assert m.defaultModelName(cards, 3, "MR") == cards[0]["name"]
-            assert m.panelMessage("--roi: each max must be larger than its min").startswith("the Region")
+            from SASSRSegmentSlicer.cards import defaultModelName, readModelCards
+            from SASSRSegmentSlicer.command import panelMessage, segmentCommand
+            from SASSRSegmentSlicer.job import FileResult, SegmentationResult
+            from SASSRSegmentSlicer.runner import SegmentRunner
+            cards = readModelCards()
+            assert defaultModelName(cards, 3, "MR") == cards[0]["name"]
+            assert panelMessage("--roi: each max must be larger than its min").startswith("the Region")
             engine = "import json; print(json.dumps({'log': 'warning: w'}))"
-            runner = m.SegmentRunner([sys.executable, "-c", engine])
+            runner = SegmentRunner([sys.executable, "-c", engine])
             runner.start()
             assert runner.wait() == 0 and runner.warnings == ["w"], runner.warnings
-            m.segmentCommand("py", "in", "out", roiBounds=[0, 1, 0, 1, 0, 1], threshold=0.4)
-            print(m.SegmentationResult("completed"), m.FileResult("in"))
+            segmentCommand("py", "in", "out", roiBounds=[0, 1, 0, 1, 0, 1], threshold=0.4)
+            print(SegmentationResult("completed"), FileResult("in"), m.SASSRSegmentLogic)
             """
         )
     )
@@ -133,6 +176,54 @@ def test_module_helpers_run_on_python_39(tmp_path):
         [_python39(), str(script), str(MODULE_FILE)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_module_file_gives_the_console_api(mod):
+    # `import SASSRSegment; SASSRSegment.SASSRSegmentLogic()` in Slicer's Python console (docs/slicer.md).
+    from SASSRSegmentSlicer.logic import SASSRSegmentLogic
+
+    assert mod.SASSRSegmentLogic is SASSRSegmentLogic
+    for method in ("segmentVolume", "segmentFiles", "outputSegmentationStatus", "cancel", "defaultModelName"):
+        assert callable(getattr(SASSRSegmentLogic, method)), method
+    assert paths.MODULE_DIR == MODULE_DIR and paths.SAMPLE_PATH.is_file()
+
+
+def _imported_modules(tree):
+    """The modules an AST imports: top-level names, ".name" for a file of its own package, and ".." for
+    anything imported from above its package."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield (node.module or "").split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            yield from ("." + name.split(".")[0] for name in names)
+        elif isinstance(node, ast.ImportFrom):
+            yield ".."
+
+
+def test_module_file_stays_small_and_its_package_imports_one_way():
+    """What Slicer needs stays in the module file; the rest lives in SASSRSegmentSlicer, in small files
+    and functions, none of which imports the module file, and whose imports of each other form no circle."""
+    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) < 600
+    assert len(SLICER_FILES) >= 8 and SLICER_DIR / "__init__.py" in SLICER_FILES
+    uses = {}
+    for path in [MODULE_FILE, *SLICER_FILES]:
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) < 600, f"{path.name} has grown past 600 lines: split it"
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.name}: {node.name} is {length} lines long"
+        if path != MODULE_FILE:
+            imported = set(_imported_modules(tree))
+            assert "SASSRSegment" not in imported, f"{path.name} imports the module file"
+            assert ".." not in imported, f"{path.name} imports from above its package"
+            uses[path.stem] = {name[1:] for name in imported if name.startswith(".")}
+    order = list(graphlib.TopologicalSorter(uses).static_order())  # raises CycleError on a circle
+    assert order.index("slicerapi") < order.index("logic") < order.index("selftest")
 
 
 def test_every_ui_attribute_used_by_the_module_exists_in_the_ui():
@@ -191,6 +282,13 @@ def test_cmake_lists_every_engine_file():
     engine = _files_under(ENGINE_DIR, "*.py")
     assert "SASSRSegmentLib/cli.py" in engine
     missing = set(engine) - _cmake_listed(MODULE_CMAKE.read_text(encoding="utf-8"))
+    assert not missing, f"not in {MODULE_CMAKE.name}: {sorted(missing)}; run tools/update_cmake_lists.py"
+
+
+def test_cmake_lists_every_slicer_package_file():
+    package = _files_under(SLICER_DIR, "*.py")
+    assert "SASSRSegmentSlicer/__init__.py" in package and "SASSRSegmentSlicer/logic.py" in package
+    missing = set(package) - _cmake_listed(MODULE_CMAKE.read_text(encoding="utf-8"))
     assert not missing, f"not in {MODULE_CMAKE.name}: {sorted(missing)}; run tools/update_cmake_lists.py"
 
 
@@ -317,8 +415,8 @@ def test_icon_is_a_128_pixel_png(icon):
 # ------------------------------------------------------------------------------------ helpers
 
 
-def test_segment_command_with_defaults(mod):
-    command = mod.segmentCommand("/py", "/t/in.nrrd", "/t/out.nrrd")
+def test_segment_command_with_defaults():
+    command = segmentCommand("/py", "/t/in.nrrd", "/t/out.nrrd")
     assert command == ["/py", "-m", "SASSRSegmentLib", "segment", "/t/in.nrrd", "-o", "/t/out.nrrd"] + [
         "--device",
         "auto",
@@ -327,8 +425,8 @@ def test_segment_command_with_defaults(mod):
     ]
 
 
-def test_segment_command_with_every_option(mod):
-    command = mod.segmentCommand(
+def test_segment_command_with_every_option():
+    command = segmentCommand(
         "/py",
         Path("/t/in.nrrd"),
         Path("/t/out.nrrd"),
@@ -365,52 +463,52 @@ def test_segment_command_with_every_option(mod):
     ]
 
 
-def test_segment_command_rejects_bad_values(mod):
+def test_segment_command_rejects_bad_values():
     with pytest.raises(ValueError, match="threshold"):
-        mod.segmentCommand("/py", "in", "out", threshold=1.5)
+        segmentCommand("/py", "in", "out", threshold=1.5)
     with pytest.raises(ValueError, match="empty or flat"):
-        mod.segmentCommand("/py", "in", "out", roiBounds=[1, -1, 0, 1, 0, 1])
+        segmentCommand("/py", "in", "out", roiBounds=[1, -1, 0, 1, 0, 1])
     with pytest.raises(ValueError, match="empty or flat"):
-        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 0, 0, 0, 0, 0])  # an ROI never placed
+        segmentCommand("/py", "in", "out", roiBounds=[0, 0, 0, 0, 0, 0])  # an ROI never placed
     with pytest.raises(ValueError, match="empty or flat"):
-        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, 1, 2, 2])  # flat
+        segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, 1, 2, 2])  # flat
     with pytest.raises(ValueError, match="six finite"):
-        mod.segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, float("nan"), 0, 1])
+        segmentCommand("/py", "in", "out", roiBounds=[0, 1, 0, float("nan"), 0, 1])
     with pytest.raises(ValueError, match="Unknown device"):
-        mod.segmentCommand("/py", "in", "out", device="tpu")
+        segmentCommand("/py", "in", "out", device="tpu")
 
 
-def test_device_choice_follows_what_torch_detected(mod):
-    assert mod.deviceArgument("Auto") == "auto"
-    assert mod.deviceArgument("CPU") == "cpu"
-    assert mod.deviceArgument("cuda:1") == "cuda:1"
-    assert mod.deviceArgument("gpu", {"cuda": "NVIDIA H100", "mps": False}) == "cuda"
-    assert mod.deviceArgument("gpu", {"cuda": None, "mps": True}) == "mps"
-    assert mod.deviceArgument("gpu", {"cuda": None, "mps": False}) == "cuda"  # the engine says it is absent
+def test_device_choice_follows_what_torch_detected():
+    assert deviceArgument("Auto") == "auto"
+    assert deviceArgument("CPU") == "cpu"
+    assert deviceArgument("cuda:1") == "cuda:1"
+    assert deviceArgument("gpu", {"cuda": "NVIDIA H100", "mps": False}) == "cuda"
+    assert deviceArgument("gpu", {"cuda": None, "mps": True}) == "mps"
+    assert deviceArgument("gpu", {"cuda": None, "mps": False}) == "cuda"  # the engine says it is absent
 
-    devices = mod.detectTorchDevices()
+    devices = detectTorchDevices()
     assert devices["torch"] and devices["error"] is None
-    summary = mod.deviceSummary(devices)
+    summary = deviceSummary(devices)
     assert devices["torch"] in summary
     assert (devices["cuda"] or "CPU") in summary or devices["mps"]
-    assert "not installed" in mod.deviceSummary({"torch": None})
+    assert "not installed" in deviceSummary({"torch": None})
 
 
-def test_parse_progress_line(mod):
+def test_parse_progress_line():
     line = json.dumps({"stage": "predict", "fraction": 0.25, "message": "window 3/12", "elapsed": 4.5})
-    assert mod.parseProgressLine(line + "\n") == {
+    assert parseProgressLine(line + "\n") == {
         "kind": "progress",
         "stage": "predict",
         "fraction": 0.25,
         "message": "window 3/12",
         "elapsed": 4.5,
     }
-    assert mod.parseProgressLine('{"log": "using device cpu"}') == {
+    assert parseProgressLine('{"log": "using device cpu"}') == {
         "kind": "log",
         "message": "using device cpu",
     }
-    assert mod.parseProgressLine('{"stage": "write", "fraction": 1.7}')["fraction"] == 1.0
-    assert mod.parseProgressLine('{"log": "warning: the input image is constant"}') == {
+    assert parseProgressLine('{"stage": "write", "fraction": 1.7}')["fraction"] == 1.0
+    assert parseProgressLine('{"log": "warning: the input image is constant"}') == {
         "kind": "warning",
         "message": "the input image is constant",
     }
@@ -423,17 +521,17 @@ def test_parse_progress_line(mod):
         '{"stage": "read", "fraction": "half"}',
         '{"stage": "read", "fraction": NaN}',
     ]:
-        assert mod.parseProgressLine(garbage) is None, garbage
+        assert parseProgressLine(garbage) is None, garbage
 
 
-def test_failure_message_is_one_clear_line(mod):
+def test_failure_message_is_one_clear_line():
     stderr = ["Traceback (most recent call last):", "  ...", "error: cannot read in.nrrd: not an image", ""]
-    assert mod.failureMessage(2, stderr) == "cannot read in.nrrd: not an image"
-    assert "cancelled" in mod.failureMessage(130, [])
-    assert "PyTorch" in mod.failureMessage(1, ["ModuleNotFoundError: No module named 'torch'"])
-    assert "Out of memory" in mod.failureMessage(1, ["torch.OutOfMemoryError: CUDA out of memory. Tried"])
-    assert mod.failureMessage(-9, ["Killed"]) == "The segmentation process failed (exit code -9): Killed"
-    assert "\n" not in mod.failureMessage(1, [])
+    assert failureMessage(2, stderr) == "cannot read in.nrrd: not an image"
+    assert "cancelled" in failureMessage(130, [])
+    assert "PyTorch" in failureMessage(1, ["ModuleNotFoundError: No module named 'torch'"])
+    assert "Out of memory" in failureMessage(1, ["torch.OutOfMemoryError: CUDA out of memory. Tried"])
+    assert failureMessage(-9, ["Killed"]) == "The segmentation process failed (exit code -9): Killed"
+    assert "\n" not in failureMessage(1, [])
 
 
 def _write_card(folder, **card):
@@ -441,7 +539,7 @@ def _write_card(folder, **card):
     (folder / "model.json").write_text(json.dumps(card))
 
 
-def test_model_cards_are_read_from_a_models_folder(mod, tmp_path, caplog):
+def test_model_cards_are_read_from_a_models_folder(tmp_path, caplog):
     _write_card(
         tmp_path / "brain-3d",
         name="ignored: the folder name is what --model resolves",
@@ -460,18 +558,18 @@ def test_model_cards_are_read_from_a_models_folder(mod, tmp_path, caplog):
     (tmp_path / "broken" / "model.json").write_text("{ not json")
     (tmp_path / "no-card").mkdir()
 
-    cards = mod.readModelCards(tmp_path)
+    cards = readModelCards(tmp_path)
     assert [card["name"] for card in cards] == ["brain-3d", "breast-us-2d"]
     assert "broken" in caplog.text
 
-    brain = mod.modelSummary(cards[0])
+    brain = modelSummary(cards[0])
     for expected in ["brain-3d: Whole tumour", "MRI FLAIR", "2 x 2 x 2 mm", "FLAIR", "x2", "0.891"]:
         assert expected in brain
-    breast = mod.modelSummary(cards[1])
+    breast = modelSummary(cards[1])
     for expected in ["Ultrasound (B-mode)", "2D image", "160 pixels", "not recorded"]:
         assert expected in breast
-    assert "brain-3d" in mod.modelsHelpHtml(cards) and "No bundled model" in mod.modelsHelpHtml([])
-    assert mod.readModelCards(tmp_path / "absent") == []
+    assert "brain-3d" in modelsHelpHtml(cards) and "No bundled model" in modelsHelpHtml([])
+    assert readModelCards(tmp_path / "absent") == []
 
 
 def _grid_rows(grid):
@@ -480,96 +578,94 @@ def _grid_rows(grid):
     return rows + [[0.0, 0.0, 0.0, 1.0]]
 
 
-def test_roi_box_corners_and_bounds(mod):
-    corners = mod.boxCorners([0, 1, 10, 12, -5, -4])
+def test_roi_box_corners_and_bounds():
+    corners = boxCorners([0, 1, 10, 12, -5, -4])
     assert len(set(corners)) == 8
-    assert mod.boundsOfPoints(corners) == [0, 1, 10, 12, -5, -4]
+    assert boundsOfPoints(corners) == [0, 1, 10, 12, -5, -4]
     with pytest.raises(ValueError):
-        mod.boundsOfPoints([])
+        boundsOfPoints([])
 
 
-def test_reference_geometry_is_the_engines_hr_grid(mod):
+def test_reference_geometry_is_the_engines_hr_grid():
     # An oblique, anisotropic input: the Slicer side must compute the same HR grid as the engine.
     rotation = sitk.VersorRigid3DTransform()
     rotation.SetRotation([0.2, 1, 0.1], 0.3)
     lr = Grid((7, 5, 3), (1.0, 2.0, 5.0), (10.0, -3.0, 4.0), tuple(rotation.GetMatrix()))
     hr = hr_grid(lr, 2)
-    rows, dimensions = mod.superResolvedGrid(_grid_rows(lr), lr.size, [2, 2, 2])
+    rows, dimensions = superResolvedGrid(_grid_rows(lr), lr.size, [2, 2, 2])
     assert dimensions == list(hr.size)
     assert np.allclose(rows, _grid_rows(hr), atol=1e-12)
-    lr_bounds = mod.voxelCornerBounds(_grid_rows(lr), lr.size)
-    assert mod.voxelCornerBounds(rows, dimensions) == pytest.approx(lr_bounds, abs=1e-9)
-    assert mod.voxelCornerBounds(rows, [14, 10, 7]) != pytest.approx(lr_bounds, abs=1e-3)
+    lr_bounds = voxelCornerBounds(_grid_rows(lr), lr.size)
+    assert voxelCornerBounds(rows, dimensions) == pytest.approx(lr_bounds, abs=1e-9)
+    assert voxelCornerBounds(rows, [14, 10, 7]) != pytest.approx(lr_bounds, abs=1e-3)
 
     # A 2D image held as a one-slice volume keeps its slice axis.
-    rows, dimensions = mod.superResolvedGrid(_grid_rows(lr), [7, 5, 1], [2, 2, 1])
+    rows, dimensions = superResolvedGrid(_grid_rows(lr), [7, 5, 1], [2, 2, 1])
     assert dimensions == [14, 10, 1]
     assert [row[2] for row in rows] == pytest.approx([row[2] for row in _grid_rows(lr)])
     card = {"preprocessing": {"scale": 2}}
-    assert mod.hrScales(card, [7, 5, 3]) == [2, 2, 2]
-    assert mod.hrScales(card, [7, 5, 1]) == [2, 2, 1]
+    assert hrScales(card, [7, 5, 3]) == [2, 2, 2]
+    assert hrScales(card, [7, 5, 1]) == [2, 2, 1]
 
 
-def test_roi_overlap_is_decided_as_the_engine_decides(mod):
+def test_roi_overlap_is_decided_as_the_engine_decides():
     rows = _grid_rows(Grid((10, 8, 6), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
     rasToIjk = np.linalg.inv(np.asarray(rows)).tolist()
-    assert mod.roiOverlapsGrid([2, 4, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
-    assert mod.roiOverlapsGrid([-3, -0.9, 2, 4, 2, 4], rasToIjk, [10, 8, 6])  # touches the first voxel
-    assert not mod.roiOverlapsGrid([-3, -1.1, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
-    assert not mod.roiOverlapsGrid([500, 510, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    assert roiOverlapsGrid([2, 4, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    assert roiOverlapsGrid([-3, -0.9, 2, 4, 2, 4], rasToIjk, [10, 8, 6])  # touches the first voxel
+    assert not roiOverlapsGrid([-3, -1.1, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
+    assert not roiOverlapsGrid([500, 510, 2, 4, 2, 4], rasToIjk, [10, 8, 6])
     # A flat ROI on a one-slice image gets the slice's thickness along the slice normal.
     rows = _grid_rows(Grid((10, 8, 1), (0.5, 0.5, 1.0), (0.0, 0.0, 4.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    assert mod.sliceAxisBounds([1, 2, 1, 2, 4, 4], rows, [10, 8, 1]) == [1, 2, 1, 2, 3.5, 4.5]
+    assert sliceAxisBounds([1, 2, 1, 2, 4, 4], rows, [10, 8, 1]) == [1, 2, 1, 2, 3.5, 4.5]
 
 
-def test_default_model_by_dimensionality_then_modality(mod):
+def test_default_model_by_dimensionality_then_modality():
     cards = [
         {"name": "a-ct-3d", "modality": "CT", "preprocessing": {"spatial_dims": 3}},
         {"name": "b-brain-3d", "modality": "MRI FLAIR", "preprocessing": {"spatial_dims": 3}},
         {"name": "c-us-2d", "modality": "ultrasound (B-mode, breast)", "preprocessing": {"spatial_dims": 2}},
     ]
-    assert mod.defaultModelName(cards, 3) == "a-ct-3d"  # the engine's choice: the first by name
-    assert mod.defaultModelName(cards, 3, "MR") == "b-brain-3d"
-    assert mod.defaultModelName(cards, 3, "US") == "a-ct-3d"  # no 3D ultrasound model: by dimensionality
-    assert mod.defaultModelName(cards, 2, "US") == "c-us-2d"
-    assert mod.defaultModelName(cards[:2], 2) is None
-    assert mod.gridSpatialDims([300, 200, 1]) == 2 and mod.gridSpatialDims([30, 20, 2]) == 3
+    assert defaultModelName(cards, 3) == "a-ct-3d"  # the engine's choice: the first by name
+    assert defaultModelName(cards, 3, "MR") == "b-brain-3d"
+    assert defaultModelName(cards, 3, "US") == "a-ct-3d"  # no 3D ultrasound model: by dimensionality
+    assert defaultModelName(cards, 2, "US") == "c-us-2d"
+    assert defaultModelName(cards[:2], 2) is None
+    assert gridSpatialDims([300, 200, 1]) == 2 and gridSpatialDims([30, 20, 2]) == 3
 
 
-def test_image_sr_decoder_is_read_from_the_card(mod):
-    cards = {card["name"]: card for card in mod.readModelCards()}
+def test_image_sr_decoder_is_read_from_the_card():
+    cards = {card["name"]: card for card in readModelCards()}
     if not cards:
         pytest.skip("no bundled model yet (Resources/Models is empty)")
-    assert not mod.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
-    assert mod.hasImageSrDecoder(cards["breast-ultrasound-2d"])
-    assert mod.hasImageSrDecoder({"network": {}})  # older cards: the network's default, the full network
+    assert not hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert hasImageSrDecoder(cards["breast-ultrasound-2d"])
+    assert hasImageSrDecoder({"network": {}})  # older cards: the network's default, the full network
 
 
-def test_engine_messages_are_reworded_for_the_panel(mod):
-    assert mod.panelMessage(
-        "--roi does not overlap the image; check that it is given in RAS millimetres"
-    ) == ("the Region (ROI) does not overlap the input volume: move it over the image")
+def test_engine_messages_are_reworded_for_the_panel():
+    assert panelMessage("--roi does not overlap the image; check that it is given in RAS millimetres") == (
+        "the Region (ROI) does not overlap the input volume: move it over the image"
+    )
     assert (
-        mod.panelMessage(
+        panelMessage(
             "the input is a 2D image but model 'brain' is a 3D model; choose a 2D model with --model (see `models`)"
         )
         == "the input is a 2D image but model 'brain' is a 3D model; choose a 2D model in the Model list"
     )
-    assert "--" not in mod.panelMessage(
-        "model 'brain' has no image-SR decoder (image_sr=false); drop --sr-image"
-    )
-    assert mod.panelMessage("cannot read in.nrrd: not an image") == "cannot read in.nrrd: not an image"
+    assert "--" not in panelMessage("model 'brain' has no image-SR decoder (image_sr=false); drop --sr-image")
+    assert panelMessage("cannot read in.nrrd: not an image") == "cannot read in.nrrd: not an image"
 
 
-def test_command_environment_puts_the_module_first_on_pythonpath(mod):
-    env = mod.commandEnvironment({"PYTHONPATH": "/site", "HOME": "/h"}, Path("/mod"))
+def test_command_environment_puts_the_module_first_on_pythonpath():
+    env = commandEnvironment({"PYTHONPATH": "/site", "HOME": "/h"}, Path("/mod"))
     assert env["PYTHONPATH"] == os.pathsep.join(["/mod", "/site"])
     assert env["HOME"] == "/h" and env["PYTHONUNBUFFERED"] == "1"
-    assert mod.commandEnvironment({}, Path("/mod"))["PYTHONPATH"] == "/mod"
+    assert commandEnvironment({}, Path("/mod"))["PYTHONPATH"] == "/mod"
 
 
-def test_output_naming(mod):
-    paths = mod.outputPathsForFiles(
+def test_output_naming():
+    paths = outputPathsForFiles(
         ["/a/case1.nii.gz", "/b/case1.nrrd", "/c/dicom_series", "/d/scan.v2.mha", "/e/.nrrd"], "/out"
     )
     assert [p.name for p in paths] == [
@@ -580,20 +676,20 @@ def test_output_naming(mod):
         ".nrrd_lesions.nrrd",
     ]
     assert all(p.parent == Path("/out") for p in paths)
-    assert mod.uniqueName("Lesion", []) == "Lesion"
-    assert mod.uniqueName("Lesion", ["Lesion", "Lesion 2"]) == "Lesion 3"
-    assert mod.outputNodeNames("FLAIR") == {
+    assert uniqueName("Lesion", []) == "Lesion"
+    assert uniqueName("Lesion", ["Lesion", "Lesion 2"]) == "Lesion 3"
+    assert outputNodeNames("FLAIR") == {
         "segmentation": "FLAIR lesions",
         "srImage": "FLAIR super-resolved",
         "table": "FLAIR lesion table",
     }
-    assert [mod.formatElapsed(s) for s in (0, 9.9, 75, 3723)] == ["0:00", "0:09", "1:15", "1:02:03"]
+    assert [formatElapsed(s) for s in (0, 9.9, 75, 3723)] == ["0:00", "0:09", "1:15", "1:02:03"]
 
 
-def test_lesion_table_columns_are_numeric(mod, tmp_path):
+def test_lesion_table_columns_are_numeric(tmp_path):
     path = tmp_path / "lesions.csv"
     path.write_text("id,voxels,volume_mm3,centroid_ras_x,note\n1,120,15.0,-3.5,a\n2,8,1.0,12,\n")
-    columns = dict(mod.readCsvColumns(path))
+    columns = dict(readCsvColumns(path))
     assert columns == {
         "id": [1, 2],
         "voxels": [120, 8],
@@ -603,7 +699,7 @@ def test_lesion_table_columns_are_numeric(mod, tmp_path):
     }
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert mod.readCsvColumns(empty) == []
+    assert readCsvColumns(empty) == []
 
 
 # ------------------------------------------------------------------------------------ process runner
@@ -623,7 +719,7 @@ def _drive(runner, events, until, timeout=20.0):
         time.sleep(0.02)
 
 
-def test_runner_streams_progress_and_reports_the_error_line(mod, tmp_path):
+def test_runner_streams_progress_and_reports_the_error_line(tmp_path):
     command = _script(
         tmp_path,
         "engine.py",
@@ -639,7 +735,7 @@ print("error: the input is 4D", file=sys.stderr)
 sys.exit(2)
 """,
     )
-    runner = mod.SegmentRunner(command)
+    runner = SegmentRunner(command)
     runner.start()
     events = []
     assert runner.wait(onEvent=events.append) == 2
@@ -653,11 +749,11 @@ sys.exit(2)
     # Standard output and standard error are read apart: their lines' relative order is not kept.
     assert sorted(runner.warnings) == ["printed without --progress json", "the input image is constant"]
     assert not runner.cancelled
-    assert mod.failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
+    assert failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
 
 
 @POSIX_ONLY
-def test_runner_cancel_ends_a_process_that_honours_sigterm(mod, tmp_path):
+def test_runner_cancel_ends_a_process_that_honours_sigterm(tmp_path):
     command = _script(
         tmp_path,
         "engine.py",
@@ -670,20 +766,20 @@ print(json.dumps({"stage": "predict", "fraction": 0.1}), flush=True)
 time.sleep(60)
 """,
     )
-    runner = mod.SegmentRunner(command)
+    runner = SegmentRunner(command)
     runner.start()
     events = []
     _drive(runner, events, lambda: events)
     started = time.monotonic()
     runner.cancel()
     _drive(runner, events, lambda: runner.finished)
-    assert time.monotonic() - started < mod.CANCEL_GRACE_S
+    assert time.monotonic() - started < CANCEL_GRACE_S
     assert runner.cancelled and runner.returnCode == 130
     assert list(runner.stderrLines) == ["cancelled"]
 
 
 @POSIX_ONLY
-def test_runner_cancel_kills_a_stubborn_process_and_its_children(mod, tmp_path):
+def test_runner_cancel_kills_a_stubborn_process_and_its_children(tmp_path):
     # Like the PythonSlicer launcher: the process we start runs the engine in a child of its own.
     command = _script(
         tmp_path,
@@ -696,7 +792,7 @@ print(json.dumps({"log": str(child.pid)}), flush=True)
 time.sleep(60)
 """,
     )
-    runner = mod.SegmentRunner(command, cancelGraceS=0.5)
+    runner = SegmentRunner(command, cancelGraceS=0.5)
     runner.start()
     events = []
     _drive(runner, events, lambda: events)
@@ -714,27 +810,27 @@ time.sleep(60)
 # ------------------------------------------------------------------------------------ end to end
 
 
-def test_the_logic_command_segments_the_sample_at_twice_the_resolution(mod, tmp_path):
+def test_the_logic_command_segments_the_sample_at_twice_the_resolution(tmp_path):
     """The exact command the Logic builds, run as a subprocess on the shipped sample."""
-    if not mod.readModelCards():
+    if not readModelCards():
         pytest.skip("no bundled model yet (Resources/Models is empty)")
     output, table = tmp_path / "lesions.nrrd", tmp_path / "lesions.csv"
-    command = mod.segmentCommand(
-        mod.pythonExecutable(), mod.SAMPLE_PATH, output, device="cpu", lesionTablePath=table
+    command = segmentCommand(
+        pythonExecutable(), paths.SAMPLE_PATH, output, device="cpu", lesionTablePath=table
     )
-    runner = mod.SegmentRunner(command, env=mod.commandEnvironment(os.environ), cwd=str(mod.MODULE_DIR))
+    runner = SegmentRunner(command, env=commandEnvironment(os.environ), cwd=str(paths.MODULE_DIR))
     runner.start()
     events = []
     runner.wait(onEvent=events.append)
-    assert runner.returnCode == 0, mod.failureMessage(runner.returnCode, runner.stderrLines)
+    assert runner.returnCode == 0, failureMessage(runner.returnCode, runner.stderrLines)
     assert any(e["kind"] == "progress" and e["fraction"] == 1.0 for e in events)
 
-    lr, hr = sitk.ReadImage(str(mod.SAMPLE_PATH)), sitk.ReadImage(str(output))
+    lr, hr = sitk.ReadImage(str(paths.SAMPLE_PATH)), sitk.ReadImage(str(output))
     assert hr.GetSize() == tuple(2 * n for n in lr.GetSize())
     assert hr.GetSpacing() == pytest.approx([s / 2 for s in lr.GetSpacing()])
     assert hr.GetDirection() == pytest.approx(lr.GetDirection())
     low = lr.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
     assert hr.TransformContinuousIndexToPhysicalPoint([-0.5] * 3) == pytest.approx(low, abs=1e-4)
     assert sitk.GetArrayViewFromImage(hr).max() == 1, "no lesion found in the sample"
-    columns = dict(mod.readCsvColumns(table))
+    columns = dict(readCsvColumns(table))
     assert {"id", "volume_mm3", "longest_diameter_mm"} <= set(columns) and columns["id"]

@@ -19,11 +19,14 @@ import SimpleITK as sitk
 import torch
 from test_data import make_dataset
 
-from SASSRSegmentLib import preprocess, train
-from SASSRSegmentLib.bundle import load_bundle, save_bundle
-from SASSRSegmentLib.data import open_dataset
-from SASSRSegmentLib.errors import UserError
-from SASSRSegmentLib.sampling import lr_from_hr
+from SASSRSegmentLib import cli
+from SASSRSegmentLib.commands import train as train_command
+from SASSRSegmentLib.data import cache as preprocess
+from SASSRSegmentLib.data.datasets import open_dataset
+from SASSRSegmentLib.data.sampling import lr_from_hr
+from SASSRSegmentLib.model.bundle import load_bundle, save_bundle
+from SASSRSegmentLib.runtime.errors import UserError
+from SASSRSegmentLib.training import build, config, curves, trainer
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -47,12 +50,12 @@ REAL_CONFIG = {
 def run_train(*argv: str) -> int:
     """The train command in this process, with sys.argv as `python -m SASSRSegmentLib train ...` sets it."""
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_command.add_arguments(parser)
     args = parser.parse_args([*argv, "--progress", "quiet"])
     saved = sys.argv
-    sys.argv = [str(Path(train.__file__).with_name("__main__.py")), "train", *argv]
+    sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), "train", *argv]
     try:
-        return train.run(args)
+        return train_command.run(args)
     finally:
         sys.argv = saved
 
@@ -73,7 +76,7 @@ def write_json(path: Path, obj) -> Path:
 def test_config_errors_are_listed(tmp_path):
     bad = write_json(tmp_path / "bad.json", {"learning_rat": 0.1, "batch_size": "8", "scale": 3, "p_fg": 1.5})
     with pytest.raises(UserError) as info:
-        train.load_config(bad)
+        config.load_config(bad)
     lines = str(info.value).splitlines()
     assert (
         "unknown key 'learning_rat' (did you mean 'learning_rate'?)" in lines[1]
@@ -81,7 +84,7 @@ def test_config_errors_are_listed(tmp_path):
     )
     assert len(lines) == 3  # value checks wait until the types are right
     with pytest.raises(UserError) as info:
-        train.load_config(write_json(tmp_path / "values.json", {"scale": 3, "p_fg": 1.5, "amp": "fp8"}))
+        config.load_config(write_json(tmp_path / "values.json", {"scale": 3, "p_fg": 1.5, "amp": "fp8"}))
     message = str(info.value)
     assert (
         "scale must be 2 or 4" in message
@@ -90,16 +93,16 @@ def test_config_errors_are_listed(tmp_path):
     )
     (tmp_path / "truncated.json").write_text('{"scale": ')
     with pytest.raises(UserError, match="is not valid JSON"):
-        train.load_config(tmp_path / "truncated.json")
+        config.load_config(tmp_path / "truncated.json")
     with pytest.raises(UserError, match="does not exist"):
-        train.load_config(tmp_path / "missing.json")
+        config.load_config(tmp_path / "missing.json")
 
 
 def test_committed_configs_load():
-    brain = train.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
+    brain = config.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
     assert brain.scale == 2 and brain.lr_spacing == [2.0, 2.0, 2.0] and brain.features == [16, 32, 64, 128]
     assert brain.normalization == {"kind": "mri"} and Path(brain.split_file).is_file()
-    busi = train.load_config(REPO / "configs" / "breast-ultrasound-2d.json")
+    busi = config.load_config(REPO / "configs" / "breast-ultrasound-2d.json")
     assert busi.lr_longer_side == 160 and busi.normalization == {"kind": "uint8"} and busi.batch_size == 16
     assert busi.patch_size(2, 160) == [160, 160] and busi.flip_axes == [1]
 
@@ -107,8 +110,8 @@ def test_committed_configs_load():
 def test_robust_brain_config_shares_the_brain_models_data_settings():
     """Same cache (preprocessing keys), split, widths and patch as the bundled brain model: only the
     LR synthesis and the HR heads differ, so the two are comparable."""
-    base = train.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
-    robust = train.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust.json")
+    base = config.load_config(REPO / "configs" / "brain-tumour-flair-3d.json")
+    robust = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust.json")
     assert (robust.degradation, robust.hr_head, base.degradation, base.hr_head) == (
         "random",
         "subpixel",
@@ -118,7 +121,7 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     same = ("scale", "lr_spacing", "normalization", "labels", "crop_margin_lr", "patch_size_lr", "features")
     assert all(getattr(robust, k) == getattr(base, k) for k in same + ("split_file", "groups", "batch_size"))
     assert robust.checkpoint_minutes and robust.val_every == 250
-    net = train.build_network(robust, {"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"]}, "full")
+    net = build.build_network(robust, {"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"]}, "full")
     assert net.config.hr_head == "subpixel" and net.config.hr_channels == robust.hr_channels
 
 
@@ -127,7 +130,7 @@ def test_new_options_are_checked(tmp_path):
         tmp_path / "bad.json", {"hr_head": "deconv", "degradation": "blur", "checkpoint_minutes": 0}
     )
     with pytest.raises(UserError) as info:
-        train.load_config(bad)
+        config.load_config(bad)
     message = str(info.value)
     assert 'hr_head must be one of "interpolate", "subpixel"' in message
     assert 'degradation must be one of "block", "random"' in message
@@ -135,33 +138,33 @@ def test_new_options_are_checked(tmp_path):
 
 
 def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):
-    cfg = train.TrainConfig(features=[4, 8], dilations=[1, 2])
+    cfg = config.TrainConfig(features=[4, 8], dilations=[1, 2])
     prep = {"spatial_dims": 2, "scale": 2, "channels": ["a"]}
-    source = train.build_network(cfg, prep, "full")
+    source = build.build_network(cfg, prep, "full")
     card = {"name": "old", "preprocessing": prep}
     save_bundle(tmp_path / "old", source, card)
     meta = json.loads((tmp_path / "old" / "model.json").read_text())
     for key in ("hr_head", "hr_channels"):
         del meta["network"][key]
     (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
-    target = train.build_network(cfg, prep, "full")
-    train.initialise_from(target, str(tmp_path / "old"))
+    target = build.build_network(cfg, prep, "full")
+    build.initialise_from(target, str(tmp_path / "old"))
     _, loaded = load_bundle(tmp_path / "old")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), target.state_dict().values()))
-    other = train.build_network(
-        train.TrainConfig(features=[4, 8], dilations=[1, 2], hr_head="subpixel"), prep, "full"
+    other = build.build_network(
+        config.TrainConfig(features=[4, 8], dilations=[1, 2], hr_head="subpixel"), prep, "full"
     )
     with pytest.raises(UserError, match="its network differs"):
-        train.initialise_from(other, str(tmp_path / "old"))
+        build.initialise_from(other, str(tmp_path / "old"))
 
 
-@pytest.mark.parametrize("ablation", sorted(train.ABLATIONS))
+@pytest.mark.parametrize("ablation", sorted(config.ABLATIONS))
 def test_ablations_build_and_train_every_parameter(ablation):
     torch.manual_seed(0)
-    cfg = train.TrainConfig(features=[4, 8], dilations=[1, 2])
+    cfg = config.TrainConfig(features=[4, 8], dilations=[1, 2])
     prep = {"spatial_dims": 2, "scale": 2, "channels": ["a"]}
-    net = train.build_network(cfg, prep, ablation)
-    loss_fn = train.build_loss(cfg, ablation)
+    net = build.build_network(cfg, prep, ablation)
+    loss_fn = build.build_loss(cfg, ablation)
     hr_image = torch.rand(2, 1, 32, 32)
     hr_mask = (hr_image > 0.6).float()
     net.train()
@@ -188,16 +191,16 @@ def test_ablations_build_and_train_every_parameter(ablation):
 
 
 def test_learning_rate_schedule():
-    cfg = train.TrainConfig(warmup_steps=10, min_lr_ratio=0.01)
-    f = train.lr_lambda(cfg, 100)
+    cfg = config.TrainConfig(warmup_steps=10, min_lr_ratio=0.01)
+    f = build.lr_lambda(cfg, 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
-    poly = train.lr_lambda(train.TrainConfig(schedule="poly", warmup_steps=0), 100)
+    poly = build.lr_lambda(config.TrainConfig(schedule="poly", warmup_steps=0), 100)
     assert poly(0) == pytest.approx(1.0) and poly(50) == pytest.approx(0.01 + 0.99 * 0.5**0.9)
     # A time limit that runs out before the steps do drives the decay instead.
-    halfway_in_time = train.lr_lambda(cfg, 100, time_fraction=lambda: 0.5)
+    halfway_in_time = build.lr_lambda(cfg, 100, time_fraction=lambda: 0.5)
     assert halfway_in_time(20) == pytest.approx(0.505)
-    assert train.lr_lambda(cfg, 100, time_fraction=lambda: 2.0)(20) == pytest.approx(0.01)
+    assert build.lr_lambda(cfg, 100, time_fraction=lambda: 2.0)(20) == pytest.approx(0.01)
 
 
 # ------------------------------------------------------------------------------------- real training
@@ -426,10 +429,10 @@ def test_random_degradation_and_timed_checkpoints(tiny_cache, tmp_path, monkeypa
     config |= {"degradation": "random", "hr_head": "subpixel", "checkpoint_minutes": 1e-6, "val_every": 1000}
     output = tmp_path / "run"
     saved = []
-    save = train._atomic_torch_save
+    save = trainer.atomic_torch_save
     monkeypatch.setattr(
-        train,
-        "_atomic_torch_save",
+        trainer,
+        "atomic_torch_save",
         lambda obj, path: saved.append((path.name, obj["step"])) or save(obj, path),
     )
     code = run_train(
@@ -473,7 +476,7 @@ def test_options_checked_against_the_data(tiny_cache, tmp_path):
 def test_curves_leave_out_skipped_steps_and_label_the_axes():
     rows = [{"step": k, "loss": 2.0 / k if k != 3 else float("nan"), "val_dice": ""} for k in range(1, 9)]
     rows[-1]["val_dice"], rows[3]["val_dice"] = 0.6, 0.3
-    image = train.render_curves(rows)
+    image = curves.render_curves(rows)
     assert image.shape == (400, 720, 3)
     blue = (image[..., 2] > 150) & (image[..., 0] < 100)
     red = (image[..., 0] > 150) & (image[..., 2] < 100)

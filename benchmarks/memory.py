@@ -44,9 +44,9 @@ class Upsampler(torch.nn.Module):
 def run_one(kind: str, size: list[int]) -> dict:
     from inference import tiled_sample  # benchmarks/inference.py, beside this file
 
-    from SASSRSegmentLib import lesions
-    from SASSRSegmentLib.bundle import bundled_models, read_card
-    from SASSRSegmentLib.segment import segment_image
+    from SASSRSegmentLib.inference import lesions
+    from SASSRSegmentLib.inference.pipeline import segment_image
+    from SASSRSegmentLib.model.bundle import bundled_models, read_card
 
     card = read_card(bundled_models()["brain-tumour-flair-3d"])
     image = tiled_sample(tuple(size))

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from SASSRSegmentLib.losses import SASRLoss
-from SASSRSegmentLib.network import SASRConfig, SASRNet
+from SASSRSegmentLib.model.losses import SASRLoss
+from SASSRSegmentLib.model.network import SASRConfig, SASRNet
 
 CASES = {
     "3D, LR 48^3 -> HR 96^3, batch 2": (dict(spatial_dims=3, features=(16, 32, 64, 128)), (2, 1, 48, 48, 48)),

@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "SASSRSegment"))
 
-from SASSRSegmentLib import train  # noqa: E402
-from SASSRSegmentLib.devices import select_device  # noqa: E402
-from SASSRSegmentLib.sampling import Augmentation, PatchSampler, batches, lr_from_hr  # noqa: E402
+from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, batches, lr_from_hr  # noqa: E402
+from SASSRSegmentLib.runtime.devices import select_device  # noqa: E402
+from SASSRSegmentLib.training import build, config, runtime  # noqa: E402
 
 CONFIGS = {
     "2d": (REPO / "configs" / "breast-ultrasound-2d.json", "Dataset002_BUSI", 48),
@@ -51,9 +51,9 @@ def step_speed(
     prep = {"spatial_dims": dims, "scale": cfg.scale, "channels": ["x"]}
     patch = cfg.patch_size(dims, cfg.lr_longer_side)
     torch.manual_seed(0)
-    net = train.build_network(cfg, prep, ablation)
-    loss_fn = train.build_loss(cfg, ablation)
-    fmt = train.memory_format(dims, channels_last)
+    net = build.build_network(cfg, prep, ablation)
+    loss_fn = build.build_loss(cfg, ablation)
+    fmt = runtime.memory_format(dims, channels_last)
     net.to(device=device, memory_format=fmt).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -92,9 +92,9 @@ def build_cache(key: str, cfg, folder: Path) -> Path | None:
     except ImportError:
         print(f"  ({key}: SimpleITK missing, pass --cache-{key} to time loading)")
         return None
-    from SASSRSegmentLib.data import open_dataset
-    from SASSRSegmentLib.preprocess import build_cache as build
-    from SASSRSegmentLib.preprocess import make_prep
+    from SASSRSegmentLib.data.cache import build_cache as build
+    from SASSRSegmentLib.data.cache import make_prep
+    from SASSRSegmentLib.data.datasets import open_dataset
 
     dataset = open_dataset(source)
     dataset.cases = dataset.cases[:cases]
@@ -105,7 +105,7 @@ def build_cache(key: str, cfg, folder: Path) -> Path | None:
 
 
 def loading_speed(cfg, cache_dir: Path, workers: int, batches_to_time: int) -> float:
-    from SASSRSegmentLib.preprocess import open_cache
+    from SASSRSegmentLib.data.cache import open_cache
 
     cache = open_cache(cache_dir)
     dims = cache.prep["spatial_dims"]
@@ -116,7 +116,7 @@ def loading_speed(cfg, cache_dir: Path, workers: int, batches_to_time: int) -> f
         p_affine=cfg.p_affine,
         affine_degrees=cfg.affine_degrees,
     )
-    degradation = train.degradation_for(cache.prep) if cfg.degradation == "random" else None
+    degradation = build.degradation_for(cache.prep) if cfg.degradation == "random" else None
     sampler = PatchSampler(cache, cache.names, patch, cfg.p_fg, augmentation=aug, degradation=degradation)
     stream = batches(sampler, cfg.batch_size, workers, seed=0)
     for _ in range(1 + 4 * workers):  # worker start-up and the prefetch queue are not throughput
@@ -149,13 +149,13 @@ def main() -> int:
     args = parser.parse_args()
     device = select_device(args.device)
     torch.backends.cudnn.benchmark = True  # as train does
-    print(f"device {train.hardware(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {runtime.hardware(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     amps = [args.amp] if args.amp else ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     for key in CONFIGS:
         if args.only and key != args.only:
             continue
-        cfg = train.load_config(CONFIGS[key][0])
+        cfg = config.load_config(CONFIGS[key][0])
         dims = int(key[0])
         patch = cfg.patch_size(dims, cfg.lr_longer_side)
         lr_voxels = cfg.batch_size * math.prod(patch)
@@ -199,7 +199,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"device": train.hardware(device), "torch": torch.__version__, "results": results}, indent=1
+                {"device": runtime.hardware(device), "torch": torch.__version__, "results": results}, indent=1
             )
         )
     return 0

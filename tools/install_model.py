@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "SASSRSegment"))
 
-from SASSRSegmentLib.bundle import MODELS_DIR, sha256_file  # noqa: E402
+from SASSRSegmentLib.io.files import sha256_file  # noqa: E402
+from SASSRSegmentLib.model.bundle import MODELS_DIR  # noqa: E402
 
 MAX_BYTES = 20 * 1024 * 1024
 

@@ -35,6 +35,7 @@ def generated_lists() -> dict[str, list[str]]:
     """The files each generated block must list, relative to the module folder."""
     resources = MODULE_DIR / "Resources"
     return {
+        "slicer": _files(MODULE_DIR / "SASSRSegmentSlicer", "*.py"),
         "engine": _files(MODULE_DIR / "SASSRSegmentLib", "*.py"),
         "resources": _files(resources / "Models", "*") + _files(resources / "Samples", "*"),
     }

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
-import threading
 
-from .errors import UserError
+from .commands.runner import run_command
 
 COMMANDS = {
-    "segment": ("segment", "segment lesions at super-resolution in images or volumes"),
-    "evaluate": ("evaluate", "score a model on a dataset (HR Dice from synthesised LR input)"),
-    "train": ("train", "train a model bundle on an nnU-Net style dataset"),
-    "preprocess": ("preprocess", "build the training cache of a dataset without training"),
-    "models": ("models", "list the bundled models and their cards"),
+    "segment": ("commands.segment", "segment lesions at super-resolution in images or volumes"),
+    "evaluate": ("commands.evaluate", "score a model on a dataset (HR Dice from synthesised LR input)"),
+    "train": ("commands.train", "train a model bundle on an nnU-Net style dataset"),
+    "preprocess": ("commands.preprocess", "build the training cache of a dataset without training"),
+    "models": ("commands.models", "list the bundled models and their cards"),
 }
 
 
@@ -49,62 +46,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _load(module: str):
     return importlib.import_module(f"{__package__}.{module}")
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-# How long a cancel waits for the command to unwind before it discards the staged outputs and exits.
-CANCEL_WAIT_S = 1.0
-
-
-def _status(run, args: argparse.Namespace) -> int:
-    """`run(args)` with the exit-status contract: 2 user error, 130 cancelled."""
-    try:
-        return int(run(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
-        return 130
-
-
-def run_command(run, args: argparse.Namespace, in_worker: bool = False) -> int:
-    """Run a command's `run(args)`; with `in_worker`, in a worker thread, so that Ctrl-C and SIGTERM
-    take effect within about a second even while the work is inside one long library call (ITK and
-    torch calls cannot be interrupted): the worker stops at its next progress step or is abandoned, its
-    staged outputs are discarded, and the process exits with status 130."""
-    if threading.current_thread() is not threading.main_thread():
-        return _status(run, args)
-    # SIGTERM (the Slicer module's Cancel, batch schedulers) takes the same clean path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if not in_worker:
-        return _status(run, args)
-    from . import progress
-
-    progress.CANCEL.clear()
-    outcome: dict = {}
-    worker = threading.Thread(target=lambda: outcome.update(status=_status(run, args)), daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except KeyboardInterrupt:
-        progress.CANCEL.set()
-        worker.join(CANCEL_WAIT_S)
-        from .imageio import discard_pending
-
-        discard_pending()
-        if "status" not in outcome:
-            print("cancelled", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Not a normal interpreter exit: the worker may still be inside torch or ITK, whose threads do
-        # not survive being torn down under them.
-        os._exit(outcome.get("status", 130))
-    return outcome["status"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,82 @@
+"""The `evaluate` command: HR scores of a model on a dataset (see evaluation/scoring.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..data import datasets, lowres
+from ..evaluation.report import format_reports, json_safe
+from ..evaluation.scoring import ScoringOptions, assemble_result, case_names, lr_inputs, score_cases
+from ..io import imageio
+from ..runtime.errors import UserError
+from ..runtime.progress import Progress
+from .segment import add_prediction_arguments, check_prediction_arguments
+
+# The command line runs this command in a worker thread: a cancel then takes effect within a second at
+# every stage (see commands/runner.run_command).
+RUNS_IN_WORKER = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundled model name or bundle folder")
+    parser.add_argument(
+        "--dataset", required=True, help="nnU-Net v2 raw dataset folder (dataset.json, imagesTr, labelsTr)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="val: the card's validation cases (default); all",
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write every score to this JSON file")
+    parser.add_argument(
+        "--baseline-interpolation",
+        action="store_true",
+        help="also score the interpolated perfect LR segmentation",
+    )
+    parser.add_argument(
+        "--lr-input",
+        default="block",
+        metavar="NAME[,NAME]",
+        help=f"how the LR input is made: {', '.join(lowres.GENERATORS)}, or all (default: block, as in training)",
+    )
+    add_prediction_arguments(parser)
+    parser.add_argument("--progress", choices=("bar", "json", "quiet"), default="bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..model.bundle import load_bundle
+    from ..runtime.devices import describe, select_device
+
+    check_prediction_arguments(args)
+    if args.json:
+        imageio.check_output_path(args.json, args.overwrite, (".json",))
+    progress = Progress(args.progress)
+    device = select_device(args.device)
+    card, net = load_bundle(args.model, device)
+    prep = card["preprocessing"]
+    dims = int(prep["spatial_dims"])
+    generators = lr_inputs(args.lr_input, dims)
+    dataset = datasets.open_dataset(args.dataset, labels=prep.get("labels"))
+    if dataset.spatial_dims != dims:
+        raise UserError(
+            f"dataset {dataset.name} is {dataset.spatial_dims}D but model {card.get('name', args.model)!r} is "
+            f"{prep['spatial_dims']}D"
+        )
+    names = case_names(dataset, card, args.split)
+    progress.log(f"device: {describe(device)}; {len(names)} case(s) of {dataset.name}")
+    options = ScoringOptions(
+        tta=args.tta,
+        threshold=args.threshold,
+        fully_connected=not args.face_connected,
+        baseline_interpolation=args.baseline_interpolation,
+    )
+    scores = score_cases(dataset, names, net, card, device, generators, options, progress)
+    result = assemble_result(scores, card, generators, options, args.model, args.dataset, args.split)
+    if args.progress != "json":
+        print(format_reports(result, generators))
+    if args.json:
+        imageio.write_text(json.dumps(json_safe(result), indent=2) + "\n", args.json, args.overwrite)
+    return 0

@@ -1,0 +1,69 @@
+"""The `models` command: the bundled models and their card summaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..model.bundle import MODELS_DIR, bundled_models, read_card, validation_dice
+from ..runtime.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
+
+
+def summarise(name: str, card: dict) -> dict:
+    """The few card fields a user picks a model by."""
+    prep = card.get("preprocessing", {})
+    return {
+        "name": card.get("name", name),
+        "modality": card.get("modality"),
+        "task": card.get("task"),
+        "spatial_dims": prep.get("spatial_dims"),
+        "scale": prep.get("scale"),
+        "lr_spacing_mm": prep.get("lr_spacing"),
+        "lr_longer_side": prep.get("lr_longer_side"),
+        "threshold": card.get("threshold"),
+        "validation_dice": validation_dice(card),
+        "description": card.get("description"),
+    }
+
+
+def _input_policy(summary: dict) -> str:
+    if summary["lr_spacing_mm"]:
+        return "LR " + "x".join(f"{s:g}" for s in summary["lr_spacing_mm"]) + " mm"
+    if summary["lr_longer_side"]:
+        return f"LR longer side {summary['lr_longer_side']} px"
+    return "?"
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = []
+    for name, folder in bundled_models().items():
+        try:
+            summary = summarise(name, read_card(folder))
+        except UserError as exc:
+            summary = {"name": name, "error": str(exc)}
+        summary["folder"] = str(folder)
+        summary["weights_present"] = (folder / "model.pt").is_file()
+        rows.append(summary)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no bundled models in {MODELS_DIR}; pass --model with a bundle folder written by `train`")
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']}: unusable ({row['error']})")
+            continue
+        dice = row["validation_dice"]
+        print(
+            f"{row['name']}: {row['spatial_dims']}D, x{row['scale']}, {_input_policy(row)}, "
+            f"{row['modality'] or 'modality not stated'}, validation Dice "
+            f"{'n/a' if dice is None else f'{dice:.3f}'}{'' if row['weights_present'] else ', WEIGHTS MISSING'}"
+        )
+        if row["description"]:
+            print(f"    {row['description']}")
+    return 0

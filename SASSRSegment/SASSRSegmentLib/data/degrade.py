@@ -1,0 +1,288 @@
+"""Random LR synthesis for training: the network's input made of an HR patch the ways real
+low-resolution images are made, so a model trained on block averages does not meet a different
+image at inference.
+
+Block averaging (`sampling.lr_from_hr`) is the cleanest LR image there is: no blur beyond the voxel,
+no aliasing, no noise. Real scans are acquired or resampled at the lower resolution and carry the
+marks of how. With `"degradation": "random"` every training patch gets, per axis independently, one
+of these operators (each an (n_lr, n_hr) matrix applied separably, rows summing to 1):
+
+- block averaging (1/5): the default's input, kept so the clean case stays in the mix;
+- Gaussian anti-aliasing then linear or cubic interpolation at the LR voxel centres (2/5): what
+  resampling tools do. Sigma is 0.3-1.6x the FWHM rule sigma = sqrt(s_lr^2 - s_hr^2) / 2.355, since
+  tools use anything from a light smoothing to more than the rule;
+- k-space truncation (1/5): an MRI acquired at the lower resolution measures only the central band
+  of the spectrum; the lowest n_lr cosines of the patch (a DCT: the mirror extension keeps the
+  patch's cut edges from ringing as if the field of view ended there), with or without a Tukey taper
+  of the band edge (a scanner's apodisation), so sharp edges ring as they do on real scans;
+- plain decimation (1/5): one HR voxel per LR voxel, no anti-aliasing, at a random phase in the
+  block: aliased, and shifted by up to (scale - 1) / 2 HR voxels against the block centres, as a
+  decimated image placed on the block-centred grid is;
+
+and in 3D, with probability 0.2, thick slices along one axis instead: slices 3-6 mm thick (the
+routine 2D-acquisition range) with a box or Gaussian slice profile, sampled every slice thickness
+at a random phase, then interpolated linearly to the LR grid, as the engine does when it resamples a
+thick-slice scan to its working grid.
+
+Then, on the LR patch, in the order a scanner adds them:
+- MRI only, probability 0.5: a smooth multiplicative bias field (coil sensitivity), at most
+  +-0.3 (uniform), from a random 3-point-per-axis lattice;
+- noise, always, its standard deviation log-uniform in 0.5-8 % of the tissue's intensity range
+  (1st to 99th percentile; from barely visible to a noisy low-field scan): Rician-like for MRI
+  (the magnitude of a complex signal with Gaussian noise in both parts), multiplicative speckle for
+  8-bit images (ultrasound), Gaussian otherwise (CT);
+- rounding to the stored precision: 8-bit images always (real LR ultrasound frames are 8-bit); MRI
+  with probability 0.3, to 255 levels (an 8-bit export) or to 256-4096 levels of the tissue range
+  (integer scanner values); CT always to whole HU.
+
+The HR patch is already normalised (data/cache.py). For MRI the normaliser sets everything outside
+the tissue to 0, noise included, and writes a rim voxel as `f * z(tissue)`; so the bias, noise and
+rounding act on the tissue value t = v / f of each voxel with tissue fraction f (the HR tissue
+indicator through the same operators) of at least the normaliser's `TISSUE_LEVEL`, and the result is
+multiplied back by f; voxels below it are set to 0. So the background is exactly 0, the blur and
+ringing that spill into it are gone, and the rim stays a partial volume, as at inference. Intensity scale, shift and gamma are
+`sampling.Augmentation`'s, applied to the HR patch before this.
+
+Cost: one 3D patch (96^3 -> 48^3) is three small matrix products per channel plus noise, about 12 ms
+on one core, next to seconds for a training step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .normalization import TISSUE_LEVEL
+
+DEGRADATIONS = ("block", "random")
+FWHM = 2 * math.sqrt(2 * math.log(2))  # 2.355: a Gaussian's full width at half maximum per sigma
+
+
+def lr_centres(n_lr: int, scale: int) -> np.ndarray:
+    """LR voxel centres in HR index units (HR voxel i spans [i - 0.5, i + 0.5])."""
+    return scale * (np.arange(n_lr) + 0.5) - 0.5
+
+
+def block_matrix(n_lr: int, scale: int) -> np.ndarray:
+    return np.kron(np.eye(n_lr), np.full((1, scale), 1.0 / scale))
+
+
+def _keys(t: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.5): interpolates, and reproduces quadratics."""
+    t = np.abs(t)
+    return np.where(
+        t < 1, 1.5 * t**3 - 2.5 * t**2 + 1, np.where(t < 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0.0)
+    )
+
+
+def interpolation_matrix(positions: np.ndarray, n: int, cubic: bool = False) -> np.ndarray:
+    """Linear or cubic interpolation of an n-sample axis at `positions` (index units, clamped to the
+    axis). Where the cubic's four taps would leave the axis it falls back to linear, so a linear ramp
+    is reproduced exactly everywhere."""
+    positions = np.clip(np.asarray(positions, dtype=float), 0, n - 1)
+    matrix = np.zeros((len(positions), n))
+    rows = np.arange(len(positions))
+    low = np.minimum(np.floor(positions).astype(int), max(0, n - 2))
+    frac = positions - low
+    matrix[rows, low] += 1 - frac
+    matrix[rows, np.minimum(low + 1, n - 1)] += frac
+    if cubic:
+        inside = (low >= 1) & (low + 2 <= n - 1)
+        taps = low[inside, None] + np.arange(-1, 3)[None, :]
+        sub = np.zeros((int(inside.sum()), n))
+        np.put_along_axis(sub, taps, _keys(taps - positions[inside, None]), axis=1)
+        matrix[inside] = sub
+    return matrix
+
+
+def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) Gaussian smoothing; near the edges each row is cut symmetrically about its voxel (and
+    renormalised), so smoothing keeps a ramp a ramp instead of bending it at the edges."""
+    if sigma <= 0:
+        return np.eye(n)
+    reach = int(math.ceil(3 * sigma))
+    i = np.arange(n)
+    offsets = i[None, :] - i[:, None]
+    half = np.minimum(reach, np.minimum(i, n - 1 - i))[:, None]
+    weights = np.where(np.abs(offsets) <= half, np.exp(-0.5 * (offsets / sigma) ** 2), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def gaussian_interpolation_matrix(n_lr: int, scale: int, sigma: float, cubic: bool) -> np.ndarray:
+    """Gaussian anti-aliasing (sigma in HR voxels) then interpolation at the LR voxel centres."""
+    n = n_lr * scale
+    return interpolation_matrix(lr_centres(n_lr, scale), n, cubic) @ gaussian_matrix(n, sigma)
+
+
+def kspace_matrix(n_lr: int, scale: int, taper: float = 0.0) -> np.ndarray:
+    """The n_lr lowest cosines (DCT-II) of the HR axis, evaluated at the LR voxel centres; `taper` is
+    the Tukey fraction of the kept band rolled off to zero (0: a hard cut)."""
+    n = n_lr * scale
+    k = np.arange(n_lr)
+    weight = np.ones(n_lr)
+    if taper > 0:
+        start = (1 - taper) * n_lr
+        rolled = k >= start
+        weight[rolled] = 0.5 * (1 + np.cos(np.pi * (k[rolled] - start) / (taper * n_lr)))
+    norm = np.where(k == 0, 1.0, 2.0) / n  # orthonormal DCT pair, folded into one factor
+    hr_basis = np.cos(np.pi * k[:, None] * (np.arange(n)[None, :] + 0.5) / n)
+    lr_basis = np.cos(np.pi * k[None, :] * (lr_centres(n_lr, scale)[:, None] + 0.5) / n)
+    return (lr_basis * (weight * norm)[None, :]) @ hr_basis
+
+
+def decimation_matrix(n_lr: int, scale: int, phase: int) -> np.ndarray:
+    """HR voxel `phase` of each block (0 <= phase < scale)."""
+    return np.eye(n_lr * scale)[phase::scale]
+
+
+def thick_slice_matrix(
+    n_lr: int, scale: int, thickness: float, phase: float, profile: str = "box"
+) -> np.ndarray:
+    """Slices `thickness` HR voxels thick, centred at phase + k * thickness (box or Gaussian profile of
+    that FWHM), then linear interpolation to the LR voxel centres.
+
+    A slice cut by the patch edge is renormalised to the part inside and placed at that part's
+    centroid, so a ramp still comes out a ramp; LR centres beyond the outermost slice centroids take
+    that slice's value, as resampling a scan near its last slice does.
+    """
+    n = n_lr * scale
+    i = np.arange(n)
+    centres = np.arange(phase - thickness, n + thickness, thickness)
+    if profile == "box":  # exact overlap of each HR voxel with the slab
+        lo = np.maximum(i[None, :] - 0.5, centres[:, None] - thickness / 2)
+        hi = np.minimum(i[None, :] + 0.5, centres[:, None] + thickness / 2)
+        weights = np.clip(hi - lo, 0.0, None)
+    else:
+        sigma = thickness / FWHM
+        d = i[None, :] - centres[:, None]
+        weights = np.where(np.abs(d) <= thickness, np.exp(-0.5 * (d / sigma) ** 2), 0.0)
+    # Slices with less than a quarter of their profile inside the patch are too cut to place well.
+    full = thickness if profile == "box" else sigma * math.sqrt(2 * math.pi)
+    keep = weights.sum(axis=1) >= 0.25 * full
+    slices = weights[keep] / weights[keep].sum(axis=1, keepdims=True)
+    centroids = slices @ i
+    targets = lr_centres(n_lr, scale)
+    index = np.interp(targets, centroids, np.arange(len(centroids)))  # clamps beyond the ends
+    return interpolation_matrix(index, len(centroids)) @ slices
+
+
+def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """array (C, *spatial): matrices[k] (n_out, n_in) applied along spatial axis k."""
+    out = array
+    for axis, matrix in enumerate(matrices):
+        out = np.moveaxis(np.tensordot(matrix, out, axes=([1], [axis + 1])), 0, axis + 1)
+    return out
+
+
+@dataclass
+class Degradation:
+    """The random LR synthesis of one modality (module docstring): `apply` turns an HR patch into
+    its LR input. `kind` is the normalisation kind ("mri", "ct", "uint8"), which says what noise and
+    rounding the images carry; `hr_spacing` (mm, numpy axis order) turns slice thickness into voxels."""
+
+    kind: str = "mri"
+    hr_spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    p_thick: float = 0.2
+    thickness_mm: Sequence[float] = (3.0, 6.0)
+    sigma_factor: Sequence[float] = (0.3, 1.6)
+    noise: Sequence[float] = (0.005, 0.08)  # of the tissue's intensity range, log-uniform
+    p_bias: float = 0.5
+    bias: float = 0.3
+    p_quantise: float = 0.3
+    ct_window: float = 1400.0  # HU per normalised unit: CT values are whole HU
+
+    def matrices(self, shape: Sequence[int], scale: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """One random (n_lr, n_hr) operator per axis of an HR patch of `shape`."""
+        dims = len(shape)
+        thick_axis = int(rng.integers(dims)) if dims == 3 and rng.random() < self.p_thick else -1
+        out = []
+        for axis, n in enumerate(shape):
+            n_lr = n // scale
+            if axis == thick_axis:
+                thickness = rng.uniform(*self.thickness_mm) / float(self.hr_spacing[axis])
+                if thickness > scale:  # slices thinner than an LR voxel are not thick
+                    profile = "box" if rng.random() < 0.5 else "gaussian"
+                    out.append(thick_slice_matrix(n_lr, scale, thickness, rng.uniform(0, thickness), profile))
+                    continue
+            choice = rng.random()
+            if choice < 0.2:
+                out.append(block_matrix(n_lr, scale))
+            elif choice < 0.6:
+                sigma = rng.uniform(*self.sigma_factor) * math.sqrt(scale**2 - 1) / FWHM
+                out.append(gaussian_interpolation_matrix(n_lr, scale, sigma, cubic=choice >= 0.4))
+            elif choice < 0.8:
+                out.append(kspace_matrix(n_lr, scale, rng.uniform(0.2, 0.5) if rng.random() < 0.5 else 0.0))
+            else:
+                out.append(decimation_matrix(n_lr, scale, int(rng.integers(scale))))
+        return [m.astype(np.float32) for m in out]
+
+    def apply(
+        self,
+        hr: np.ndarray,
+        scale: int,
+        rng: np.random.Generator,
+        tissue: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """LR input (C, *spatial / scale) float32 of an HR patch (C, *spatial); `tissue` (*spatial,
+        bool) marks the MRI tissue (None: everything is tissue)."""
+        matrices = self.matrices(hr.shape[1:], scale, rng)
+        lr = apply_separable(np.asarray(hr, dtype=np.float32), matrices)
+        if tissue is None:
+            fraction = np.ones(lr.shape[1:], dtype=np.float32)
+        else:
+            fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0].clip(0, 1)
+            # What the normaliser calls background and sets to 0: the blur and ringing of the
+            # operators spill tissue into it, which an LR scan shows only before normalisation.
+            lr[:, fraction < TISSUE_LEVEL] = 0.0
+        inside = fraction >= TISSUE_LEVEL
+        bias = None
+        if self.kind == "mri" and rng.random() < self.p_bias:
+            bias = 1 + rng.uniform(0, self.bias) * _smooth_field(lr.shape[1:], rng)
+        for c in range(lr.shape[0]):
+            values = lr[c][inside] / fraction[inside]  # the tissue value of each voxel
+            if values.size < 16:
+                continue
+            values = self._corrupt(values, None if bias is None else bias[inside], rng)
+            lr[c][inside] = values * fraction[inside]
+        return lr
+
+    def _corrupt(self, t: np.ndarray, bias: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = np.percentile(t, [1, 99])
+        span = max(float(hi - lo), 1e-6)
+        sd = span * math.exp(rng.uniform(math.log(self.noise[0]), math.log(self.noise[1])))
+        if self.kind == "mri":
+            # Magnitude images: the signal sits above the darkest tissue, not around the z-score's 0.
+            floor = float(t.min())
+            signal = t - floor
+            if bias is not None:
+                signal = signal * bias
+            t = floor + np.hypot(signal + rng.normal(0, sd, t.shape), rng.normal(0, sd, t.shape))
+            if rng.random() < self.p_quantise:
+                levels = 255 if rng.random() < 0.5 else math.exp(rng.uniform(math.log(256), math.log(4096)))
+                t = _round(t, (float(t.max()) - floor) / levels, rng)
+        elif self.kind == "uint8":
+            t = np.clip(t * (1 + rng.normal(0, sd / max(float(t.mean()), 1e-3), t.shape)), 0, 1)
+            t = np.round(t * 255) / 255
+        else:
+            t = np.clip(t + rng.normal(0, sd, t.shape), 0, 1)
+            t = _round(t, 1 / self.ct_window, rng)
+        return t.astype(np.float32)
+
+
+def _round(values: np.ndarray, step: float, rng: np.random.Generator) -> np.ndarray:
+    """Rounded to a grid of `step` at a random offset (the raw values' zero is not the normalised 0)."""
+    if step <= 0:
+        return values
+    offset = rng.uniform(0, step)
+    return np.round((values - offset) / step) * step + offset
+
+
+def _smooth_field(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A smooth random field over `shape`, scaled to a maximum magnitude of 1: values on a 3-point
+    lattice per axis spanning the patch, interpolated linearly."""
+    lattice = rng.uniform(-1, 1, (1,) + (3,) * len(shape))
+    field = apply_separable(lattice, [interpolation_matrix(np.linspace(0, 2, n), 3) for n in shape])[0]
+    return (field / max(float(np.abs(field).max()), 1e-6)).astype(np.float32)

@@ -1,0 +1,270 @@
+"""The input side of segmentation: which images a model takes, and how an input (or its ROI) is brought
+to the model's working grid with whole-image intensity levels, checked, and described for the pipeline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..data import normalization
+from ..io import geometry
+from ..io.geometry import Grid
+from ..runtime.errors import UserError
+from .memory import available_memory_bytes, estimate_bytes
+
+CONTEXT_LR_VOXELS = 8
+
+
+def _single_slice(image: sitk.Image) -> bool:
+    return image.GetDimension() == 3 and image.GetSize()[2] == 1
+
+
+def effective_dims(image: sitk.Image) -> int:
+    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else 3; a UserError for
+    input that is neither (a time series, 5D)."""
+    image = _drop_singleton_4th(image)
+    if image.GetDimension() > 3:
+        raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
+    return 2 if image.GetDimension() == 2 or _single_slice(image) else image.GetDimension()
+
+
+def _drop_singleton_4th(image: sitk.Image) -> sitk.Image:
+    if image.GetDimension() != 4:
+        return image
+    if image.GetSize()[3] != 1:
+        raise UserError(
+            f"the input is 4D, a time series of {image.GetSize()[3]} volumes of {tuple(image.GetSize()[:3])}, which is "
+            "not supported: extract the one 3D volume to segment (in Slicer: Sequences module, or "
+            "SimpleITK's Extract) and pass that"
+        )
+    array = sitk.GetArrayFromImage(image)[0]
+    out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    direction = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3]
+    return Grid(
+        tuple(image.GetSize()[:3]),
+        tuple(image.GetSpacing()[:3]),
+        tuple(image.GetOrigin()[:3]),
+        tuple(direction.ravel()),
+    ).apply(out)
+
+
+def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components == in_channels:
+        return image
+    if in_channels == 1 and components in (3, 4):
+        # Greyscale saved as RGB(A) is common for ultrasound screenshots: accept it when R = G = B.
+        rgb = sitk.GetArrayViewFromImage(image)[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            return sitk.VectorIndexSelectionCast(image, 0)
+        raise UserError(
+            f"the input is a colour image ({components} components) but the model takes greyscale; convert it to "
+            "greyscale first"
+        )
+    raise UserError(
+        f"the input has {components} component(s) per voxel but the model takes {in_channels} channel(s); "
+        "choose a matching model with --model"
+    )
+
+
+def check_image(image: sitk.Image, card: dict) -> sitk.Image:
+    """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
+    dims = effective_dims(image)
+    image = _drop_singleton_4th(image)
+    model_dims = int(card["preprocessing"]["spatial_dims"])
+    if dims != model_dims:
+        what = "a 2D image" if dims == 2 else "a 3D volume"
+        raise UserError(
+            f"the input is {what} but model {card.get('name', '?')!r} is a {model_dims}D model; "
+            f"choose a {dims}D model with --model (see `models`)"
+        )
+    if any(n == 0 for n in image.GetSize()):
+        raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
+    return _match_channels(image, int(card["network"].get("in_channels", 1)))
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """A single-slice volume seen as a 2D image: the 2D proxy has origin 0 and identity direction, so a
+    proxy point p maps to origin + D @ (p_x, p_y, 0) of the volume."""
+
+    volume: Grid
+
+    def proxy(self, image: sitk.Image) -> sitk.Image:
+        vector = image.GetNumberOfComponentsPerPixel() > 1
+        out = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[0], isVector=vector)
+        out.SetSpacing(self.volume.spacing[:2])
+        return out
+
+    def lift_grid(self, grid: Grid) -> Grid:
+        origin = np.asarray(self.volume.origin) + self.volume.matrix @ np.array([*grid.origin, 0.0])
+        return Grid(
+            (*grid.size, 1),
+            (*grid.spacing, self.volume.spacing[2]),
+            tuple(float(v) for v in origin),
+            self.volume.direction,
+        )
+
+    def lift(self, image: sitk.Image) -> sitk.Image:
+        array = sitk.GetArrayFromImage(image)[np.newaxis]
+        return self.lift_grid(Grid.from_image(image)).image_from_array(array)
+
+
+def _sub_grid(grid: Grid, start: list[int], size: list[int]) -> Grid:
+    origin = grid.index_to_physical(start)
+    return Grid(tuple(int(n) for n in size), grid.spacing, tuple(float(v) for v in origin), grid.direction)
+
+
+def _with_context(grid: Grid, start: list[int], size: list[int], prep: dict) -> tuple[list[int], list[int]]:
+    """The ROI's index region widened by CONTEXT_LR_VOXELS working voxels a side (within the image).
+
+    The network then sees lesions cut by the ROI's faces with their surroundings, and interpolation at
+    the faces uses real neighbours instead of extrapolating the edge voxels.
+    """
+    work_spacing = np.asarray(geometry.working_lr_grid(_sub_grid(grid, start, size), prep).spacing)
+    margin = np.ceil(CONTEXT_LR_VOXELS * work_spacing / np.asarray(grid.spacing) - 1e-6).astype(int)
+    lo = np.maximum(np.asarray(start) - margin, 0)
+    hi = np.minimum(np.asarray(start) + np.asarray(size) + margin, grid.size)
+    return lo.tolist(), (hi - lo).tolist()
+
+
+@dataclass
+class PreparedInput:
+    input_grid: Grid  # the grid the network input is made from (ROI plus context; 2D proxy of a slice)
+    output_grid: Grid
+    hr_work: Grid
+    lr: object  # torch.Tensor (C, *spatial) of normalised LR intensities; None for a constant image
+    window: tuple[int, ...]
+    plane: _Plane | None
+    tissue_ml: float | None = None  # tissue volume the normalisation traced (MRI kind), for plausibility
+
+
+def _channels(image: sitk.Image) -> list[sitk.Image]:
+    components = image.GetNumberOfComponentsPerPixel()
+    return (
+        [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
+    )
+
+
+def to_working_grid(channel: sitk.Image, work: Grid) -> np.ndarray:
+    """One channel on the working LR grid, as a float32 array.
+
+    Where the input's voxels tile the working voxels exactly (a 1 mm scan for a 2 mm model), they are
+    block-averaged, which is how an LR voxel integrates what it covers and how training made its inputs;
+    otherwise the input is resampled linearly, smoothed first along axes where it is finer.
+    """
+    factors = geometry.block_factors(Grid.from_image(channel), work)
+    if factors is None:
+        return sitk.GetArrayFromImage(geometry.resample(channel, work, "linear", True))
+    return geometry.block_average_onto(sitk.GetArrayFromImage(channel).astype(np.float32), factors, work)
+
+
+def _whole_image_levels(image: sitk.Image, prep: dict) -> list | None:
+    """Each channel's normalisation levels measured on the whole image (None: the kind needs none).
+
+    An ROI is normalised with these, so a crop's intensities are exactly the whole scan's."""
+    if prep["normalization"].get("kind") != "mri":
+        return None
+    if _single_slice(image):
+        image = _Plane(Grid.from_image(image)).proxy(image)
+    work = geometry.working_lr_grid(Grid.from_image(image), prep)
+    return [normalization.fit(to_working_grid(ch, work)) for ch in _channels(image)]
+
+
+def prepare_input(
+    image: sitk.Image,
+    card: dict,
+    roi: list[float] | None,
+    output_grid: str,
+    batch_size: int,
+    memory_limit: int | None,
+    warn: Callable[[str], None],
+    probabilities: str = "float32",
+) -> PreparedInput:
+    import torch
+
+    prep = card["preprocessing"]
+    scale = int(prep["scale"])
+    image = check_image(image, card)
+    full = Grid.from_image(image)
+    start, size = [0] * full.dims, list(full.size)
+    levels = None
+    if roi:
+        start, size = geometry.roi_region(full, list(roi))
+        context_start, context_size = _with_context(full, start, size, prep)
+        levels = _whole_image_levels(image, prep)
+        image = sitk.RegionOfInterest(image, context_size, context_start)
+        start = [a - b for a, b in zip(start, context_start)]
+    plane = None
+    if _single_slice(image):
+        plane = _Plane(Grid.from_image(image))
+        image = plane.proxy(image)
+        start, size = start[:2], size[:2]
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise UserError(
+            f"the input has {array.size - int(finite.sum())} NaN or infinite voxel(s); replace them (e.g. with 0) "
+            "before segmenting"
+        )
+    input_grid = Grid.from_image(image)
+    target = _sub_grid(input_grid, start, size)  # the input voxels to segment (all, or those the ROI touches)
+    out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
+    work_lr = geometry.working_lr_grid(input_grid, prep)
+    hr_work = geometry.hr_grid(work_lr, scale)
+    # The card's window is in array order (z, y, x), like the tensor; clipped to the image.
+    window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1]))
+    window_hr = tuple(w * scale for w in window)
+    need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
+    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    if need > limit:
+        raise UserError(
+            f"this image needs about {need / 2**30:.1f} GB at {scale}x resolution but only {limit / 2**30:.1f} GB "
+            "is available; segment a region with --roi xmin xmax ymin ymax zmin zmax (RAS mm) or use "
+            "--output-grid input"
+        )
+    if float(array.min()) == float(array.max()):
+        warn("the input image is constant (no contrast): the mask is empty")
+        return PreparedInput(input_grid, out_grid, hr_work, None, window, plane)
+    spec = prep["normalization"]
+    channels, tissue = [], None
+    for c, channel in enumerate(_channels(image)):
+        values, traced = normalization.normalize_and_trace(
+            to_working_grid(channel, work_lr), spec, levels[c] if levels else None
+        )
+        channels.append(values)
+        tissue = traced if tissue is None else tissue
+    tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
+    _check_input(input_grid, work_lr, tissue_ml, card, warn)
+    return PreparedInput(
+        input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, plane, tissue_ml
+    )
+
+
+# An input axis this much coarser than the model's working spacing loses what lies between its samples.
+COARSE_FACTOR = 1.5
+
+
+def _check_input(
+    grid: Grid, work: Grid, tissue_ml: float | None, card: dict, warn: Callable[[str], None]
+) -> None:
+    """One-line warnings for inputs unlike the model's training images: much coarser sampling (thick
+    slices), or more tissue than any training image held (e.g. a head that is not skull-stripped)."""
+    coarse = [(i, s / w) for i, (s, w) in enumerate(zip(grid.spacing, work.spacing)) if s / w > COARSE_FACTOR]
+    if coarse:
+        axis, factor = max(coarse, key=lambda c: c[1])
+        warn(
+            f"the input's voxels are {grid.spacing[axis]:g} mm along axis {'xyz'[axis]}, {factor:.1f}x the model's "
+            f"{work.spacing[axis]:g} mm: what lies between its slices is interpolated, so expect a less accurate mask"
+        )
+    checks = card.get("plausibility", {})
+    limit = checks.get("max_tissue_ml")
+    if limit is not None and tissue_ml is not None and tissue_ml > float(limit):
+        warn(
+            f"the image holds {tissue_ml:.0f} mL of tissue, more than any training image ({float(limit):.0f} mL)"
+            + (f": {checks['tissue_hint']}" if checks.get("tissue_hint") else "")
+        )

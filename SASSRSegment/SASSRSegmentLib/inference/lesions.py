@@ -1,0 +1,329 @@
+"""Connected lesions of a mask and the lesion table (CSV or JSON).
+
+Coordinates: SimpleITK's physical space is LPS; Slicer shows RAS. Both are given, and every coordinate
+column says which. Longest diameters are Feret diameters between voxel centres on the lesion's
+border, so a one-voxel lesion has diameter 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..io.geometry import Grid
+from ..io.imageio import Staging, split_extension, write_text
+from ..runtime.errors import UserError
+from . import measure
+
+_AXES = ("x", "y", "z")
+
+
+def connected_lesions(mask: sitk.Image, fully_connected: bool = True) -> sitk.Image:
+    """Label image of the mask's connected components, numbered 1.. from the largest down.
+
+    fully_connected: diagonal neighbours join (26-connectivity in 3D, 8 in 2D); else faces only.
+    """
+    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    labels = sitk.ConnectedComponent(binary, fully_connected)
+    return sitk.RelabelComponent(labels, sortByObjectSize=True)
+
+
+_SLAB_ROWS = 32  # first-axis rows per step of the voxel loops below: temporaries stay small
+
+
+def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
+    """Index start and size (x, y, z) of the box around the mask's nonzero voxels; None if empty.
+
+    Component labelling runs inside this box only: lesions are small beside a large HR volume, and
+    labels take four bytes a voxel.
+    """
+    array = sitk.GetArrayViewFromImage(mask)
+    occupied = [np.zeros(n, bool) for n in array.shape]
+    for first in range(0, array.shape[0], _SLAB_ROWS):
+        chunk = array[first : first + _SLAB_ROWS] != 0
+        for axis in range(array.ndim):
+            others = tuple(a for a in range(array.ndim) if a != axis)
+            hit = chunk.any(axis=others) if others else chunk
+            if axis == 0:
+                occupied[0][first : first + len(chunk)] = hit
+            else:
+                occupied[axis] |= hit
+    if not occupied[0].any():
+        return None
+    start = [int(np.argmax(o)) for o in occupied]
+    stop = [len(o) - int(np.argmax(o[::-1])) for o in occupied]
+    return start[::-1], [b - a for a, b in zip(start, stop)][::-1]
+
+
+def _slab_labels(array: np.ndarray, first: int, rows: int, fully_connected: bool) -> np.ndarray:
+    chunk = sitk.GetImageFromArray((array[first : first + rows] != 0).astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(chunk, fully_connected))
+
+
+def _neighbour_pairs(a: np.ndarray, b: np.ndarray, fully_connected: bool) -> np.ndarray:
+    """(label in a, label in b) for every pair of touching foreground voxels of two adjacent planes."""
+    shifts = itertools.product((-1, 0, 1), repeat=a.ndim) if fully_connected else [(0,) * a.ndim]
+    pairs = []
+    for shift in shifts:
+        sa = tuple(slice(max(0, -k), n - max(0, k)) for k, n in zip(shift, a.shape))
+        sb = tuple(slice(max(0, k), n - max(0, -k)) for k, n in zip(shift, a.shape))
+        la, lb = a[sa].ravel(), b[sb].ravel()
+        both = (la > 0) & (lb > 0)
+        pairs.append(np.stack([la[both], lb[both]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def keep_large_components(
+    array: np.ndarray,
+    min_fraction: float,
+    out: np.ndarray,
+    fully_connected: bool = True,
+    rows: int = _SLAB_ROWS,
+) -> None:
+    """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
+    least `min_fraction` of the largest one's voxels.
+
+    Components are labelled `rows` first-axis rows at a time and joined across slab faces
+    (union-find), so memory holds one slab of four-byte labels, not the whole volume's.
+    """
+    # Slab k's local label j > 0 is global label bases[k] + j; global label 0 is the background.
+    bases, sizes, boundary = [], [np.zeros(1, np.int64)], None
+    parent = np.zeros(1, np.int64)
+    for first in range(0, array.shape[0], rows):
+        labels = _slab_labels(array, first, rows, fully_connected)
+        count, base = int(labels.max()), len(parent) - 1
+        bases.append(base)
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:])
+        parent = np.concatenate([parent, np.arange(base + 1, base + count + 1)])
+        if boundary is not None:
+            for a, b in _neighbour_pairs(boundary, labels[0], fully_connected):
+                ra, rb = _root(parent, int(a)), _root(parent, int(b) + base)
+                parent[max(ra, rb)] = min(ra, rb)
+        boundary = np.where(labels[-1] > 0, labels[-1].astype(np.int64) + base, 0)
+    while not np.array_equal(parent, parent[parent]):
+        parent = parent[parent]
+    root_sizes = np.bincount(parent, weights=np.concatenate(sizes), minlength=len(parent))
+    root_sizes[0] = 0
+    keep = (root_sizes[parent] >= min_fraction * root_sizes.max()).astype(np.uint8)
+    keep[0] = 0
+    for base, first in zip(bases, range(0, array.shape[0], rows)):
+        labels = _slab_labels(array, first, rows, fully_connected).astype(np.int64)
+        out[first : first + rows] = keep[np.where(labels > 0, labels + base, 0)]
+
+
+def _root(parent: np.ndarray, label: int) -> int:
+    while parent[label] != label:
+        parent[label] = parent[parent[label]]
+        label = int(parent[label])
+    return label
+
+
+def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
+    """Remove connected components smaller than `min_fraction` of the largest (uint8 0/1 result).
+
+    For single-mass lesions (a glioma's whole tumour) the specks away from the main mass are false
+    positives far more often than satellite lesions; models whose validation says so set this in
+    their card. min_fraction <= 0 keeps everything.
+    """
+    region = lesion_region(mask) if min_fraction > 0 else None
+    if region is None:
+        return mask
+    start, size = region
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1]))
+    kept = np.zeros(mask.GetSize()[::-1], np.uint8)
+    keep_large_components(sitk.GetArrayViewFromImage(mask)[box], min_fraction, out=kept[box])
+    out = sitk.GetImageFromArray(kept)
+    out.CopyInformation(mask)
+    return out
+
+
+def _lps_to_ras(point: np.ndarray) -> np.ndarray:
+    flip = np.ones(len(point))
+    flip[:2] = -1
+    return point * flip
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    ga, gb = Grid.from_image(a), Grid.from_image(b)
+    return (
+        ga.size == gb.size
+        and np.allclose(ga.spacing, gb.spacing, atol=1e-6)
+        and np.allclose(ga.origin, gb.origin, atol=1e-4)
+        and np.allclose(ga.direction, gb.direction, atol=1e-6)
+    )
+
+
+def lesion_table(
+    mask: sitk.Image,
+    probabilities: sitk.Image | None = None,
+    fully_connected: bool = True,
+    diameters: bool = True,
+) -> list[dict]:
+    """One row per connected lesion (largest first), clinical keys first.
+
+    Clinical: id (the lesion number, also the figure's and the segments'), volume_ml (area_mm2 for 2D
+    images), axial_diameter_mm and perpendicular_diameter_mm (RECIST / RANO, in the measurement plane:
+    see `measure`), longest_diameter_mm (3D), centroid_ras_mm, and mean_probability when
+    `probabilities` (on the mask's grid) is given: values 0..1, or uint8 values round(255 p).
+    Technical: voxels, volume_mm3, centroid_lps_mm, bbox_index_start, bbox_index_size (voxels, x y z),
+    bbox_ras_min_mm, bbox_ras_max_mm (the RAS axis-aligned box around the lesion's voxels, voxel edges
+    included). diameters=False leaves the diameters out (a summary or a figure does not need them).
+    """
+    if probabilities is not None and not _same_grid(mask, probabilities):
+        raise ValueError("probabilities must lie on the mask's grid")
+    region = lesion_region(mask)
+    if region is None:
+        return []
+    offset, size = region
+    if list(size) != list(mask.GetSize()):
+        mask = sitk.RegionOfInterest(mask, size, offset)
+        if probabilities is not None:
+            probabilities = sitk.RegionOfInterest(probabilities, size, offset)
+    if mask.GetPixelID() != sitk.sitkUInt8:
+        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    # Not relabelled by size (that would be a second four-byte label volume): rows are sorted instead.
+    labels = sitk.ConnectedComponent(mask, fully_connected)
+    label_array = sitk.GetArrayViewFromImage(labels)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(labels)
+    stats = None
+    probability_unit = 1.0
+    if probabilities is not None:
+        probability_unit = 255.0 if probabilities.GetPixelID() == sitk.sitkUInt8 else 1.0
+        stats = sitk.LabelStatisticsImageFilter()
+        stats.Execute(probabilities, labels)
+    grid = Grid.from_image(mask)
+    d = grid.dims
+    rows = []
+    by_size = sorted(shape.GetLabels(), key=lambda label: (-shape.GetNumberOfPixels(label), label))
+    for rank, label in enumerate(by_size, 1):
+        box = shape.GetBoundingBox(label)
+        start, size = np.asarray(box[:d], dtype=float), np.asarray(box[d:], dtype=float)
+        corners = []
+        for c in range(2**d):
+            index = [start[k] + size[k] - 0.5 if (c >> k) & 1 else start[k] - 0.5 for k in range(d)]
+            corners.append(_lps_to_ras(grid.index_to_physical(index)))
+        corners = np.stack(corners)
+        centroid = np.asarray(shape.GetCentroid(label))
+        physical_size = float(shape.GetPhysicalSize(label))
+        row: dict = {"id": rank}
+        row.update({"volume_ml": physical_size / 1000.0} if d == 3 else {"area_mm2": physical_size})
+        if diameters:
+            box_slices = tuple(slice(a, a + n) for a, n in zip(box[:d][::-1], box[d:][::-1]))
+            found = measure.diameters(label_array[box_slices] == label, grid, tuple(box[:d]))
+            row["axial_diameter_mm"] = found.axial_mm
+            row["perpendicular_diameter_mm"] = found.perpendicular_mm
+            row["longest_diameter_mm"] = found.longest_mm
+        row["centroid_ras_mm"] = _lps_to_ras(centroid).tolist()
+        if stats is not None:
+            row["mean_probability"] = float(stats.GetMean(label)) / probability_unit
+        row["voxels"] = int(shape.GetNumberOfPixels(label))
+        if d == 3:
+            row["volume_mm3"] = physical_size
+        row.update(
+            {
+                "centroid_lps_mm": centroid.tolist(),
+                "bbox_index_start": [int(v) + o for v, o in zip(box[:d], offset)],
+                "bbox_index_size": [int(v) for v in box[d:]],
+                "bbox_ras_min_mm": corners.min(axis=0).tolist(),
+                "bbox_ras_max_mm": corners.max(axis=0).tolist(),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+# Decimals per column, by the column's unit: what a measurement at HR resolution can carry.
+_DECIMALS = (("_ml", 3), ("_mm3", 1), ("_mm2", 1), ("_mm", 1), ("probability", 3))
+
+
+def _rounded(key: str, value):
+    if not isinstance(value, float):
+        return value
+    return round(value, next((n for suffix, n in _DECIMALS if key.endswith(suffix)), 4))
+
+
+def _flatten(row: dict) -> dict:
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, list):
+            # "centroid_ras_mm" -> centroid_ras_x_mm, ...: the unit stays last.
+            base, unit = (key[:-3], "_mm") if key.endswith("_mm") else (key, "")
+            for axis, v in zip(_AXES, value):
+                flat[f"{base}_{axis}{unit}"] = _rounded(f"{base}_{axis}{unit}", v)
+        else:
+            flat[key] = _rounded(key, value)
+    return flat
+
+
+def table_columns(dims: int, probabilities: bool = True) -> list[str]:
+    """The CSV header of a `dims`-D lesion table (the same whether or not there are lesions)."""
+    box = sitk.Image([3] * dims, sitk.sitkUInt8)
+    box[(1,) * dims] = 1
+    probability = sitk.Cast(box, sitk.sitkFloat32) if probabilities else None
+    return list(_flatten(lesion_table(box, probability)[0]))
+
+
+def format_table(
+    rows: list[dict], kind: str, meta: dict | None = None, columns: list[str] | None = None
+) -> str:
+    """The table as CSV text (vector columns split per axis; `columns` first, in order, so an empty
+    table still has its header) or JSON text ({..., "lesions": [...]})."""
+    if kind == ".json":
+        document = {
+            "coordinates": "physical millimetres; *_lps_* in SimpleITK/DICOM LPS, *_ras_* in Slicer RAS",
+            **(meta or {}),
+            "lesions": [_flatten_rounded(r) for r in rows],
+        }
+        return json.dumps(document, indent=2) + "\n"
+    flat = [_flatten(r) for r in rows]
+    names: list[str] = [c for c in ("case",) if any(c in r for r in flat)] + list(columns or [])
+    for r in flat:
+        names += [c for c in r if c not in names]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names or ["id"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
+def _flatten_rounded(row: dict) -> dict:
+    """A JSON row: vectors kept as lists, every number rounded like the CSV's."""
+    return {k: [_rounded(k, x) for x in v] if isinstance(v, list) else _rounded(k, v) for k, v in row.items()}
+
+
+def check_table_path(path: str | os.PathLike) -> str:
+    kind = split_extension(path)[1]
+    if kind not in (".csv", ".json"):
+        raise UserError(f"lesion table {path}: use a name ending in .csv or .json")
+    return kind
+
+
+def write_lesion_table(
+    rows: list[dict],
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    meta: dict | None = None,
+    staging: Staging | None = None,
+    columns: list[str] | None = None,
+) -> Path:
+    """Write the table atomically (or into `staging`); the format follows the extension (.csv or .json).
+
+    A CSV table's `meta` (provenance) goes into a sidecar `<table>.provenance.json`; a JSON table holds it.
+    """
+    kind = check_table_path(path)
+    if kind == ".csv" and meta:
+        write_text(json.dumps(meta, indent=2) + "\n", provenance_path(path), overwrite, staging)
+    return write_text(format_table(rows, kind, meta, columns), path, overwrite, staging)
+
+
+def provenance_path(table: str | os.PathLike) -> Path:
+    stem, _ = split_extension(table)
+    return Path(table).with_name(f"{Path(stem).name}.provenance.json")

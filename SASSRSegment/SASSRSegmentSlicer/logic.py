@@ -1,0 +1,293 @@
+"""SASSRSegmentLogic: the module's Logic, used by the panel and from Slicer's Python console.
+
+It needs no Qt and no parameter node, so that Testing/test_slicer_core.py runs it on Slicer's core
+libraries (the slicer-core wheel) with small stand-ins for the application.
+"""
+
+import importlib.util
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+from .cards import defaultModelName, hasImageSrDecoder, readModelCards
+from .command import failureMessage, processEnvironment, pythonExecutable, segmentCommand
+from .geometry import gridSpatialDims, hrScales
+from .job import FileResult, SegmentationJob
+from .naming import outputPathsForFiles
+from .paths import MODELS_DIR, MODULE_DIR
+from .roi import roiBoundsForVolume
+from .runner import SegmentRunner
+from .scene import dicomModality
+from .segmentation import hasReferenceGeometry, hrGeometryInFrameOf, segmentationInputVolume
+from .slicerapi import ScriptedLoadableModuleLogic, _, slicer
+
+TORCH_REQUIREMENT = ">=2.1"
+
+
+class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
+    """Runs the engine on scene volumes or on files; usable from the Python console without the widget.
+
+    modelsDir is where model names are looked up (the bundled models by default).
+    """
+
+    def __init__(self, modelsDir=MODELS_DIR):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.modelsDir = Path(modelsDir)
+        self.activeJob = None
+        self.installingTorch = False
+
+    def cleanup(self):
+        """Stop a running segmentation at once and delete its temporary files (module reload, quit)."""
+        if self.activeJob:
+            self.activeJob.abort()
+
+    def ensureTorch(self):
+        """Make sure torch is importable, offering to install it through PyTorch Utils.
+
+        Returns True when this call installed it (what PyTorch sees must then be detected again).
+        """
+        if self.installingTorch:
+            raise RuntimeError(_("PyTorch is being installed: wait for the installation to finish."))
+        if importlib.util.find_spec("torch") is not None:
+            return False
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError(
+                _(
+                    "PyTorch is required: install the PyTorch extension from the Extensions Manager, then retry."
+                )
+            ) from None
+        # The installer processes events while it runs: a second click must not start another one.
+        self.installingTorch = True
+        try:
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.torchInstalled():
+                return False
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+        except subprocess.CalledProcessError as exc:
+            logging.error("SASSRSegment: installing PyTorch failed: %s\n%s", exc, exc.output or "")
+            raise RuntimeError(
+                _(
+                    "Installing PyTorch failed (exit code {code}): check the network connection, then retry, "
+                    "or install it in the PyTorch Utils module."
+                ).format(code=exc.returncode)
+            ) from None
+        except (ImportError, OSError) as exc:
+            logging.error("SASSRSegment: PyTorch was installed but cannot be loaded: %s", exc)
+            raise RuntimeError(
+                _("PyTorch was installed but cannot be loaded: restart Slicer, then retry.")
+            ) from None
+        finally:
+            self.installingTorch = False
+        importlib.invalidate_caches()
+        if torch is not None:
+            return True
+        if importlib.util.find_spec("torch") is not None:
+            raise RuntimeError(_("PyTorch was installed: restart Slicer, then retry."))
+        raise RuntimeError(_("PyTorch is required to segment lesions and was not installed."))
+
+    def modelCards(self):
+        return readModelCards(self.modelsDir)
+
+    def defaultModelName(self, volumeNode):
+        """The model for a volume: by its dimensionality (one slice: 2D), then by its DICOM modality."""
+        imageData = volumeNode.GetImageData()
+        if imageData is None:
+            return None
+        return defaultModelName(
+            self.modelCards(), gridSpatialDims(imageData.GetDimensions()), dicomModality(volumeNode)
+        )
+
+    def modelCard(self, modelName, volumeNode):
+        """The card of a model name or bundle folder ("folder" says where it is); None picks by the input."""
+        if not modelName:
+            modelName = self.defaultModelName(volumeNode)
+            if not modelName:
+                raise RuntimeError(_("No installed model takes this input: choose a model bundle folder."))
+        cards = self.modelCards()
+        card = next((card for card in cards if card["name"] == modelName), None)
+        folder = Path(modelName)
+        if card is None and (folder / "model.json").is_file():
+            try:
+                card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RuntimeError(
+                    _("Cannot read the model card of {folder}: {error}").format(folder=folder, error=exc)
+                ) from None
+            card = {**card, "name": folder.name, "folder": str(folder)}
+        if card is not None:
+            # The HR grid is computed here from the card, before the engine runs.
+            if not isinstance((card.get("preprocessing") or {}).get("scale"), int):
+                raise RuntimeError(
+                    _("The model card of '{name}' gives no scale: reinstall the model.").format(
+                        name=card["name"]
+                    )
+                )
+            return card
+        choices = ", ".join(card["name"] for card in cards) or _("no bundled model is installed")
+        raise RuntimeError(
+            _("Unknown model '{name}': choose one of: {names}.").format(name=modelName, names=choices)
+        )
+
+    def outputSegmentationStatus(self, segmentationNode, volumeNode, modelName=None):
+        """What adding `volumeNode`'s lesions to `segmentationNode` would do.
+
+        "ready": it is on the input's HR grid already (or has no grid yet), or holds this input's lesions;
+        "changeGrid": it is the user's own segmentation on another grid, which the run would switch to the
+        HR grid; "otherVolume": it holds the lesions of another volume (never mixed).
+        """
+        madeFor = segmentationInputVolume(segmentationNode)
+        if madeFor is not None and madeFor.GetID() != volumeNode.GetID():
+            return "otherVolume"
+        card = self.modelCard(modelName, volumeNode)
+        geometry = hrGeometryInFrameOf(
+            segmentationNode, volumeNode, hrScales(card, volumeNode.GetImageData().GetDimensions())
+        )
+        if madeFor is None and not hasReferenceGeometry(segmentationNode, *geometry):
+            return "changeGrid"
+        return "ready"
+
+    def segmentVolume(
+        self,
+        volumeNode,
+        modelName=None,
+        device="auto",
+        tta=False,
+        roiNode=None,
+        wait=True,
+        threshold=None,
+        srImage=False,
+        lesionTable=True,
+        onFinished=None,
+        outputSegmentation=None,
+        replaceSegment=False,
+        onProgress=None,
+        onLog=None,
+        changeGrid=False,
+    ):
+        """Segment lesions in `volumeNode` at super-resolution.
+
+        modelName None picks the bundled model for the input (its dimensionality, then its DICOM modality);
+        threshold None uses the model card's. wait=True returns the segmentation node (None when cancelled)
+        and raises RuntimeError on failure.
+        wait=False returns the running SegmentationJob at once (it has .cancel()); onFinished(result) is
+        called with a SegmentationResult in both modes. A new "Lesion" segment is added to
+        `outputSegmentation` (a new node, named after the volume, when None); replaceSegment=True reuses an
+        existing one instead. A segmentation of another volume is refused; the user's own segmentation on
+        another grid is switched to the HR grid only with changeGrid=True.
+        """
+        if self.activeJob and not self.activeJob.done:
+            raise RuntimeError(_("A segmentation is already running: wait for it or cancel it."))
+        if (
+            volumeNode is None
+            or not volumeNode.IsA("vtkMRMLScalarVolumeNode")
+            or not volumeNode.GetImageData()
+        ):
+            raise RuntimeError(_("Select an input volume that holds an image."))
+        self.ensureTorch()
+        card = self.modelCard(modelName, volumeNode)
+        if srImage and not hasImageSrDecoder(card):
+            raise RuntimeError(
+                _(
+                    "The model '{name}' has no image super-resolution decoder: untick \"also create the "
+                    'super-resolved image".'
+                ).format(name=card["name"])
+            )
+        if outputSegmentation is not None:
+            self._checkOutputSegmentation(outputSegmentation, volumeNode, card, changeGrid)
+        job = SegmentationJob(
+            volumeNode,
+            card=card,
+            scales=hrScales(card, volumeNode.GetImageData().GetDimensions()),
+            device=device,
+            tta=tta,
+            roiBounds=None if roiNode is None else roiBoundsForVolume(roiNode, volumeNode),
+            threshold=threshold,
+            srImage=srImage,
+            lesionTable=lesionTable,
+            outputSegmentation=outputSegmentation,
+            replaceSegment=replaceSegment,
+            onFinished=onFinished,
+            onProgress=onProgress,
+            onLog=onLog,
+        )
+        job.start()
+        self.activeJob = job
+        if not wait:
+            job.startTimer()
+            return job
+        job.runToEnd()
+        if job.result.status == "failed":
+            raise RuntimeError(job.result.message)
+        return job.result.segmentationNode
+
+    def _checkOutputSegmentation(self, outputSegmentation, volumeNode, card, changeGrid):
+        """Refuse a segmentation that holds another volume's lesions, or that is on another grid (unless
+        changeGrid allows switching it to the HR grid)."""
+        status = self.outputSegmentationStatus(outputSegmentation, volumeNode, card["folder"])
+        if status == "otherVolume":
+            raise RuntimeError(
+                _(
+                    "The segmentation '{segmentation}' holds the lesions of '{other}': choose "
+                    '"Create new segmentation".'
+                ).format(
+                    segmentation=outputSegmentation.GetName(),
+                    other=segmentationInputVolume(outputSegmentation).GetName(),
+                )
+            )
+        if status == "changeGrid" and not changeGrid:
+            raise RuntimeError(
+                _(
+                    "The segmentation '{segmentation}' is on another grid: choose \"Create new "
+                    'segmentation", or allow switching it to the high-resolution grid.'
+                ).format(segmentation=outputSegmentation.GetName())
+            )
+
+    def cancel(self):
+        """Cancel the running segmentVolume job, if any."""
+        if self.activeJob:
+            self.activeJob.cancel()
+
+    def segmentFiles(
+        self, inputPaths, outputFolder, modelName=None, device="auto", tta=False, lesionTable=False
+    ):
+        """Segment image files (or DICOM series folders) without loading them into the scene.
+
+        Writes `<stem>_lesions.nrrd` (and `<stem>_lesions.csv` with lesionTable=True) per input into
+        outputFolder. modelName None lets the engine pick the bundled model for each input's
+        dimensionality. A failing input is reported and skipped; returns one FileResult per input.
+        """
+        inputPaths = [str(path) for path in inputPaths]
+        self.ensureTorch()
+        model = self.modelCard(modelName, None)["folder"] if modelName else None
+        Path(outputFolder).mkdir(parents=True, exist_ok=True)
+        results = []
+        outputPaths = outputPathsForFiles(inputPaths, outputFolder)
+        for index, inputPath in enumerate(inputPaths):
+            outputPath = outputPaths[index]
+            tablePath = outputPath.with_suffix(".csv") if lesionTable else None
+            command = segmentCommand(
+                pythonExecutable(), inputPath, outputPath, model, device, tta=tta, lesionTablePath=tablePath
+            )
+            runner = SegmentRunner(command, env=processEnvironment(), cwd=str(MODULE_DIR))
+            runner.start()
+            logging.info("SASSRSegment: segmenting %s", inputPath)
+            runner.wait(onEvent=_logEvent, idle=slicer.app.processEvents)
+            if runner.returnCode == 0:
+                results.append(FileResult(inputPath, str(outputPath), warnings=runner.warnings))
+            else:
+                message = failureMessage(runner.returnCode, runner.stderrLines)
+                logging.error("SASSRSegment: %s: %s", inputPath, message)
+                results.append(FileResult(inputPath, error=message, warnings=runner.warnings))
+        return results
+
+
+def _logEvent(event):
+    if event["kind"] == "progress":
+        logging.info("SASSRSegment: %s %3.0f%% %s", event["stage"], 100 * event["fraction"], event["message"])
+    elif event["kind"] == "warning":
+        logging.warning("SASSRSegment: %s", event["message"])
+    else:
+        logging.info("SASSRSegment: %s", event["message"])

@@ -1,0 +1,71 @@
+"""Scene nodes: unique node names, a volume's DICOM modality, writing the input for the engine, placing
+new nodes like the input, loading the super-resolved image, and removing what a run added."""
+
+from .naming import uniqueName
+from .slicerapi import _, slicer
+
+
+def uniqueNodeName(base):
+    """`base`, or `base 2`, ...: no two runs' nodes share a name, whatever failed in between."""
+    scene = slicer.mrmlScene
+    return uniqueName(base, (scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())))
+
+
+def dicomModality(volumeNode):
+    """The DICOM modality (MR, US, CT, ...) of a volume loaded from DICOM, else ""."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    item = shNode.GetItemByDataNode(volumeNode)
+    if not item:
+        return ""
+    attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    return shNode.GetItemAttribute(item, attribute) or ""
+
+
+def writeVolumeToFile(volumeNode, path):
+    """Write a volume without touching its own storage node (the scene keeps pointing at the user's file)."""
+    storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storageNode.SetFileName(str(path))
+        storageNode.UseCompressionOff()
+        if not storageNode.WriteData(volumeNode):
+            raise RuntimeError(_("Could not write the input volume to a temporary file."))
+    finally:
+        slicer.mrmlScene.RemoveNode(storageNode)
+
+
+def placeLikeInput(node, volumeNode):
+    """Same parent transform (for nodes that can have one) and subject-hierarchy folder as the input volume."""
+    if node.IsA("vtkMRMLTransformableNode"):
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    inputItem = shNode.GetItemByDataNode(volumeNode)
+    if inputItem:
+        shNode.SetItemParent(shNode.GetItemByDataNode(node), shNode.GetItemParent(inputItem))
+
+
+def removeNodeWithHelpers(node):
+    """Remove a loaded node together with its display and storage nodes."""
+    helpers = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers.append(node.GetStorageNode())
+    slicer.mrmlScene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene():
+            slicer.mrmlScene.RemoveNode(helper)
+
+
+def detachFromTemporaryFile(node):
+    """Drop the storage node of a node read from a temporary file, so that saving the scene writes it anew."""
+    storageNode = node.GetStorageNode()
+    if storageNode is not None:
+        node.SetAndObserveStorageNodeID(None)
+        slicer.mrmlScene.RemoveNode(storageNode)
+
+
+def loadSuperResolvedImage(path, volumeNode, name):
+    imageNode = slicer.util.loadVolume(str(path), {"show": False, "name": name})
+    detachFromTemporaryFile(imageNode)
+    placeLikeInput(imageNode, volumeNode)
+    return imageNode
