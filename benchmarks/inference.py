@@ -13,6 +13,15 @@ the `segment` command runs, from the LR image in memory to the thresholded HR ma
                     do: upsample the image, then segment at HR); its HR logits are pooled back by `scale`
                     so that its output grid and the work after it match the other rows.
 --large adds the issue's 512x512x300 LR volume (SASR only), tiled from the shipped brain sample.
+
+--whole times whole processes on the shipped 2 mm brain sample, file in and mask file out, beside the
+peer a user would otherwise run (benchmarks/monai_peer.py: MONAI's U-Net on the HR-interpolated image,
+pinned as its docstring says), and the ratio to it:
+  segment                  `python -m SASSRSegmentLib segment SAMPLE -o OUT.seg.nrrd` (bundled model)
+  segment, dense mask      the same at --threshold 0.001 (a large share of the volume lesion: the cost
+                           of everything after the network must not grow with it)
+  MONAI U-Net peer         `python benchmarks/monai_peer.py SAMPLE OUT.seg.nrrd`
+Each runs REPEATS times, interleaved; the table gives medians. Nothing else may run on the machine.
 """
 
 from __future__ import annotations
@@ -37,11 +46,13 @@ CONFIGS = {
     "2d": REPO / "configs" / "breast-ultrasound-2d.json",
 }
 ROWS = ("SASR", "SASR + TTA", "U-Net, LR input", "U-Net on HR")
+REPEATS = 3
+PEER = "MONAI U-Net peer"
 
 
 def _card(dims: str) -> tuple[dict, str]:
     """(card, where the weights come from) for the default model of `dims`."""
-    from SASSRSegmentLib.bundle import bundled_models, read_card
+    from SASSRSegmentLib.model.bundle import bundled_models, read_card
 
     config = json.loads(CONFIGS[dims].read_text())
     models = bundled_models()
@@ -116,8 +127,8 @@ class UNetOnHR(torch.nn.Module):
 
 def _as_hr_run(image, card: dict, net: torch.nn.Module):
     """The U-Net-on-HR row: the image interpolated to its HR grid, a card whose 'LR' is that HR grid."""
-    from SASSRSegmentLib import geometry
-    from SASSRSegmentLib.geometry import Grid
+    from SASSRSegmentLib.io import geometry
+    from SASSRSegmentLib.io.geometry import Grid
 
     scale = int(card["preprocessing"]["scale"])
     image = geometry.resample(image, geometry.hr_grid(Grid.from_image(image), scale), "linear", False)
@@ -133,10 +144,10 @@ def _as_hr_run(image, card: dict, net: torch.nn.Module):
 
 
 def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
-    from SASSRSegmentLib.bundle import bundled_models, load_bundle
-    from SASSRSegmentLib.devices import select_device
-    from SASSRSegmentLib.network import SASRConfig, SASRNet
-    from SASSRSegmentLib.segment import segment_image
+    from SASSRSegmentLib.inference.pipeline import segment_image
+    from SASSRSegmentLib.model.bundle import bundled_models, load_bundle
+    from SASSRSegmentLib.model.network import SASRConfig, SASRNet
+    from SASSRSegmentLib.runtime.devices import select_device
 
     device = select_device(device_name)
     card, source = _card(dims)
@@ -173,17 +184,97 @@ def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
     }
 
 
+def whole_process_commands(sample: Path, folder: Path) -> dict[str, list[str]]:
+    segment = [sys.executable, "-m", "SASSRSegmentLib", "segment", str(sample), "--quiet", "--overwrite"]
+    return {
+        "segment": [*segment, "-o", str(folder / "segment.seg.nrrd")],
+        "segment, dense mask": [*segment, "-o", str(folder / "dense.seg.nrrd"), "--threshold", "0.001"],
+        PEER: [
+            sys.executable,
+            str(REPO / "benchmarks" / "monai_peer.py"),
+            str(sample),
+            str(folder / "peer.seg.nrrd"),
+        ],
+    }
+
+
+def time_process(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one process run to its end."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "SASSRSegment"), OMP_NUM_THREADS="2")
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def whole_process(folder: Path) -> list[dict]:
+    """Median wall time and peak RSS of each whole-process row, and its ratio to the peer."""
+    import SimpleITK as sitk
+
+    from SASSRSegmentLib.commands.segment import SAMPLE_NAME, samples_dir
+
+    commands = whole_process_commands(samples_dir() / SAMPLE_NAME, folder)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for _ in range(REPEATS):
+        for name, command in commands.items():
+            runs[name].append(time_process(command))
+            print(f"  {name}: {runs[name][-1][0]:.1f} s", file=sys.stderr, flush=True)
+    peer = float(np.median([w for w, _ in runs[PEER]]))
+    rows = []
+    for name, done in runs.items():
+        output = folder / {"segment": "segment", "segment, dense mask": "dense", PEER: "peer"}[name]
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".seg.nrrd"))))
+        wall = float(np.median([w for w, _ in done]))
+        rows.append(
+            {
+                "row": name,
+                "wall_s": wall,
+                "peak_rss_gib": float(np.median([r for _, r in done])),
+                "ratio_to_peer": wall / peer,
+                "lesion_share": float(mask.mean()),
+            }
+        )
+    return rows
+
+
+def print_whole_process(rows: list[dict]) -> None:
+    header = f"{'whole process (shipped 2 mm brain sample)':<44} {'wall s':>8} {'peak RSS GiB':>13} {'x peer':>7} {'lesion %':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['row']:<44} {r['wall_s']:>8.2f} {r['peak_rss_gib']:>13.2f} {r['ratio_to_peer']:>7.2f} "
+            f"{100 * r['lesion_share']:>9.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=("3d", "2d"))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which models to run")
     parser.add_argument("--large", action="store_true", help="also the 512x512x300 LR volume (SASR, 3D)")
+    parser.add_argument(
+        "--whole", action="store_true", help="only the whole-process rows beside the MONAI peer (3D sample)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("DIMS", "ROW"), help=argparse.SUPPRESS)
     parser.add_argument("--one-large", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.device, args.one_large)))
+        return
+    if args.whole:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = whole_process(Path(tmp))
+        print_whole_process(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
     jobs = [(d, r, False) for d in ("3d", "2d") if args.only in (None, d) for r in args.rows]
     if args.large:
