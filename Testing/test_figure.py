@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SASSRSegmentLib.inference import figure
+from SASSRSegmentLib.inference import figure, lesions
 from SASSRSegmentLib.io.geometry import Grid
 
 
@@ -115,3 +115,30 @@ def test_a_2d_image_is_one_unmarked_panel():
     assert panel.title == "Image" and panel.sides == {}
     legend = figure._legend([{"area_mm2": 25.0}], hr.image_from_array(mask), image, figure.FigureInfo())
     assert legend[0] == "1 lesion, 25 mm2 in total"
+
+
+@pytest.mark.parametrize("fully_connected", [True, False])
+def test_lesions_are_numbered_as_in_the_table(fully_connected):
+    """Each lesion seen in a panel is numbered where it is drawn, with its lesion-table id: 1 the largest."""
+    image, mask = _case()
+    array = sitk.GetArrayFromImage(mask)
+    Z, Y, X = np.mgrid[:80, :120, :120]
+    array[(X - 30) ** 2 + (Y - 50) ** 2 + (Z - 40) ** 2 < 6**2] = 1  # a smaller lesion, left of the first
+    # Two voxels touching by a corner only: one lesion when diagonal neighbours join, two when not.
+    array[40, 90, 90] = array[41, 91, 91] = 1
+    numbered = sitk.GetImageFromArray(array)
+    numbered.CopyInformation(mask)
+    rows = lesions.lesion_table(numbered, fully_connected=fully_connected, diameters=False)
+    assert [r["id"] for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) == (3 if fully_connected else 4)
+    display = figure._display_grid(Grid.from_image(numbered))
+    centre = np.round(display.physical_to_index(rows[0]["centroid_lps_mm"])).astype(int)
+    labels, _ = lesions.numbered_lesions(numbered, fully_connected)
+    axial = figure._panels(figure._scalar(image), numbered, display, centre, labels)[0]
+    written = {number: (row, column) for number, row, column in axial.numbers}
+    assert {1, 2} <= set(written)
+    # Each number stands just above its lesion's outline in the panel (columns: +x to the right).
+    for number in (1, 2):
+        x_mm = display.physical_to_index(rows[number - 1]["centroid_lps_mm"])[0]
+        assert abs(written[number][1] + figure.FONT_PIXELS // 3 - x_mm) < 3
+    assert written[1][0] < written[2][0]  # the larger ball's top is higher in the slice

@@ -331,7 +331,7 @@ class _Session:
         if args.figure:
             from ..inference.figure import FigureInfo, overlay_figure
 
-            info = FigureInfo(record["model"], record["threshold"])
+            info = FigureInfo(record["model"], record["threshold"], fully_connected=not args.face_connected)
             overlay_figure(image, mask, args.figure, args.overwrite, staging, info)
         report("write", 1.0)
         return rows, record

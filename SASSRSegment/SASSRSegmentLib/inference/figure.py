@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ MIN_SIDE_PIXELS = 480
 MAX_SIDE_PIXELS = 800
 GAP_PIXELS = 8
 FONT_PIXELS = 15
+MAX_NUMBERS = 9  # lesion numbers written per panel, from lesion 1 on: more would hide the anatomy
 NICE_MM = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 STAMP = "RESEARCH USE ONLY - not for diagnosis"
 
@@ -42,6 +43,7 @@ class FigureInfo:
 
     model: str = ""
     threshold: float | None = None
+    fully_connected: bool = True  # how lesions are counted and numbered, as in the lesion table
 
 
 def _display_grid(mask_grid: Grid) -> Grid:
@@ -94,6 +96,7 @@ class _Panel:
     rgb: np.ndarray
     title: str
     sides: dict  # edge ("left", "right", "top", "bottom") -> patient side letter
+    numbers: list = field(default_factory=list)  # (lesion number, row, column) where it is written
 
 
 def _blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -114,7 +117,20 @@ def _scalar(image: sitk.Image) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def _panels(image: sitk.Image, mask: sitk.Image, display: Grid, centre: np.ndarray) -> list[_Panel]:
+def _numbers(labels: np.ndarray) -> list[tuple[int, int, int]]:
+    """(lesion number, row, column) just above each lesion seen in a panel, the lowest numbers first."""
+    found = []
+    for number in [int(v) for v in np.unique(labels) if v][:MAX_NUMBERS]:
+        rows, cols = np.nonzero(labels == number)
+        top = rows.min()
+        column = int(np.median(cols[rows <= top + 2]))
+        found.append((number, max(0, int(top) - FONT_PIXELS - 2), max(0, column - FONT_PIXELS // 3)))
+    return found
+
+
+def _panels(
+    image: sitk.Image, mask: sitk.Image, display: Grid, centre: np.ndarray, labels: sitk.Image | None = None
+) -> list[_Panel]:
     values = sitk.GetArrayFromImage(image)
     # Window on the tissue so a large black background does not wash the anatomy out.
     lo, hi = np.percentile(values[tissue_mask(values)], [0.5, 99.5])
@@ -125,14 +141,22 @@ def _panels(image: sitk.Image, mask: sitk.Image, display: Grid, centre: np.ndarr
         grid = display if axis is None else _slab(display, axis, int(centre[axis]))
         grey = sitk.GetArrayFromImage(geometry.resample(image, grid, "nearest"))
         hr = sitk.GetArrayFromImage(geometry.resample(mask, grid, "nearest")) > 0
+        numbered = np.zeros(hr.shape, np.uint32)
+        if labels is not None:
+            # Not geometry.resample: its extrapolation would spread the box's edge labels outside it.
+            placed = sitk.Resample(
+                labels, grid.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0
+            )
+            numbered = sitk.GetArrayFromImage(placed)
         if grey.ndim == 3:  # numpy order (z, y, x): grid axis a is numpy axis 2 - a
             layer = 0 if axis is None else 2 - axis
             grey, hr = np.take(grey, 0, axis=layer), np.take(hr, 0, axis=layer)
+            numbered = np.take(numbered, 0, axis=layer)
         # Columns run along index axis `across`, rows along `down` (flipped so rows along z put +z on top).
         across, down = {None: (0, 1), 2: (0, 1), 1: (0, 2), 0: (1, 2)}[axis]
         flip = axis in (0, 1)
         if flip:
-            grey, hr = grey[::-1], hr[::-1]
+            grey, hr, numbered = grey[::-1], hr[::-1], numbered[::-1]
         scaled = (np.clip((grey - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
         if axis is None:  # a 2D image (or one slice) has no patient orientation to mark
             title, sides = "Image", {}
@@ -145,7 +169,7 @@ def _panels(image: sitk.Image, mask: sitk.Image, display: Grid, centre: np.ndarr
                 "top": side(up),
                 "bottom": side(-up),
             }
-        panels.append(_Panel(_blend(scaled, hr), title, sides))
+        panels.append(_Panel(_blend(scaled, hr), title, sides, _numbers(numbered)))
     return panels
 
 
@@ -190,13 +214,14 @@ def render(image: sitk.Image, mask: sitk.Image, info: FigureInfo | None = None) 
     info = info or FigureInfo()
     image = _scalar(image)
     display = _display_grid(Grid.from_image(mask))
-    rows = lesions.lesion_table(mask, diameters=False)
+    rows = lesions.lesion_table(mask, fully_connected=info.fully_connected, diameters=False)
+    numbered = lesions.numbered_lesions(mask, info.fully_connected)
     if rows:
         centre = np.round(display.physical_to_index(rows[0]["centroid_lps_mm"])).astype(int)
         centre = np.clip(centre, 0, np.asarray(display.size) - 1)
     else:
         centre = np.asarray(display.size) // 2
-    panels = _panels(image, mask, display, centre)
+    panels = _panels(image, mask, display, centre, numbered[0] if numbered else None)
     face = font(FONT_PIXELS)
     line = FONT_PIXELS + 6
     legend = _legend(rows, mask, image, info)
@@ -220,6 +245,8 @@ def render(image: sitk.Image, mask: sitk.Image, info: FigureInfo | None = None) 
                 "bottom": (mid_x - 4, y0 + h - line),
             }[edge]
             draw.text(at, letter, fill=MARKER_RGB, font=face)
+        for number, row, column in panel.numbers:
+            draw.text((x + column, y0 + row), str(number), fill=TEXT_RGB, font=face)
         if k == 0:
             bar_mm = scale_bar_mm(w * spacing)
             bar_px = round(bar_mm / spacing)

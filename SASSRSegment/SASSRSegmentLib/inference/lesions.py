@@ -160,6 +160,31 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
+def numbered_lesions(mask: sitk.Image, fully_connected: bool = True) -> tuple[sitk.Image, list[int]] | None:
+    """(label image, its index offset in the mask) over the box around the mask's lesions, each lesion
+    numbered as everywhere it is shown (the lesion table's id, the figure): 1 the largest, equal sizes in
+    scan order. None when the mask is empty. The box keeps its place in space (a sub-grid of the mask's).
+    """
+    region = lesion_region(mask)
+    if region is None:
+        return None
+    offset, size = region
+    if list(size) != list(mask.GetSize()):
+        mask = sitk.RegionOfInterest(mask, size, offset)
+    if mask.GetPixelID() != sitk.sitkUInt8:
+        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    # Not relabelled by size with a second label volume's worth of sorting: the numbers are mapped.
+    labels = sitk.ConnectedComponent(mask, fully_connected)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(labels)
+    by_size = sorted(shape.GetLabels(), key=lambda label: (-shape.GetNumberOfPixels(label), label))
+    if by_size != list(range(1, len(by_size) + 1)):
+        labels = sitk.ChangeLabel(
+            labels, changeMap={float(old): float(new) for new, old in enumerate(by_size, 1)}
+        )
+    return labels, list(offset)
+
+
 def lesion_table(
     mask: sitk.Image,
     probabilities: sitk.Image | None = None,
@@ -178,32 +203,24 @@ def lesion_table(
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
-    region = lesion_region(mask)
-    if region is None:
+    numbered = numbered_lesions(mask, fully_connected)
+    if numbered is None:
         return []
-    offset, size = region
-    if list(size) != list(mask.GetSize()):
-        mask = sitk.RegionOfInterest(mask, size, offset)
-        if probabilities is not None:
-            probabilities = sitk.RegionOfInterest(probabilities, size, offset)
-    if mask.GetPixelID() != sitk.sitkUInt8:
-        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    # Not relabelled by size (that would be a second four-byte label volume): rows are sorted instead.
-    labels = sitk.ConnectedComponent(mask, fully_connected)
+    labels, offset = numbered
     label_array = sitk.GetArrayViewFromImage(labels)
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(labels)
     stats = None
     probability_unit = 1.0
     if probabilities is not None:
+        probabilities = sitk.RegionOfInterest(probabilities, labels.GetSize(), offset)
         probability_unit = 255.0 if probabilities.GetPixelID() == sitk.sitkUInt8 else 1.0
         stats = sitk.LabelStatisticsImageFilter()
         stats.Execute(probabilities, labels)
-    grid = Grid.from_image(mask)
+    grid = Grid.from_image(labels)  # the lesions' box, on the mask's grid
     d = grid.dims
     rows = []
-    by_size = sorted(shape.GetLabels(), key=lambda label: (-shape.GetNumberOfPixels(label), label))
-    for rank, label in enumerate(by_size, 1):
+    for label in sorted(shape.GetLabels()):  # the lesion numbers, 1 the largest
         box = shape.GetBoundingBox(label)
         start, size = np.asarray(box[:d], dtype=float), np.asarray(box[d:], dtype=float)
         corners = []
@@ -213,7 +230,7 @@ def lesion_table(
         corners = np.stack(corners)
         centroid = np.asarray(shape.GetCentroid(label))
         physical_size = float(shape.GetPhysicalSize(label))
-        row: dict = {"id": rank}
+        row: dict = {"id": label}
         row.update({"volume_ml": physical_size / 1000.0} if d == 3 else {"area_mm2": physical_size})
         if diameters:
             box_slices = tuple(slice(a, a + n) for a, n in zip(box[:d][::-1], box[d:][::-1]))
