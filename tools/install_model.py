@@ -3,7 +3,9 @@
     python tools/install_model.py BUNDLE NAME --evaluation EVAL.json --evaluate-command "..." [--provenance TEXT]
 
 Copies model.pt unchanged (its checksum stays valid) and writes model.json = the training card plus an
-"evaluation" section (the summary `evaluate --json` wrote) and free-text provenance.
+"evaluation" section (the summary `evaluate --json` wrote; with several --lr-input generators, the
+first one's and the robustness table) and free-text provenance. What a card says about the model's use
+rather than its training (`postprocess`, `plausibility`) is kept from the model it replaces.
 """
 
 from __future__ import annotations
@@ -50,9 +52,19 @@ def main() -> int:
         "interpolation_of_perfect_lr_mask": evaluation.get("baseline", {}).get("summary"),
         "per_case_dice": {k: round(v["dice"], 4) for k, v in evaluation["cases"].items()},
     }
+    if "robustness" in evaluation:
+        card["evaluation"]["robustness"] = {
+            name: {"mean_dice": round(row["mean_dice"], 4), "min_dice": round(row["min_dice"], 4)}
+            for name, row in evaluation["robustness"].items()
+        }
     if args.provenance:
         card["provenance"] = args.provenance
     target = MODELS_DIR / args.name
+    if (target / "model.json").is_file():
+        replaced = json.loads((target / "model.json").read_text())
+        for key in ("postprocess", "plausibility"):
+            if key in replaced and key not in card:
+                card[key] = replaced[key]
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, target / "model.pt")
     (target / "model.json").write_text(json.dumps(card, indent=2) + "\n")
