@@ -2,7 +2,7 @@
 
     python benchmarks/inference.py [--device cpu|cuda] [--only 3d|2d] [--rows ROW...] [--large]
 
-Each row runs in its own process (peak RSS is per process) through `segment.segment_image`, the code
+Each row runs in its own process (peak RSS is per process) through `pipeline.segment_image`, the code
 the `segment` command runs, from the LR image in memory to the thresholded HR mask. Rows:
   SASR              the default network (bundled weights when installed, else freshly initialised:
                     speed and memory do not depend on the weights)

@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py [--size X Y Z]
 
-Each row runs in its own process (peak RSS is per process) through `segment.segment_image` with the
+Each row runs in its own process (peak RSS is per process) through `pipeline.segment_image` with the
 bundled brain model's card, on the shipped brain sample tiled to the size asked for (default: the
 issue's 512x512x300 at 2 mm). The network is a stand-in that upsamples its input (no convolutions),
 so a row takes a minute or two instead of the real network's 13: memory outside the network (input,

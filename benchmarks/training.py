@@ -92,14 +92,14 @@ def build_cache(key: str, cfg, folder: Path) -> Path | None:
     except ImportError:
         print(f"  ({key}: SimpleITK missing, pass --cache-{key} to time loading)")
         return None
-    from SASSRSegmentLib.data.cache import build_cache as build
+    from SASSRSegmentLib.data.cache import build_cache as preprocess
     from SASSRSegmentLib.data.cache import make_prep
     from SASSRSegmentLib.data.datasets import open_dataset
 
     dataset = open_dataset(source)
     dataset.cases = dataset.cases[:cases]
     start = time.perf_counter()
-    build(dataset, make_prep(cfg, dataset), folder, cfg.crop_margin_lr, workers=2)
+    preprocess(dataset, make_prep(cfg, dataset), folder, cfg.crop_margin_lr, workers=2)
     print(f"  {key}: preprocessed {cases} cases in {time.perf_counter() - start:.1f} s (2 processes)")
     return folder
 
