@@ -743,3 +743,35 @@ def test_real_ultrasound_image(shared_data, tmp_path, tiny_bundle_2d):
     assert mask.GetSize() == tuple(2 * n for n in image.GetSize())
     _assert_same_extent(mask, image)
     assert (tmp_path / "t.csv").read_text().startswith("id")
+
+
+def test_numbered_lesions_carry_the_lesion_table_numbers(tmp_path, tiny_bundle_3d):
+    """--numbered-lesions: each lesion's voxels hold its table id, and a .seg.nrrd names one segment each."""
+    _write_volume(tmp_path / "in.nrrd", size=(20, 24, 16))
+    base = [
+        "segment",
+        str(tmp_path / "in.nrrd"),
+        "--model",
+        str(tiny_bundle_3d),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    base += ["--threshold", "0.55", "--face-connected"]  # a speckled mask: many lesions
+    assert cli.main([*base, "-o", str(tmp_path / "plain.nrrd")]) == 0
+    table = tmp_path / "l.json"
+    args = [*base, "-o", str(tmp_path / "m.seg.nrrd"), "--numbered-lesions", "--lesion-table", str(table)]
+    assert cli.main(args) == 0
+    rows = json.loads(table.read_text())["lesions"]
+    numbered = sitk.ReadImage(str(tmp_path / "m.seg.nrrd"))
+    values = sitk.GetArrayFromImage(numbered)
+    assert len(rows) >= 2, "the test needs an input with several lesions"
+    assert sorted(np.unique(values)) == list(range(len(rows) + 1))
+    assert [int((values == r["id"]).sum()) for r in rows] == [r["voxels"] for r in rows]
+    assert [numbered.GetMetaData(f"Segment{k}_Name") for k in range(len(rows))] == [
+        f"Lesion {r['id']}" for r in rows
+    ]
+    assert numbered.GetMetaData(f"Segment{len(rows) - 1}_LabelValue") == str(len(rows))
+    # The same voxels as the plain mask, only numbered.
+    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain.nrrd")))
+    np.testing.assert_array_equal(values > 0, plain > 0)

@@ -97,6 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--figure", metavar="PATH", help="write a PNG overlay of the HR mask outline on the input (one input)"
     )
     parser.add_argument(
+        "--numbered-lesions",
+        action="store_true",
+        help="give each lesion its lesion-table number as mask value (a .seg.nrrd gets one segment each)",
+    )
+    parser.add_argument(
         "--format", choices=imageio.OUTPUT_EXTENSIONS, help="output extension when -o is a folder"
     )
     parser.add_argument(
@@ -319,8 +324,12 @@ class _Session:
         report("write", 0.0)
         threshold = card_threshold(card, args.threshold)
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
-        mask.SetMetaData(provenance.METADATA_KEY, json.dumps(record))
-        imageio.write_image(mask, job.mask, args.overwrite, staging)
+        written, names = mask, ("lesion",)
+        if args.numbered_lesions:
+            written, count = lesions.numbered_mask(mask, fully_connected=not args.face_connected)
+            names = [f"Lesion {k}" for k in range(1, count + 1)] or ["Lesion"]
+        written.SetMetaData(provenance.METADATA_KEY, json.dumps(record))
+        imageio.write_image(written, job.mask, args.overwrite, staging, names)
         if job.probabilities:
             self._write_float(probabilities, job.probabilities, staging)
         if sr is not None:

@@ -185,6 +185,22 @@ def numbered_lesions(mask: sitk.Image, fully_connected: bool = True) -> tuple[si
     return labels, list(offset)
 
 
+def numbered_mask(mask: sitk.Image, fully_connected: bool = True) -> tuple[sitk.Image, int]:
+    """(the mask with each lesion's number as its value, the number of lesions): uint8, or uint16 past
+    255 lesions, on the mask's grid; the numbers are the lesion table's."""
+    numbered = numbered_lesions(mask, fully_connected)
+    if numbered is None:
+        return sitk.Cast(mask > 0, sitk.sitkUInt8), 0
+    labels, offset = numbered
+    count = int(sitk.GetArrayViewFromImage(labels).max())
+    pixel = sitk.sitkUInt8 if count <= 255 else sitk.sitkUInt16
+    full = sitk.Image(mask.GetSize(), pixel)
+    full.CopyInformation(mask)
+    return sitk.Paste(
+        full, sitk.Cast(labels, pixel), labels.GetSize(), [0] * mask.GetDimension(), offset
+    ), count
+
+
 def lesion_table(
     mask: sitk.Image,
     probabilities: sitk.Image | None = None,

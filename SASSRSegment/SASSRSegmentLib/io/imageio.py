@@ -11,7 +11,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,29 +318,49 @@ def atomic_path(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
         staging.commit()
 
 
-def _segmentation_metadata(image: sitk.Image) -> dict[str, str]:
-    """The NRRD keys that make Slicer load a label map as a segmentation with one named segment."""
+# Segment colours in label order: the first is the lesion red of the figure; more lesions cycle.
+_SEGMENT_COLOURS = (
+    "0.9 0.2 0.2",
+    "0.2 0.6 0.9",
+    "0.95 0.75 0.1",
+    "0.3 0.8 0.3",
+    "0.7 0.4 0.9",
+    "0.95 0.5 0.2",
+)
+
+
+def _segmentation_metadata(image: sitk.Image, names: Sequence[str]) -> dict[str, str]:
+    """The NRRD keys that make Slicer load a label map as a segmentation: label value k is the segment
+    names[k - 1]."""
     extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
     if image.GetDimension() == 2:
         extent += " 0 0"
-    return {
-        "Segment0_ID": "lesion",
-        "Segment0_Name": "lesion",
-        "Segment0_LabelValue": "1",
-        "Segment0_Layer": "0",
-        "Segment0_Color": "0.9 0.2 0.2",
-        "Segment0_Extent": extent,
-        "Segment0_Tags": "Segmentation.Status:completed|",
+    keys = {
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
     }
+    for k, name in enumerate(names):
+        keys |= {
+            f"Segment{k}_ID": name.lower().replace(" ", "_"),
+            f"Segment{k}_Name": name,
+            f"Segment{k}_LabelValue": str(k + 1),
+            f"Segment{k}_Layer": "0",
+            f"Segment{k}_Color": _SEGMENT_COLOURS[k % len(_SEGMENT_COLOURS)],
+            f"Segment{k}_Extent": extent,
+            f"Segment{k}_Tags": "Segmentation.Status:completed|",
+        }
+    return keys
 
 
 def write_image(
-    image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, staging: Staging | None = None
+    image: sitk.Image,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    staging: Staging | None = None,
+    segment_names: Sequence[str] = ("lesion",),
 ) -> Path:
     """Write atomically (or into `staging`, for its commit); the format follows the extension.
-    `.seg.nrrd` gets Slicer segment metadata."""
+    `.seg.nrrd` gets Slicer segment metadata: label value k is the segment `segment_names[k - 1]`."""
     path = Path(path)
     ext = split_extension(path)[1]
     if ext in TWO_D_ONLY and image.GetDimension() == 3 and image.GetSize()[2] > 1:
@@ -349,7 +369,7 @@ def write_image(
         )
     if ext == ".seg.nrrd":
         image = sitk.Image(image)
-        for key, value in _segmentation_metadata(image).items():
+        for key, value in _segmentation_metadata(image, segment_names).items():
             image.SetMetaData(key, value)
     with _target(path, overwrite, staging) as tmp:
         try:
