@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SASSRSegmentLib.inference import lesions
 from SASSRSegmentLib.inference.lesions import (
     connected_lesions,
     format_table,
@@ -160,3 +161,14 @@ def test_slab_wise_components_agree_with_whole_volume_labelling(shape, fully_con
         out = np.full(shape, 7, np.uint8)
         keep_large_components(array, 0.1, out, fully_connected, rows)
         np.testing.assert_array_equal(out, expected.astype(np.uint8))
+
+
+def test_low_confidence_is_flagged_by_the_voxel_weighted_mean_probability():
+    rows = [{"voxels": 900, "mean_probability": 0.95}, {"voxels": 100, "mean_probability": 0.55}]
+    assert lesions.low_confidence(rows, 0.75) is None  # 0.91 over the mask's voxels
+    weak = [{"voxels": 100, "mean_probability": 0.95}, {"voxels": 900, "mean_probability": 0.55}]
+    message = lesions.low_confidence(weak, 0.75)
+    assert message.startswith("low confidence") and "0.59" in message and "0.75" in message
+    assert lesions.low_confidence(weak, None) is None  # the card asks for no check
+    assert lesions.low_confidence([{"voxels": 10}], 0.75) is None  # no probabilities were computed
+    assert lesions.low_confidence([], 0.75) is None

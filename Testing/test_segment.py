@@ -775,3 +775,25 @@ def test_numbered_lesions_carry_the_lesion_table_numbers(tmp_path, tiny_bundle_3
     # The same voxels as the plain mask, only numbered.
     plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain.nrrd")))
     np.testing.assert_array_equal(values > 0, plain > 0)
+
+
+def test_a_low_confidence_mask_is_flagged_in_the_log_and_the_provenance(tmp_path, tiny_bundle_3d, capsys):
+    """A card's plausibility.min_mean_probability: a mask that averages less is written with a warning."""
+    bundle = tmp_path / "strict"
+    shutil.copytree(tiny_bundle_3d, bundle)
+    card = json.loads((bundle / "model.json").read_text())
+    card["plausibility"] = {"min_mean_probability": 0.99}
+    (bundle / "model.json").write_text(json.dumps(card))
+    _write_volume(tmp_path / "in.nrrd", size=(20, 24, 16))
+    table = tmp_path / "t.json"
+    args = ["segment", str(tmp_path / "in.nrrd"), "--model", str(bundle), "--quiet", "--device", "cpu"]
+    args += ["--threshold", "0.3", "-o", str(tmp_path / "m.nrrd"), "--lesion-table", str(table)]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: low confidence" in err
+    written = json.loads(table.read_text())
+    assert any(w.startswith("low confidence") for w in written["warnings"])
+    # A card without the check writes the same mask without it.
+    args[args.index(str(bundle))] = str(tiny_bundle_3d)
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert "low confidence" not in capsys.readouterr().err

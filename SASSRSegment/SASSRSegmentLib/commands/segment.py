@@ -323,6 +323,13 @@ class _Session:
             sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
         report("write", 0.0)
         threshold = card_threshold(card, args.threshold)
+        rows = lesions.lesion_table(
+            mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
+        )
+        confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
+        if confidence:
+            warnings.append(confidence)
+            self.warn(f"{job.item.name}: {confidence}" if self.batch else confidence)
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
         written, names = mask, ("lesion",)
         if args.numbered_lesions:
@@ -334,9 +341,6 @@ class _Session:
             self._write_float(probabilities, job.probabilities, staging)
         if sr is not None:
             self._write_float(sr, job.sr_image, staging)
-        rows = lesions.lesion_table(
-            mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
-        )
         if args.figure:
             from ..inference.figure import FigureInfo, overlay_figure
 

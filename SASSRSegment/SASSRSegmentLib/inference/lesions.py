@@ -273,6 +273,23 @@ def lesion_table(
     return rows
 
 
+def low_confidence(rows: list[dict], minimum: float | None) -> str | None:
+    """A warning when the lesions' voxels average a probability below `minimum` (the card's
+    plausibility.min_mean_probability): most of the mask is then voxels the model barely calls lesion.
+    None when they do not, or when the table has no probabilities."""
+    measured = [r for r in rows if "mean_probability" in r]
+    if minimum is None or not measured:
+        return None
+    voxels = sum(r["voxels"] for r in measured)
+    mean = sum(r["mean_probability"] * r["voxels"] for r in measured) / voxels
+    if mean >= minimum:
+        return None
+    return (
+        f"low confidence: the mask's voxels average a lesion probability of {mean:.2f}, below the "
+        f"{minimum:g} expected of this model's lesions; check the result"
+    )
+
+
 # Decimals per column, by the column's unit: what a measurement at HR resolution can carry.
 _DECIMALS = (("_ml", 3), ("_mm3", 1), ("_mm2", 1), ("_mm", 1), ("probability", 3))
 
