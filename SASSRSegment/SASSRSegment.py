@@ -23,7 +23,7 @@ from SASSRSegmentSlicer.devices import detectTorchDevices, deviceArgument, devic
 from SASSRSegmentSlicer.logic import SASSRSegmentLogic
 from SASSRSegmentSlicer.naming import formatElapsed
 from SASSRSegmentSlicer.paths import ICON_PATH, SAMPLE_PATH
-from SASSRSegmentSlicer.segmentation import LESION_SEGMENT_NAME, segmentationInputVolume, segmentIdByName
+from SASSRSegmentSlicer.segmentation import lesionSegmentIds, segmentationInputVolume
 from SASSRSegmentSlicer.slicerapi import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleWidget,
@@ -370,7 +370,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def _chooseOutput(self, parameters):
-        """The segmentVolume arguments saying where the Lesion segment goes; None when the user cancels."""
+        """The segmentVolume arguments saying where the lesion segments go; None when the user cancels."""
         segmentation = parameters.outputSegmentation
         changeGrid = False
         if segmentation:
@@ -384,8 +384,8 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 changeGrid = answer
                 segmentation = segmentation if changeGrid else None
         replaceSegment = False
-        if segmentation and segmentIdByName(segmentation, LESION_SEGMENT_NAME):
-            replaceSegment = self._askReplaceSegment()
+        if segmentation and lesionSegmentIds(segmentation):
+            replaceSegment = self._askReplaceSegment(segmentation)
             if replaceSegment is None:
                 return None
         return {
@@ -404,10 +404,12 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Segmentation geometry"), text, _("Switch its geometry"), _("Create a new segmentation")
         )
 
-    def _askReplaceSegment(self):
-        """True: replace the existing Lesion segment; False: add a new one; None: do not run."""
-        text = _("The segmentation already has a '{name}' segment.").format(name=LESION_SEGMENT_NAME)
-        return self._askChoice(_("Lesion segment exists"), text, _("Replace it"), _("Add a new segment"))
+    def _askReplaceSegment(self, segmentation):
+        """True: replace the existing lesion segments; False: add new ones; None: do not run."""
+        text = _("The segmentation already has {count} lesion segment(s).").format(
+            count=len(lesionSegmentIds(segmentation))
+        )
+        return self._askChoice(_("Lesion segments exist"), text, _("Replace them"), _("Add new segments"))
 
     def _askChoice(self, title, text, changeLabel, keepLabel):
         """True for the button that changes the user's data, False for the other one, None for Cancel."""

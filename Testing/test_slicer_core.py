@@ -190,6 +190,32 @@ def _table_column(table, name):
     return slicer.util.arrayFromTableColumn(table, name)
 
 
+def _segment_names(segmentation):
+    segments = segmentation.GetSegmentation()
+    return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+
+
+def _lesion_segments(pkg, segmentation, table, voxels=True):
+    """The lesion segments are "Lesion 1".."Lesion N" with N the table's rows, in its order, each with
+    the Lesion terminology and (with `voxels`) its row's voxels at HR; returns their ids."""
+    ids = list(_table_column(table, "id"))
+    assert ids == list(range(1, table.GetNumberOfRows() + 1)) and ids
+    segmentIds = pkg.segmentation.lesionSegmentIds(segmentation)
+    segments = segmentation.GetSegmentation()
+    assert [segments.GetSegment(i).GetName() for i in segmentIds] == [f"Lesion {k}" for k in ids]
+    colours = [tuple(segments.GetSegment(i).GetColor()) for i in segmentIds]
+    assert colours[0] == pytest.approx(pkg.segmentation.LESION_COLOR)
+    assert len(set(colours)) == min(len(ids), len(pkg.segmentation.LESION_COLORS))
+    for segmentId, count in zip(segmentIds, _table_column(table, "voxels")):
+        terminology = vtk.reference("")
+        assert segments.GetSegment(segmentId).GetTag(
+            slicer.vtkSegment.GetTerminologyEntryTagName(), terminology
+        )
+        assert terminology.get() == pkg.segmentation.LESION_TERMINOLOGY
+        assert not voxels or _hr_voxels(segmentation, segmentId)[0] == int(count) > 0
+    return segmentIds
+
+
 def _one_line(message):
     assert message and "\n" not in message and "--" not in message and "Traceback" not in message, message
 
@@ -227,16 +253,11 @@ def test_default_options_make_segmentation_and_lesion_table(pkg, logic, tmp_path
         assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == study
     _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
-    segmentId = pkg.segmentation.segmentIdByName(segmentation, "Lesion")
-    segment = segmentation.GetSegmentation().GetSegment(segmentId)
-    terminology = vtk.reference("")
-    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
-    assert terminology.get() == pkg.segmentation.LESION_TERMINOLOGY
-    voxels, spacing = _hr_voxels(segmentation, segmentId)
-    assert spacing == pytest.approx((1.0, 1.0, 1.0))
-    assert voxels > 0
-    assert int(_table_column(table, "voxels").sum()) == voxels
-    assert list(_table_column(table, "id")) == list(range(1, table.GetNumberOfRows() + 1))
+    # One segment per lesion, numbered as the table's rows, each with its row's voxels.
+    segmentIds = _lesion_segments(pkg, segmentation, table)
+    assert _segment_names(segmentation) == [f"Lesion {k}" for k in range(1, len(segmentIds) + 1)]
+    assert result.segmentIds == segmentIds and result.segmentId == segmentIds[0]
+    assert _hr_voxels(segmentation, segmentIds[0])[1] == pytest.approx((1.0, 1.0, 1.0))
     assert result.lesionCount == table.GetNumberOfRows() > 0
     # The engine's clinical columns, in its order, with their units.
     names = [table.GetTable().GetColumnName(c) for c in range(table.GetNumberOfColumns())]
@@ -301,10 +322,8 @@ def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):
     assert result.status == "completed", result.message
     assert any("tiny-us-2d" in line for line in logLines if line.startswith("Running"))
     _assert_hr_reference_geometry(pkg, result.segmentationNode, image, [2, 2, 1])
-    segmentId = pkg.segmentation.segmentIdByName(result.segmentationNode, "Lesion")
-    voxels, spacing = _hr_voxels(result.segmentationNode, segmentId)
-    assert spacing == pytest.approx((0.25, 0.25, 1.0))
-    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
+    segmentIds = _lesion_segments(pkg, result.segmentationNode, result.tableNode)
+    assert _hr_voxels(result.segmentationNode, segmentIds[0])[1] == pytest.approx((0.25, 0.25, 1.0))
 
 
 def test_engine_errors_speak_of_the_panel(pkg, logic, tmp_path):
@@ -348,10 +367,9 @@ def test_roi_limits_the_label_but_not_the_reference_geometry(pkg, logic, tmp_pat
     result = _run(logic, volume, roiNode=_roi(_centre(volume), [6.0, 6.0, 6.0]))
     assert result.status == "completed", result.message
     _assert_hr_reference_geometry(pkg, result.segmentationNode, volume, [2, 2, 2])
-    segmentId = pkg.segmentation.segmentIdByName(result.segmentationNode, "Lesion")
-    voxels, _ = _hr_voxels(result.segmentationNode, segmentId)
+    segmentIds = _lesion_segments(pkg, result.segmentationNode, result.tableNode)
+    voxels = sum(_hr_voxels(result.segmentationNode, segmentId)[0] for segmentId in segmentIds)
     assert 0 < voxels <= 8 * 8 * 8  # the ROI touches 4 LR voxels a side: 8 HR voxels
-    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
 
 
 def test_unusable_roi_is_refused_in_the_panels_words(mod, logic, tmp_path):
@@ -394,9 +412,7 @@ def test_transformed_input(pkg, logic, tmp_path):
     assert segmentation.GetTransformNodeID() == transform.GetID()
     assert result.tableNode is not None
     _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
-    segmentId = pkg.segmentation.segmentIdByName(segmentation, "Lesion")
-    voxels, _ = _hr_voxels(segmentation, segmentId)
-    assert int(_table_column(result.tableNode, "voxels").sum()) == voxels
+    _lesion_segments(pkg, segmentation, result.tableNode)
 
 
 def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(pkg, logic, tmp_path):
@@ -412,8 +428,10 @@ def test_existing_segmentation_in_another_frame_gets_the_grid_in_its_own_frame(p
 
     assert result.status == "completed", result.message
     assert result.segmentationNode is segmentation
-    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
-    assert names == ["Brain", "Lesion"]
+    # Slicer resamples the label map into the segmentation's frame (here by 1.5 HR voxels along z), so
+    # voxel counts differ from the table's.
+    lesions = _lesion_segments(pkg, segmentation, result.tableNode, voxels=False)
+    assert _segment_names(segmentation) == ["Brain"] + [f"Lesion {k}" for k in range(1, len(lesions) + 1)]
     _assert_hr_reference_geometry(pkg, segmentation, volume, [2, 2, 2])
     # It now holds this volume's lesions: another volume's are refused.
     assert pkg.segmentation.segmentationInputVolume(segmentation).GetID() == volume.GetID()
@@ -449,17 +467,110 @@ def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, logic
     assert logic.outputSegmentationStatus(segmentation, second) == "otherVolume"
     _refused(logic, second, "holds the lesions of 'Patient A'", outputSegmentation=segmentation)
     assert pkg.segmentation.referenceGeometry(segmentation) == geometry
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    lesionCount = firstResult.tableNode.GetNumberOfRows()
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == lesionCount
 
     secondResult = _run(logic, second)
     assert secondResult.segmentationNode.GetName() == "Patient B lesions"
     _assert_hr_reference_geometry(pkg, secondResult.segmentationNode, second, [2, 2, 2])
-    # The same volume again: its own segmentation is reused (a second Lesion segment, or replaced).
+    # The same volume again: its own segmentation is reused (new lesion segments beside the old, or
+    # replacing all of them).
     assert logic.outputSegmentationStatus(segmentation, first) == "ready"
+    segmentation.GetSegmentation().AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
+    beside = _run(logic, first, outputSegmentation=segmentation)
+    newCount = beside.tableNode.GetNumberOfRows()
+    old, new = (
+        [f"Lesion {k}" for k in range(1, lesionCount + 1)],
+        [f"Lesion {k}" for k in range(1, newCount + 1)],
+    )
+    # A run's segments keep one suffix, so that its numbers stay the table's.
+    assert _segment_names(segmentation) == old + ["Brain"] + [f"{name} 2" for name in new]
     again = _run(logic, first, outputSegmentation=segmentation, replaceSegment=True)
     assert again.segmentationNode is segmentation
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    assert again.tableNode.GetName() == "Patient A lesion table 2"
+    # Every earlier lesion segment is replaced; the new ones take the first one's place.
+    _lesion_segments(pkg, segmentation, again.tableNode)
+    assert _segment_names(segmentation) == [
+        f"Lesion {k}" for k in range(1, again.tableNode.GetNumberOfRows() + 1)
+    ] + ["Brain"]
+    assert again.tableNode.GetName() == "Patient A lesion table 3"
+
+
+# ------------------------------------------------------------------------------- numbered lesions
+
+
+def _numbered_label_map(path, boxes):
+    """The engine's numbered mask (and lesion table rows) of boxes (z, y, x slices) on Patient A's HR grid."""
+    from SASSRSegmentLib.inference import lesions
+
+    mask = np.zeros((16, 20, 24), np.uint8)
+    for box in boxes:
+        mask[box] = 1
+    image = sitk.GetImageFromArray(mask)
+    image.SetOrigin((-5.5, 6.5, 2.5))  # the LR grid's first voxel corner, as _volume writes it
+    numbered, count = lesions.numbered_mask(image)
+    sitk.WriteImage(numbered, str(path))
+    rows = lesions.lesion_table(image, diameters=False)
+    assert count == len(rows) == len(boxes)
+    return [row["voxels"] for row in rows]
+
+
+def _segments_state(segmentation):
+    segments = segmentation.GetSegmentation()
+    ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
+    return [(i, segments.GetSegment(i).GetName(), _hr_voxels(segmentation, i)[0]) for i in ids]
+
+
+def test_numbered_label_map_becomes_one_segment_per_lesion(pkg, tmp_path):
+    """Slicer's import puts label value k into the k-th segment id given; the engine numbers the lesions
+    1..N as the table, so segment "Lesion k" holds the table's lesion k."""
+    volume = _volume(tmp_path)
+    seg = pkg.segmentation
+    segmentation = seg.createSegmentation(volume, "Lesions")
+    boxes = [np.s_[10, 2, 2], np.s_[2:5, 2:5, 2:5], np.s_[8:14, 10:18, 12:20]]  # 1, 27 and 384 voxels
+    voxels = _numbered_label_map(tmp_path / "three.nrrd", boxes)
+    assert voxels == [384, 27, 1]
+
+    ids = seg.importLesionSegmentation(tmp_path / "three.nrrd", volume, segmentation, [2, 2, 2], False)
+
+    assert _segments_state(segmentation) == [
+        (i, f"Lesion {k}", n) for k, (i, n) in enumerate(zip(ids, voxels), start=1)
+    ]
+    segments = segmentation.GetSegmentation()
+    colours = [tuple(segments.GetSegment(i).GetColor()) for i in ids]
+    assert colours[0] == pytest.approx(seg.LESION_COLOR) and len(set(colours)) == 3
+    # Replacing: every lesion segment goes, the new ones take the first one's place; restoring puts all
+    # of them back, with their ids, voxels and places among the user's segments.
+    segments.AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
+    before = _segments_state(segmentation)
+    restorePoint = seg.SegmentationRestorePoint(segmentation)
+    voxels = _numbered_label_map(tmp_path / "two.nrrd", boxes[1:])
+    seg.importLesionSegmentation(tmp_path / "two.nrrd", volume, segmentation, [2, 2, 2], True, restorePoint)
+    assert [(name, n) for _, name, n in _segments_state(segmentation)] == [
+        ("Lesion 1", 384),
+        ("Lesion 2", 27),
+        ("Brain", 0),
+    ]
+    restorePoint.restore()
+    assert _segments_state(segmentation) == before
+    # Without replacing, the new ones get one suffix; an empty result is one empty "Lesion" segment.
+    seg.importLesionSegmentation(tmp_path / "two.nrrd", volume, segmentation, [2, 2, 2], False)
+    _numbered_label_map(tmp_path / "none.nrrd", [])
+    seg.importLesionSegmentation(tmp_path / "none.nrrd", volume, segmentation, [2, 2, 2], False)
+    assert [name for _, name, _ in _segments_state(segmentation)] == [
+        *(name for _, name, _ in before),
+        "Lesion 1 2",
+        "Lesion 2 2",
+        "Lesion",
+    ]
+    assert [
+        seg.isLesionSegmentName(n) for n in ("Lesion", "Lesion 12", "Lesion 1 2", "Lesions", "Brain")
+    ] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 # ------------------------------------------------------------------------------- failures and cancel
@@ -480,19 +591,39 @@ def test_failed_imports_roll_back_and_names_stay_unique(pkg, logic, tmp_path, mo
         assert "\n" not in str(raised.value)
         assert _node_ids() == nodes
 
-    # A failure while replacing a segment of an existing segmentation puts the old segment back.
+    # A failure while replacing the lesion segments of an existing segmentation puts them all back, in
+    # their places among the user's segments.
     monkeypatch.setattr(pkg.job, "loadLesionTable", original)
-    kept = _run(logic, volume).segmentationNode
+    keptResult = _run(logic, volume)
+    kept = keptResult.segmentationNode
     assert kept.GetName() == "Patient A lesions"  # the failed runs left no name taken
-    segmentId = pkg.segmentation.segmentIdByName(kept, "Lesion")
-    voxelsBefore, _ = _hr_voxels(kept, segmentId)
+    segments = kept.GetSegmentation()
+    segments.AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
+    segments.AddEmptySegment("", "Lesion 7", (0.2, 0.9, 0.9))  # the module's name: replaced as well
+    segments.SetSegmentIndex(segments.GetSegmentIdBySegmentName("Brain"), 0)
+    before = [
+        (
+            segments.GetNthSegmentID(i),
+            segments.GetNthSegment(i).GetName(),
+            _hr_voxels(kept, segments.GetNthSegmentID(i))[0],
+        )
+        for i in range(segments.GetNumberOfSegments())
+    ]
+    assert len(pkg.segmentation.lesionSegmentIds(kept)) == keptResult.tableNode.GetNumberOfRows() + 1
     monkeypatch.setattr(pkg.job, "loadLesionTable", failing)
     nodes = _node_ids()
     with pytest.raises(RuntimeError, match="Importing the results failed"):
         _run(logic, volume, outputSegmentation=kept, replaceSegment=True, threshold=0.9)
     assert _node_ids() == nodes
-    assert pkg.segmentation.segmentIdByName(kept, "Lesion") == segmentId
-    assert _hr_voxels(kept, segmentId)[0] == voxelsBefore
+    after = [
+        (
+            segments.GetNthSegmentID(i),
+            segments.GetNthSegment(i).GetName(),
+            _hr_voxels(kept, segments.GetNthSegmentID(i))[0],
+        )
+        for i in range(segments.GetNumberOfSegments())
+    ]
+    assert after == before
 
 
 def test_cancel_leaves_the_scene_as_it_was(mod, logic, tmp_path):
@@ -601,13 +732,16 @@ def test_segment_files_for_console_batch_use(pkg, logic, tmp_path):
         modelName="tiny-ct-3d",
         device="cpu",
         lesionTable=True,
+        numberedLesions=True,
     )
 
     assert Path(good.outputPath) == tmp_path / "out" / "case1_lesions.nrrd" and not good.error
     mask = sitk.GetArrayFromImage(sitk.ReadImage(good.outputPath))
     assert mask.shape == (16, 20, 24)
     columns = dict(pkg.tables.readCsvColumns(tmp_path / "out" / "case1_lesions.csv"))
-    assert sum(columns["voxels"]) == int(mask.sum()) > 0
+    # numberedLesions: each lesion's voxels hold its table id.
+    assert columns["id"] == list(range(1, int(mask.max()) + 1))
+    assert [int((mask == k).sum()) for k in columns["id"]] == [int(v) for v in columns["voxels"]]
     assert broken.outputPath == "" and broken.error and "\n" not in broken.error
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 

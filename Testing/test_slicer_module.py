@@ -437,6 +437,7 @@ def test_segment_command_with_every_option():
         roiBounds=[-10, 20.5, -30, 40, 5, 6.25],
         srImagePath=Path("/t/sr.nrrd"),
         lesionTablePath=Path("/t/lesions.csv"),
+        numberedLesions=True,
     )
     assert command[4:7] == ["/t/in.nrrd", "-o", "/t/out.nrrd"]
     assert command[7:] == [
@@ -460,6 +461,7 @@ def test_segment_command_with_every_option():
         "/t/sr.nrrd",
         "--lesion-table",
         "/t/lesions.csv",
+        "--numbered-lesions",
     ]
 
 

@@ -10,7 +10,7 @@ the module file:
 - runner.py: the engine process in the background (SegmentRunner) and its cancel.
 - command.py: the engine's command line, its environment, progress lines, failures and panel wording.
 - roi.py: the Region (ROI) in the input's coordinates, and its refusals.
-- segmentation.py: the Lesion segment, its terminology and the HR reference geometry.
+- segmentation.py: the lesion segments (one per lesion), their terminology and the HR reference geometry.
 - tables.py: the lesion table (CSV columns, units, descriptions, table node).
 - scene.py: scene nodes (unique names, placing like the input, writing the input, loading results).
 - cards.py: model cards, the default model for an input, the model texts.

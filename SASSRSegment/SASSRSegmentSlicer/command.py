@@ -91,11 +91,13 @@ def segmentCommand(
     roiBounds=None,
     srImagePath=None,
     lesionTablePath=None,
+    numberedLesions=False,
 ):
     """The `segment` command line the Logic runs (a list of strings, no shell).
 
     modelName None lets the engine pick the bundled model for the input's dimensionality; threshold
-    None uses the one in the model card (chosen on its validation split).
+    None uses the one in the model card (chosen on its validation split). numberedLesions: each lesion's
+    voxels hold its lesion-table id (1 = the largest) instead of 1, as the module's runs import them.
     """
     command = [str(python), "-m", ENGINE_PACKAGE, "segment", str(inputPath), "-o", str(outputPath)]
     if modelName:
@@ -113,6 +115,8 @@ def segmentCommand(
         command += ["--sr-image", str(srImagePath)]
     if lesionTablePath:
         command += ["--lesion-table", str(lesionTablePath)]
+    if numberedLesions:
+        command.append("--numbered-lesions")
     return command
 
 

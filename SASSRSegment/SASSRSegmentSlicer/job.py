@@ -29,7 +29,8 @@ class SegmentationResult:
     message: str = ""
     elapsed: float = 0.0
     segmentationNode: object = None
-    segmentId: str = ""
+    segmentId: str = ""  # lesion 1's segment (or the empty result's "Lesion")
+    segmentIds: list = field(default_factory=list)  # one per lesion, in the lesion table's order
     srImageNode: object = None
     tableNode: object = None
     lesionCount: int = -1
@@ -87,6 +88,7 @@ class SegmentationJob:
                 roiBounds=self.options["roiBounds"],
                 srImagePath=self.paths["srImage"],
                 lesionTablePath=self.paths["table"],
+                numberedLesions=True,
             )
             writeVolumeToFile(self.volumeNode, self.paths["input"])
             self._log(_("Running: {command}").format(command=subprocess.list2cmdline(command)))
@@ -190,7 +192,7 @@ class SegmentationJob:
             if segmentationNode is None:
                 segmentationNode = createSegmentation(self.volumeNode, uniqueNodeName(names["segmentation"]))
                 added.append(segmentationNode)
-            segmentId = importLesionSegmentation(
+            segmentIds = importLesionSegmentation(
                 self.paths["output"],
                 self.volumeNode,
                 segmentationNode,
@@ -198,7 +200,7 @@ class SegmentationJob:
                 self.options["replaceSegment"],
                 restorePoint,
             )
-            result = SegmentationResult("completed", "", elapsed, segmentationNode, segmentId)
+            result = SegmentationResult("completed", "", elapsed, segmentationNode, segmentIds[0], segmentIds)
             if self.paths["srImage"]:
                 result.srImageNode = loadSuperResolvedImage(
                     self.paths["srImage"], self.volumeNode, uniqueNodeName(names["srImage"])

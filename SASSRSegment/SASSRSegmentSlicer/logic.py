@@ -173,9 +173,10 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         threshold None uses the model card's. wait=True returns the segmentation node (None when cancelled)
         and raises RuntimeError on failure.
         wait=False returns the running SegmentationJob at once (it has .cancel()); onFinished(result) is
-        called with a SegmentationResult in both modes. A new "Lesion" segment is added to
-        `outputSegmentation` (a new node, named after the volume, when None); replaceSegment=True reuses an
-        existing one instead. A segmentation of another volume is refused; the user's own segmentation on
+        called with a SegmentationResult in both modes. One segment per lesion, "Lesion 1" (the largest)
+        to "Lesion N" as in the lesion table (one empty "Lesion" when none is found), is added to
+        `outputSegmentation` (a new node, named after the volume, when None); replaceSegment=True replaces
+        the module's earlier lesion segments there instead. A segmentation of another volume is refused; the user's own segmentation on
         another grid is switched to the HR grid only with changeGrid=True.
         """
         if self.activeJob and not self.activeJob.done:
@@ -251,12 +252,20 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             self.activeJob.cancel()
 
     def segmentFiles(
-        self, inputPaths, outputFolder, modelName=None, device="auto", tta=False, lesionTable=False
+        self,
+        inputPaths,
+        outputFolder,
+        modelName=None,
+        device="auto",
+        tta=False,
+        lesionTable=False,
+        numberedLesions=False,
     ):
         """Segment image files (or DICOM series folders) without loading them into the scene.
 
         Writes `<stem>_lesions.nrrd` (and `<stem>_lesions.csv` with lesionTable=True) per input into
-        outputFolder. modelName None lets the engine pick the bundled model for each input's
+        outputFolder: a 0/1 mask, or with numberedLesions=True each lesion's voxels hold its lesion-table
+        id (1 = the largest; uint16 past 255 lesions). modelName None lets the engine pick the bundled model for each input's
         dimensionality. A failing input is reported and skipped; returns one FileResult per input.
         """
         inputPaths = [str(path) for path in inputPaths]
@@ -269,7 +278,14 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             outputPath = outputPaths[index]
             tablePath = outputPath.with_suffix(".csv") if lesionTable else None
             command = segmentCommand(
-                pythonExecutable(), inputPath, outputPath, model, device, tta=tta, lesionTablePath=tablePath
+                pythonExecutable(),
+                inputPath,
+                outputPath,
+                model,
+                device,
+                tta=tta,
+                lesionTablePath=tablePath,
+                numberedLesions=numberedLesions,
             )
             runner = SegmentRunner(command, env=processEnvironment(), cwd=str(MODULE_DIR))
             runner.start()

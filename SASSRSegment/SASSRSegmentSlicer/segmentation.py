@@ -1,13 +1,28 @@
-"""The lesion segmentation: the Lesion segment and its terminology, the HR grid as the segmentation's
-reference geometry, and what a failed import puts back in an existing segmentation."""
+"""The lesion segmentation: one segment per lesion ("Lesion 1", ...) and their terminology, the HR grid as
+the segmentation's reference geometry, and what a failed import puts back in an existing segmentation."""
+
+import re
 
 from .geometry import matrixRows, superResolvedGrid
-from .naming import uniqueName
 from .scene import placeLikeInput, removeNodeWithHelpers
 from .slicerapi import _, slicer, vtk
 
 LESION_SEGMENT_NAME = "Lesion"
 LESION_COLOR = (0.95, 0.45, 0.15)
+# Lesion 1 (the largest) keeps LESION_COLOR; the others cycle through these distinct colours.
+LESION_COLORS = (
+    LESION_COLOR,
+    (0.25, 0.55, 0.95),
+    (0.30, 0.75, 0.35),
+    (0.85, 0.25, 0.60),
+    (0.95, 0.85, 0.20),
+    (0.55, 0.40, 0.85),
+    (0.20, 0.80, 0.80),
+    (0.65, 0.40, 0.25),
+)
+# The module's lesion segments: "Lesion" (an empty result's), "Lesion <number>" ("Lesion 3": the table's
+# lesion 3), and those names with the number a run added beside earlier ones gets ("Lesion 3 2").
+_LESION_SEGMENT_PATTERN = re.compile(re.escape(LESION_SEGMENT_NAME) + r"( [0-9]+)*")
 # Neoplasm is a type of the DICOM master list (CID 7159), not of Slicer's General Anatomy list: naming the
 # context that holds it lets the terminology selector find the entry.
 LESION_TERMINOLOGY = (
@@ -20,9 +35,32 @@ LESION_TERMINOLOGY = (
 INPUT_VOLUME_REFERENCE_ROLE = "sassrSegmentInputVolume"
 
 
-def segmentIdByName(segmentationNode, name):
-    """The id of the segment called `name`, or "" when there is none."""
-    return segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name) or ""
+def isLesionSegmentName(name):
+    """Whether a segment of this name is one of the module's lesion segments (the rule replacing follows)."""
+    return bool(_LESION_SEGMENT_PATTERN.fullmatch(name or ""))
+
+
+def lesionSegmentIds(segmentationNode):
+    """The ids of the module's lesion segments in a segmentation, in segment order."""
+    return _lesionSegmentIds(segmentationNode.GetSegmentation())
+
+
+def _lesionSegmentIds(segmentation):
+    return [
+        segmentId
+        for segmentId in _segmentIds(segmentation)
+        if isLesionSegmentName(segmentation.GetSegment(segmentId).GetName())
+    ]
+
+
+def lesionSegmentName(number):
+    """The segment name of lesion `number` (its table id): "Lesion 3"; "Lesion" for 0 (an empty result)."""
+    return f"{LESION_SEGMENT_NAME} {number}" if number else LESION_SEGMENT_NAME
+
+
+def lesionColor(number):
+    """The colour of lesion `number` (1 = the largest; 0 for the empty result's segment)."""
+    return LESION_COLORS[(max(int(number), 1) - 1) % len(LESION_COLORS)]
 
 
 def segmentationInputVolume(segmentationNode):
@@ -66,9 +104,10 @@ class SegmentationRestorePoint:
         for segmentId in _segmentIds(segmentation):
             if segmentId not in self.segmentIds or segmentId in self.replaced:
                 segmentation.RemoveSegment(segmentId)
-        for segmentId, copy in self.replaced.items():
+        # From the last one back, so that the segment each goes before is in place already.
+        for segmentId in reversed([i for i in self.segmentIds if i in self.replaced]):
             following = self.segmentIds[self.segmentIds.index(segmentId) + 1 :]
-            segmentation.AddSegment(copy, segmentId, next(iter(following), ""))
+            segmentation.AddSegment(self.replaced[segmentId], segmentId, next(iter(following), ""))
         segmentation.SetConversionParameter(_geometryParameterName(), self.geometry)
         for role, nodeId in self.references.items():
             self.node.SetNodeReferenceID(role, nodeId)
@@ -85,7 +124,9 @@ def _geometryParameterName():
 def importLesionSegmentation(
     labelPath, volumeNode, segmentationNode, scales, replaceSegment, restorePoint=None
 ):
-    """Import the HR label map as the "Lesion" segment; the HR grid becomes the reference geometry."""
+    """Import the HR label map of numbered lesions (value k: the lesion table's id k) as the segments
+    "Lesion 1".."Lesion N", or one empty "Lesion" segment when it holds none; the HR grid becomes the
+    reference geometry. Returns the segment ids, lesion 1's first."""
     labelNode = slicer.util.loadLabelVolume(str(labelPath), {"show": False})
     try:
         labelNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
@@ -99,30 +140,60 @@ def importLesionSegmentation(
         # and not just the ROI that the label map may cover).
         setReferenceGeometry(segmentationNode, *hrGeometryInFrameOf(segmentationNode, volumeNode, scales))
         segmentation = segmentationNode.GetSegmentation()
-        segmentId = segmentIdByName(segmentationNode, LESION_SEGMENT_NAME) if replaceSegment else ""
-        if segmentId and restorePoint:
-            restorePoint.keepSegment(segmentId)
-        if not segmentId:
-            existing = [
-                segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
-            ]
-            segmentId = segmentation.AddEmptySegment(
-                "", uniqueName(LESION_SEGMENT_NAME, existing), LESION_COLOR
-            )
-        segmentIds = vtk.vtkStringArray()
-        segmentIds.InsertNextValue(segmentId)
-        # Importing into a named segment keeps an empty result as an empty segment (no lesion found).
+        # The engine numbers the lesions 1..N without gaps, the table's ids.
+        count = int(round(labelNode.GetImageData().GetScalarRange()[1]))
+        numbers = list(range(1, count + 1)) or [0]
+        segmentIds = _emptyLesionSegments(segmentation, numbers, replaceSegment, restorePoint)
+        idArray = vtk.vtkStringArray()
+        for segmentId in segmentIds:
+            idArray.InsertNextValue(segmentId)
+        # Label value k goes into idArray's k-th segment (Slicer maps value index + 1 to the index-th id);
+        # importing into named segments keeps an empty result as an empty segment (no lesion found).
         if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(
-            labelNode, segmentationNode, segmentIds
+            labelNode, segmentationNode, idArray
         ):
             raise RuntimeError(_("Could not import the label map into the segmentation."))
-        segment = segmentation.GetSegment(segmentId)
-        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
-        segment.SetColor(LESION_COLOR)
+        for number, segmentId in zip(numbers, segmentIds):
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
+            segment.SetColor(lesionColor(number))
         segmentationNode.CreateClosedSurfaceRepresentation()
-        return segmentId
+        return segmentIds
     finally:
         removeNodeWithHelpers(labelNode)
+
+
+def _emptyLesionSegments(segmentation, numbers, replaceSegment, restorePoint):
+    """New empty segments for the lesion `numbers`: in place of the module's earlier lesion segments with
+    replaceSegment (each kept in the restore point), else after the others under names not yet taken."""
+    position = segmentation.GetNumberOfSegments()
+    if replaceSegment:
+        old = _lesionSegmentIds(segmentation)
+        position = segmentation.GetSegmentIndex(old[0]) if old else position
+        for segmentId in old:
+            if restorePoint:
+                restorePoint.keepSegment(segmentId)
+            segmentation.RemoveSegment(segmentId)
+    existing = [segmentation.GetSegment(i).GetName() for i in _segmentIds(segmentation)]
+    names = _untakenNames([lesionSegmentName(number) for number in numbers], existing)
+    segmentIds = []
+    for offset, (number, name) in enumerate(zip(numbers, names)):
+        segmentId = segmentation.AddEmptySegment("", name, lesionColor(number))
+        segmentation.SetSegmentIndex(segmentId, position + offset)
+        segmentIds.append(segmentId)
+    return segmentIds
+
+
+def _untakenNames(names, existingNames):
+    """`names`, or all of them with the same number added ("Lesion 1 2", "Lesion 2 2", ...), the first that
+    takes none of existingNames: one run's segments keep one suffix (never replace silently)."""
+    existing = set(existingNames)
+    suffix = ""
+    index = 1
+    while any(f"{name}{suffix}" in existing for name in names):
+        index += 1
+        suffix = f" {index}"
+    return [f"{name}{suffix}" for name in names]
 
 
 def hrGeometryInFrameOf(segmentationNode, volumeNode, scales):

@@ -10,7 +10,7 @@ import time
 from .geometry import matrixRows, voxelCornerBounds
 from .logic import SASSRSegmentLogic
 from .paths import SAMPLE_PATH
-from .segmentation import LESION_SEGMENT_NAME, LESION_TERMINOLOGY, referenceGeometry, segmentIdByName
+from .segmentation import LESION_TERMINOLOGY, lesionSegmentIds, referenceGeometry
 from .slicerapi import ScriptedLoadableModuleTest, slicer, vtk
 
 
@@ -40,23 +40,27 @@ class SelfTest(ScriptedLoadableModuleTest):
         self.assertEqual(result.status, "completed", result.message)
         self.assertEqual(segmentationNode.GetName(), f"{volume.GetName()} lesions")
 
-        segmentId = segmentIdByName(segmentationNode, LESION_SEGMENT_NAME)
-        self.assertTrue(segmentId, "no Lesion segment")
-        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-        terminology = vtk.reference("")
-        self.assertTrue(segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology))
-        self.assertEqual(terminology.get(), LESION_TERMINOLOGY)
-        # The segment is held at HR: its own labelmap, not one resampled to the input's grid.
-        labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
-        hrVoxels = int((labelmap == segment.GetLabelValue()).sum())
-        self.assertGreater(hrVoxels, 0, "the Lesion segment is empty")
-
-        # The lesion table is on by default: one row per lesion, the engine's voxel counts.
+        # The lesion table is on by default: one row per lesion, numbered 1.. from the largest.
         self.assertIsNotNone(result.tableNode, "no lesion table")
         self.assertGreater(result.tableNode.GetNumberOfRows(), 0)
         self.assertEqual(result.lesionCount, result.tableNode.GetNumberOfRows())
-        voxels = slicer.util.arrayFromTableColumn(result.tableNode, "voxels")
-        self.assertEqual(int(voxels.sum()), hrVoxels)
+        ids = [int(v) for v in slicer.util.arrayFromTableColumn(result.tableNode, "id")]
+        voxels = [int(v) for v in slicer.util.arrayFromTableColumn(result.tableNode, "voxels")]
+        self.assertEqual(ids, list(range(1, len(ids) + 1)))
+
+        # One segment per lesion, "Lesion <id>", each with the table's voxel count for its id.
+        segmentIds = lesionSegmentIds(segmentationNode)
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetSegment(segmentId).GetName() for segmentId in segmentIds]
+        self.assertEqual(names, [f"Lesion {k}" for k in ids])
+        for segmentId, tableVoxels in zip(segmentIds, voxels):
+            segment = segmentation.GetSegment(segmentId)
+            terminology = vtk.reference("")
+            self.assertTrue(segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology))
+            self.assertEqual(terminology.get(), LESION_TERMINOLOGY)
+            # The segment is held at HR: its own labelmap, not one resampled to the input's grid.
+            labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
+            self.assertEqual(int((labelmap == segment.GetLabelValue()).sum()), tableVoxels, segment.GetName())
 
         rows, hrDimensions = referenceGeometry(segmentationNode)
         self.assertEqual(hrDimensions, [2 * n for n in volume.GetImageData().GetDimensions()])
