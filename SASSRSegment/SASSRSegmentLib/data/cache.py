@@ -423,7 +423,7 @@ def open_cache(folder: str | Path) -> Cache:
 
 
 def make_prep(options, dataset) -> dict:
-    """The card's "preprocessing" dict from training options (`train.TrainConfig`) and a raw dataset."""
+    """The card's "preprocessing" dict from training options (`training.config.TrainConfig`) and a raw dataset."""
     from .normalization import choose_normalization
 
     d = dataset.spatial_dims

@@ -1,9 +1,11 @@
-"""The `segment` command: LR images in, lesion masks at `scale` times finer resolution out.
+"""Segmentation of one image: an LR image in, its lesion mask at `scale` times finer resolution out
+(the code the `segment` and `evaluate` commands and the benchmarks run).
 
-Pipeline per image: checks -> (ROI crop) -> working LR grid of the model card -> antialiased resampling
--> normalisation -> sliding-window HR probabilities on the HR working grid -> linear resampling onto
-the output grid (the input's HR grid, or the input grid) -> threshold -> atomic write. The HR output
-covers exactly the physical extent of its input, so it overlays it in any viewer.
+Per image: checks -> (ROI crop) -> working LR grid of the model card -> antialiased resampling ->
+normalisation (`inputs.py`) -> sliding-window HR probabilities on the HR working grid (`windows.py`)
+-> linear resampling onto the output grid (the input's HR grid, or the input grid) -> threshold ->
+small-component removal. The HR output covers exactly the physical extent of its input, so it
+overlays it in any viewer. Writing is the command's (commands/segment.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Layer 4: the network, its losses, and model bundles (weights + card)."""
