@@ -168,6 +168,36 @@ def test_cancel_stops_promptly_and_leaves_nothing(tmp_path, tiny_bundle_3d, sign
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("stage", ["read", "preprocess", "predict", "write"])
+def test_a_cancel_at_every_stage_ends_within_two_seconds_and_leaves_nothing(tmp_path, tiny_bundle_3d, stage):
+    """SIGTERM (the Slicer panel's Cancel) as soon as the run reports `stage`: exit 130 within 2 s, and no
+    output at all, whatever the stage (the lesion table, the figure and the probabilities included)."""
+    source = _volume(tmp_path / "big.nrrd", np.random.default_rng(2).random((48, 48, 48)).astype(np.float32))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "SASSRSegmentLib", "segment", str(source), "-o", str(out / "m.nrrd")]
+    command += ["--model", str(tiny_bundle_3d), "--progress", "json", "--probabilities", str(out / "p.nrrd")]
+    command += ["--lesion-table", str(out / "t.csv"), "--figure", str(out / "f.png")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(json.loads(line).get("stage"))
+            if seen[-1] == stage:
+                break
+        assert seen[-1] == stage, f"the run ended before reporting {stage}: {seen}"
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, process.stderr.read()
+    assert elapsed < 2.0
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_cancel_during_one_long_library_call_exits_within_a_second_and_leaves_nothing(tmp_path):
     # A command blocked in one call that no signal interrupts (as sitk.WriteImage of a large volume, or
     # a long ITK filter, is) with an output staged: the cancel must not wait for it.
