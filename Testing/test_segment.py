@@ -586,8 +586,8 @@ def test_segment_measures_diameters_only_for_a_lesion_table(tmp_path, monkeypatc
 
     _write_volume(tmp_path / "in.nrrd")
     calls = []
-    original = lesions.lesion_table
-    monkeypatch.setattr(lesions, "lesion_table", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = lesions.lesion_rows  # what the table and the command both measure through
+    monkeypatch.setattr(lesions, "lesion_rows", lambda *a, **k: calls.append(k) or original(*a, **k))
     base = ["segment", str(tmp_path / "in.nrrd"), "--model", str(tiny_bundle_3d), "--quiet"]
     assert cli.main([*base, "-o", str(tmp_path / "a.nrrd")]) == 0
     assert cli.main([*base, "-o", str(tmp_path / "b.nrrd"), "--lesion-table", str(tmp_path / "b.csv")]) == 0

@@ -507,7 +507,7 @@ def _numbered_label_map(path, boxes):
         mask[box] = 1
     image = sitk.GetImageFromArray(mask)
     image.SetOrigin((-5.5, 6.5, 2.5))  # the LR grid's first voxel corner, as _volume writes it
-    numbered, count = lesions.numbered_mask(image)
+    numbered, count = lesions.numbered_mask(image, lesions.numbered_lesions(image))
     sitk.WriteImage(numbered, str(path))
     rows = lesions.lesion_table(image, diameters=False)
     assert count == len(rows) == len(boxes)

@@ -323,9 +323,9 @@ class _Session:
             sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
         report("write", 0.0)
         threshold = card_threshold(card, args.threshold)
-        rows = lesions.lesion_table(
-            mask, probabilities, fully_connected=not args.face_connected, diameters=bool(args.lesion_table)
-        )
+        # Labelled once, for the table and the numbered mask (segment_image's probabilities lie on its grid).
+        numbered = lesions.numbered_lesions(mask, fully_connected=not args.face_connected)
+        rows = lesions.lesion_rows(numbered, probabilities, diameters=bool(args.lesion_table))
         confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
         if confidence:
             warnings.append(confidence)
@@ -333,7 +333,7 @@ class _Session:
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
         written, names = mask, ("lesion",)
         if args.numbered_lesions:
-            written, count = lesions.numbered_mask(mask, fully_connected=not args.face_connected)
+            written, count = lesions.numbered_mask(mask, numbered)
             names = [f"Lesion {k}" for k in range(1, count + 1)] or ["Lesion"]
         written.SetMetaData(provenance.METADATA_KEY, json.dumps(record))
         imageio.write_image(written, job.mask, args.overwrite, staging, names)

@@ -185,10 +185,9 @@ def numbered_lesions(mask: sitk.Image, fully_connected: bool = True) -> tuple[si
     return labels, list(offset)
 
 
-def numbered_mask(mask: sitk.Image, fully_connected: bool = True) -> tuple[sitk.Image, int]:
+def numbered_mask(mask: sitk.Image, numbered: tuple[sitk.Image, list[int]] | None) -> tuple[sitk.Image, int]:
     """(the mask with each lesion's number as its value, the number of lesions): uint8, or uint16 past
-    255 lesions, on the mask's grid; the numbers are the lesion table's."""
-    numbered = numbered_lesions(mask, fully_connected)
+    255 lesions, on the mask's grid; `numbered` is the mask's `numbered_lesions`, the table's numbers."""
     if numbered is None:
         return sitk.Cast(mask > 0, sitk.sitkUInt8), 0
     labels, offset = numbered
@@ -219,7 +218,16 @@ def lesion_table(
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
-    numbered = numbered_lesions(mask, fully_connected)
+    return lesion_rows(numbered_lesions(mask, fully_connected), probabilities, diameters=diameters)
+
+
+def lesion_rows(
+    numbered: tuple[sitk.Image, list[int]] | None,
+    probabilities: sitk.Image | None = None,
+    diameters: bool = True,
+) -> list[dict]:
+    """`lesion_table`'s rows from a mask's `numbered_lesions` (for callers that need those too: the
+    lesions are then labelled once); `probabilities` on the mask's grid."""
     if numbered is None:
         return []
     labels, offset = numbered
