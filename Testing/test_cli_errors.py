@@ -142,19 +142,23 @@ def test_demo(tmp_path):
     assert all(30 <= n <= 34 for n in mask.GetSize())  # 30 mm at 1 mm, plus the voxels the edges touch
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_cancel_stops_promptly_and_leaves_nothing(tmp_path, tiny_bundle_3d, signum):
-    # 64^3 LR voxels in 8^3 windows: minutes of work, so the signal surely lands mid-prediction.
-    source = _volume(tmp_path / "big.nrrd", np.random.default_rng(1).random((64, 64, 64)).astype(np.float32))
-    out = tmp_path / "out"
+def _segment_command(source: Path, out: Path, bundle: Path) -> list[str]:
     command = [sys.executable, "-m", "SASSRSegmentLib", "segment", str(source), "-o", str(out / "m.nrrd")]
-    command += ["--model", str(tiny_bundle_3d), "--progress", "json", "--probabilities", str(out / "p.nrrd")]
+    return command + ["--model", str(bundle), "--progress", "json", "--probabilities", str(out / "p.nrrd")]
+
+
+def _cancel_at(command: list[str], stage: str, signum: int) -> tuple[int, float, str]:
+    """Run `command` (with --progress json), send `signum` as soon as it reports `stage`; returns (exit
+    status, seconds from the signal to the exit, standard error)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        seen = []
         for line in process.stdout:
-            if json.loads(line).get("stage") == "predict":
+            seen.append(json.loads(line).get("stage"))
+            if seen[-1] == stage:
                 break
+        assert seen and seen[-1] == stage, f"the run ended before reporting {stage}: {seen}"
         sent = time.monotonic()
         process.send_signal(signum)
         process.wait(timeout=30)
@@ -162,9 +166,18 @@ def test_cancel_stops_promptly_and_leaves_nothing(tmp_path, tiny_bundle_3d, sign
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, process.stderr.read()
+    return process.returncode, elapsed, process.stderr.read()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cancel_stops_promptly_and_leaves_nothing(tmp_path, tiny_bundle_3d, signum):
+    # 64^3 LR voxels in 8^3 windows: minutes of work, so the signal surely lands mid-prediction.
+    source = _volume(tmp_path / "big.nrrd", np.random.default_rng(1).random((64, 64, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    code, elapsed, err = _cancel_at(_segment_command(source, out, tiny_bundle_3d), "predict", signum)
+    assert code == 130, err
     assert elapsed < 2.0
-    assert "Traceback" not in process.stderr.read()
+    assert "Traceback" not in err
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -174,26 +187,10 @@ def test_a_cancel_at_every_stage_ends_within_two_seconds_and_leaves_nothing(tmp_
     output at all, whatever the stage (the lesion table, the figure and the probabilities included)."""
     source = _volume(tmp_path / "big.nrrd", np.random.default_rng(2).random((48, 48, 48)).astype(np.float32))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "SASSRSegmentLib", "segment", str(source), "-o", str(out / "m.nrrd")]
-    command += ["--model", str(tiny_bundle_3d), "--progress", "json", "--probabilities", str(out / "p.nrrd")]
+    command = _segment_command(source, out, tiny_bundle_3d)
     command += ["--lesion-table", str(out / "t.csv"), "--figure", str(out / "f.png")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        seen = []
-        for line in process.stdout:
-            seen.append(json.loads(line).get("stage"))
-            if seen[-1] == stage:
-                break
-        assert seen[-1] == stage, f"the run ended before reporting {stage}: {seen}"
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        elapsed = time.monotonic() - sent
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, process.stderr.read()
+    code, elapsed, err = _cancel_at(command, stage, signal.SIGTERM)
+    assert code == 130, err
     assert elapsed < 2.0
     assert not out.exists() or list(out.iterdir()) == []
 

@@ -31,15 +31,16 @@ WINDOW = 96
 OVERLAP = 0.25
 
 
-def peer_network(spatial_dims: int) -> torch.nn.Module:
+def peer_network(spatial_dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
+    """MONAI's UNet, one channel in and out, strides 2, 2 residual units."""
     from monai.networks.nets import UNet
 
     return UNet(
         spatial_dims=spatial_dims,
         in_channels=1,
         out_channels=1,
-        channels=CHANNELS,
-        strides=(2,) * (len(CHANNELS) - 1),
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
         num_res_units=2,
     )
 

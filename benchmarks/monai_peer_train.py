@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SASSRSegment"))
 
+from monai_peer import peer_network  # noqa: E402  (benchmarks/monai_peer.py, beside this file)
+
 from SASSRSegmentLib.data.cache import open_cache  # noqa: E402
-from SASSRSegmentLib.data.sampling import batches  # noqa: E402
+from SASSRSegmentLib.data.sampling import batches, lr_from_hr  # noqa: E402
 from SASSRSegmentLib.model.losses import dice_bce_loss  # noqa: E402
 from SASSRSegmentLib.training.build import lr_lambda  # noqa: E402
 from SASSRSegmentLib.training.config import load_config  # noqa: E402
@@ -47,16 +49,7 @@ class PeerNet(torch.nn.Module):
 
     def __init__(self, spatial_dims: int, scale: int):
         super().__init__()
-        from monai.networks.nets import UNet
-
-        self.unet = UNet(
-            spatial_dims=spatial_dims,
-            in_channels=1,
-            out_channels=1,
-            channels=CHANNELS,
-            strides=(2,) * (len(CHANNELS) - 1),
-            num_res_units=2,
-        )
+        self.unet = peer_network(spatial_dims, CHANNELS)
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +96,7 @@ def train(args) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * schedule(step)
             hr_image, hr_mask, *made = next(stream)
-            lr = made[0] if made else F.avg_pool3d(hr_image, prep["scale"])
+            lr = made[0] if made else lr_from_hr(hr_image, prep["scale"])
             with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = dice_bce_loss(net(lr), hr_mask)
             optimizer.zero_grad(set_to_none=True)
