@@ -28,10 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
     )
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--init",
         metavar="BUNDLE",
         help="start from this bundle's weights (fine-tuning; same network settings)",
+    )
+    start.add_argument(
+        "--warm-start",
+        metavar="BUNDLE",
+        help="copy the layers this network shares with a bundle's (same names and shapes, e.g. the "
+        "encoder of a baseline bundle into the full network); the rest starts fresh",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")

@@ -66,20 +66,45 @@ def lr_lambda(cfg: TrainConfig, total: int, time_fraction: Callable[[], float] |
     return factor
 
 
-def initialise_from(net, bundle: str) -> dict:
-    """Start from a bundle's weights (fine-tuning); returns its provenance for the new card."""
+def initialise_from(net, bundle: str, *, shared_only: bool = False) -> dict:
+    """Start from a bundle's weights; returns its provenance for the new card.
+
+    Fine-tuning (the default) needs the same network. ``shared_only`` is a warm start of a different
+    network: every tensor with the same name and shape is copied (the shared encoder of a baseline
+    bundle into the full network) and the rest keeps its fresh initialisation.
+    """
     card, source = load_bundle(bundle)
-    # Compared as configs: a card written before a network option existed holds no key for it.
-    if source.config != net.config:
-        raise UserError(
-            f"--init {bundle}: its network differs from this run's (config or --ablation); "
-            "use a bundle trained with the same network settings"
-        )
-    net.load_state_dict(source.state_dict())
+    weights = source.state_dict()
+    if shared_only:
+        if (
+            source.config.spatial_dims != net.config.spatial_dims
+            or source.config.in_channels != net.config.in_channels
+        ):
+            raise UserError(
+                f"--warm-start {bundle}: its input (dimensions, channels) differs from this run's"
+            )
+        own = net.state_dict()
+        copied = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        if not copied:
+            raise UserError(f"--warm-start {bundle}: it shares no layer with this run's network")
+        net.load_state_dict(copied, strict=False)
+        shared = {"tensors_copied": len(copied), "tensors_total": len(own)}
+    else:
+        # Compared as configs: a card written before a network option existed holds no key for it.
+        if source.config != net.config:
+            raise UserError(
+                f"--init {bundle}: its network differs from this run's (config or --ablation); "
+                "use a bundle trained with the same network settings, or --warm-start"
+            )
+        net.load_state_dict(weights)
+        shared = None
     keep = ("command", "dataset", "steps", "steps_total", "wall_time_s", "hardware", "precision", "torch")
-    return {
+    provenance = {
         "bundle": str(bundle),
         "training": {k: card.get("training", {}).get(k) for k in keep},
         "validation_dice": card.get("validation", {}).get("dice_mean"),
         "initialised_from": card.get("training", {}).get("initialised_from"),
     }
+    if shared:
+        provenance["warm_start"] = shared
+    return provenance

@@ -202,7 +202,11 @@ class Trainer:
         if checkpoint:
             self.init = checkpoint.get("init")
         else:
-            self.init = initialise_from(self.net, args.init) if args.init else None
+            warm = getattr(args, "warm_start", None)
+            if warm:
+                self.init = initialise_from(self.net, warm, shared_only=True)
+            else:
+                self.init = initialise_from(self.net, args.init) if args.init else None
         self.loss_fn = build_loss(cfg, self.ablation)
         self.amp_dtype, needs_scaler = amp_settings(cfg, device)
         self.channels_last = use_channels_last(cfg, device, self.prep["spatial_dims"])
