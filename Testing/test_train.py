@@ -158,6 +158,36 @@ def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):
         build.initialise_from(other, str(tmp_path / "old"))
 
 
+def test_warm_start_copies_the_shared_layers_of_a_different_network(tmp_path):
+    cfg = config.TrainConfig(features=[4, 8], dilations=[1, 2], hr_head="subpixel")
+    prep = {"spatial_dims": 2, "scale": 2, "channels": ["a"]}
+    source = build.build_network(cfg, prep, "baseline")
+    save_bundle(tmp_path / "baseline", source, {"name": "baseline", "preprocessing": prep})
+    _, saved = load_bundle(tmp_path / "baseline")
+    target = build.build_network(cfg, prep, "full")
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(UserError, match="its network differs"):
+        build.initialise_from(target, str(tmp_path / "baseline"))
+    info = build.initialise_from(target, str(tmp_path / "baseline"), shared_only=True)
+    own, theirs = target.state_dict(), saved.state_dict()
+    shared = [k for k in own if k in theirs and own[k].shape == theirs[k].shape]
+    assert any(k.startswith("encoder.") for k in shared) and not any(
+        k.startswith("sr_decoder.") for k in shared
+    )
+    assert all(torch.equal(own[k], theirs[k]) for k in shared)
+    assert all(torch.equal(own[k], fresh[k]) for k in own if k not in shared)
+    assert info["warm_start"] == {"tensors_copied": len(shared), "tensors_total": len(own)}
+    for other, message in (
+        (config.TrainConfig(features=[6, 12], dilations=[1, 2]), "shares no layer"),
+        (cfg, "input .dimensions, channels. differs"),
+    ):
+        channels = {**prep, "channels": ["a", "b"]} if other is cfg else prep
+        with pytest.raises(UserError, match=message):
+            build.initialise_from(
+                build.build_network(other, channels, "full"), str(tmp_path / "baseline"), shared_only=True
+            )
+
+
 @pytest.mark.parametrize("ablation", sorted(config.ABLATIONS))
 def test_ablations_build_and_train_every_parameter(ablation):
     torch.manual_seed(0)

@@ -85,7 +85,8 @@ def initialise_from(net, bundle: str, *, shared_only: bool = False) -> dict:
             )
         own = net.state_dict()
         copied = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        if not copied:
+        # A bias or a norm scale alone (the LR head's single bias) is no warm start.
+        if not any(v.dim() > 1 for v in copied.values()):
             raise UserError(f"--warm-start {bundle}: it shares no layer with this run's network")
         net.load_state_dict(copied, strict=False)
         shared = {"tensors_copied": len(copied), "tensors_total": len(own)}

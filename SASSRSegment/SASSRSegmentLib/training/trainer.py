@@ -205,6 +205,10 @@ class Trainer:
             warm = getattr(args, "warm_start", None)
             if warm:
                 self.init = initialise_from(self.net, warm, shared_only=True)
+                shared = self.init["warm_start"]
+                self.progress.log(
+                    f"warm start: {shared['tensors_copied']} of {shared['tensors_total']} tensors from {warm}"
+                )
             else:
                 self.init = initialise_from(self.net, args.init) if args.init else None
         self.loss_fn = build_loss(cfg, self.ablation)
