@@ -74,31 +74,6 @@ def initialise_from(net, bundle: str, *, shared_only: bool = False) -> dict:
     bundle into the full network) and the rest keeps its fresh initialisation.
     """
     card, source = load_bundle(bundle)
-    weights = source.state_dict()
-    if shared_only:
-        if (
-            source.config.spatial_dims != net.config.spatial_dims
-            or source.config.in_channels != net.config.in_channels
-        ):
-            raise UserError(
-                f"--warm-start {bundle}: its input (dimensions, channels) differs from this run's"
-            )
-        own = net.state_dict()
-        copied = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        # A bias or a norm scale alone (the LR head's single bias) is no warm start.
-        if not any(v.dim() > 1 for v in copied.values()):
-            raise UserError(f"--warm-start {bundle}: it shares no layer with this run's network")
-        net.load_state_dict(copied, strict=False)
-        shared = {"tensors_copied": len(copied), "tensors_total": len(own)}
-    else:
-        # Compared as configs: a card written before a network option existed holds no key for it.
-        if source.config != net.config:
-            raise UserError(
-                f"--init {bundle}: its network differs from this run's (config or --ablation); "
-                "use a bundle trained with the same network settings, or --warm-start"
-            )
-        net.load_state_dict(weights)
-        shared = None
     keep = ("command", "dataset", "steps", "steps_total", "wall_time_s", "hardware", "precision", "torch")
     provenance = {
         "bundle": str(bundle),
@@ -106,6 +81,30 @@ def initialise_from(net, bundle: str, *, shared_only: bool = False) -> dict:
         "validation_dice": card.get("validation", {}).get("dice_mean"),
         "initialised_from": card.get("training", {}).get("initialised_from"),
     }
-    if shared:
-        provenance["warm_start"] = shared
+    if shared_only:
+        provenance["warm_start"] = _copy_shared_layers(net, source, bundle)
+        return provenance
+    # Compared as configs: a card written before a network option existed holds no key for it.
+    if source.config != net.config:
+        raise UserError(
+            f"--init {bundle}: its network differs from this run's (config or --ablation); "
+            "use a bundle trained with the same network settings, or --warm-start"
+        )
+    net.load_state_dict(source.state_dict())
     return provenance
+
+
+def _copy_shared_layers(net, source, bundle: str) -> dict:
+    """Copy `source`'s tensors whose name and shape `net` has too; returns how many of `net`'s."""
+    if (source.config.spatial_dims, source.config.in_channels) != (
+        net.config.spatial_dims,
+        net.config.in_channels,
+    ):
+        raise UserError(f"--warm-start {bundle}: its input (dimensions, channels) differs from this run's")
+    own = net.state_dict()
+    copied = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    # A bias or a norm scale alone (the LR head's single bias) is no warm start.
+    if not any(v.dim() > 1 for v in copied.values()):
+        raise UserError(f"--warm-start {bundle}: it shares no layer with this run's network")
+    net.load_state_dict(copied, strict=False)
+    return {"tensors_copied": len(copied), "tensors_total": len(own)}

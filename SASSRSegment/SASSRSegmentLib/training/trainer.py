@@ -202,12 +202,12 @@ class Trainer:
         if checkpoint:
             self.init = checkpoint.get("init")
         else:
-            warm = getattr(args, "warm_start", None)
-            if warm:
-                self.init = initialise_from(self.net, warm, shared_only=True)
+            if args.warm_start:
+                self.init = initialise_from(self.net, args.warm_start, shared_only=True)
                 shared = self.init["warm_start"]
                 self.progress.log(
-                    f"warm start: {shared['tensors_copied']} of {shared['tensors_total']} tensors from {warm}"
+                    f"warm start: {shared['tensors_copied']} of {shared['tensors_total']} tensors "
+                    f"from {args.warm_start}"
                 )
             else:
                 self.init = initialise_from(self.net, args.init) if args.init else None
