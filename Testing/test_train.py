@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -123,6 +124,10 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     assert robust.checkpoint_minutes and robust.val_every == 250
     net = build.build_network(robust, {"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"]}, "full")
     assert net.config.hr_head == "subpixel" and net.config.hr_channels == robust.hr_channels
+    # The warm-start config is the robust one with a gentler start, nothing else.
+    warm = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-warm.json")
+    differs = {f.name for f in dataclasses.fields(warm) if getattr(robust, f.name) != getattr(warm, f.name)}
+    assert differs == {"learning_rate", "warmup_steps"} and warm.learning_rate < robust.learning_rate
 
 
 def test_new_options_are_checked(tmp_path):
