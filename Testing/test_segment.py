@@ -386,6 +386,72 @@ def test_memory_check_prices_what_is_kept():
         pipeline.segment_image(image, Interpolator(), card, CPU, memory_limit=limit, probabilities="uint8")
 
 
+class _WindowRecorder(Interpolator):
+    """Records the shape of every window the network is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = []
+
+    def forward(self, x):
+        self.windows.append(tuple(x.shape[2:]))
+        return super().forward(x)
+
+
+def test_a_batch_normalised_model_predicts_the_whole_image_in_one_window():
+    grid = Grid((40, 36, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = ball_image(grid, grid.index_to_physical([20, 18, 10]), 8.0)
+    per_window = {}
+    for norm in ("instance", "batch"):
+        card = _card(3)
+        card["network"]["norm"] = norm
+        net = _WindowRecorder()
+        mask, _ = pipeline.segment_image(image, net, card, CPU)
+        per_window[norm] = (net.windows, sitk.GetArrayFromImage(mask))
+    windows, mask = per_window["batch"]
+    assert windows == [(20, 36, 40)]  # array order (z, y, x), the whole working grid
+    # Instance norm: the training patch (12^3), overlapping by half.
+    assert len(per_window["instance"][0]) == 6 * 5 * 3 and set(per_window["instance"][0]) == {(12, 12, 12)}
+    np.testing.assert_array_equal(mask, per_window["instance"][1])  # this network is window-invariant
+
+
+def test_windows_shrink_to_the_fewest_tiles_that_fit_and_never_below_the_training_patch(monkeypatch):
+    card = _card(3)
+    card["network"]["norm"] = "batch"
+    spatial = (80, 120, 120)
+    assert memory.choose_window(card, spatial, 0.25, lambda w: True) == spatial
+    # Activations grow with the window: a budget for about half the volume splits the longest axis in two.
+    per_lr_voxel = memory.activation_bytes(card, (2, 2, 2), 1)
+    budget = 0.6 * per_lr_voxel * math.prod(spatial)
+    half = memory.choose_window(card, spatial, 0.25, lambda w: math.prod(w) * per_lr_voxel <= budget)
+    assert half == (80, 69, 120)  # 2 windows of 69 overlapping by a quarter cover 120 (ties: the first axis)
+    assert [len(_starts(n, w)) for n, w in zip(spatial, half)] == [1, 2, 1]
+    assert memory.choose_window(card, spatial, 0.25, lambda w: False) == (12, 12, 12)
+    card["network"]["norm"] = "instance"
+    assert memory.choose_window(card, spatial, 0.25, lambda w: True) == (12, 12, 12)
+    assert memory.choose_window(card, (6, 40, 40), 0.25, lambda w: True) == (6, 12, 12)
+    # However much memory is free, a volume's windows add at most LARGE_WINDOW_EXTRA_BYTES (made small
+    # here, so that a small volume is tiled).
+    card["network"]["norm"] = "batch"
+    monkeypatch.setattr(inputs, "LARGE_WINDOW_EXTRA_BYTES", 4 << 20)
+    grid = Grid((64, 64, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = ball_image(grid, grid.index_to_physical([30, 30, 20]), 12.0)
+    hr = geometry.hr_grid(grid, 2)
+    prepared = inputs.prepare_input(image, card, None, "hr", 1, 64 << 30, lambda m: None, "none", 0.25)
+    assert all(12 <= w for w in prepared.window) and prepared.window != (40, 64, 64)
+
+    def need(window):
+        return memory.estimate_bytes(grid, hr, hr, tuple(2 * w for w in window), card, 1, "none")
+
+    assert need(prepared.window) <= need((12, 12, 12)) + (4 << 20)
+
+
+def _starts(size: int, window: int) -> list[int]:
+    from SASSRSegmentLib.inference.windows import window_starts
+
+    return window_starts(size, window, 0.25)
+
+
 class _FlipRecorder(Interpolator):
     """Records which of the input's rows and columns come first: a flipped input arrives reversed."""
 

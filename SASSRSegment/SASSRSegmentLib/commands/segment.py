@@ -105,7 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=imageio.OUTPUT_EXTENSIONS, help="output extension when -o is a folder"
     )
     parser.add_argument(
-        "--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to 0.9 (default 0.5)"
+        "--overlap",
+        type=float,
+        help="sliding-window overlap, 0 to 0.9 (default 0.5; 0.25 for a batch-normalised model, which "
+        "predicts the whole image in one window where it fits)",
     )
     parser.add_argument(
         "--batch-size", type=int, help="windows per network call (default 1 on CPU, 4 on GPU)"
@@ -215,7 +218,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     check_prediction_arguments(args)
-    if not 0.0 <= args.overlap <= 0.9:
+    if args.overlap is not None and not 0.0 <= args.overlap <= 0.9:
         raise UserError(f"--overlap must lie between 0 and 0.9, got {args.overlap}")
     if args.roi is not None and len(args.roi) not in (4, 6):
         raise UserError(

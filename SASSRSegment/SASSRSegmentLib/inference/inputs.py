@@ -14,7 +14,13 @@ from ..data import normalization
 from ..io import geometry
 from ..io.geometry import Grid
 from ..runtime.errors import UserError
-from .memory import available_memory_bytes, estimate_bytes
+from .memory import (
+    LARGE_WINDOW_EXTRA_BYTES,
+    available_memory_bytes,
+    choose_window,
+    estimate_bytes,
+    trained_window,
+)
 
 CONTEXT_LR_VOXELS = 8
 
@@ -184,6 +190,7 @@ def prepare_input(
     memory_limit: int | None,
     warn: Callable[[str], None],
     probabilities: str = "float32",
+    overlap: float = 0.5,
 ) -> PreparedInput:
     import torch
 
@@ -216,11 +223,17 @@ def prepare_input(
     out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
     work_lr = geometry.working_lr_grid(input_grid, prep)
     hr_work = geometry.hr_grid(work_lr, scale)
-    # The card's window is in array order (z, y, x), like the tensor; clipped to the image.
-    window = tuple(min(int(w), n) for w, n in zip(prep["patch_size_lr"], work_lr.size[::-1]))
-    window_hr = tuple(w * scale for w in window)
-    need = estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
     limit = memory_limit if memory_limit is not None else available_memory_bytes()
+
+    def bytes_for(window: tuple[int, ...]) -> int:
+        window_hr = tuple(w * scale for w in window)
+        return estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
+
+    # Windows are in array order (z, y, x), like the tensor.
+    spatial = tuple(work_lr.size[::-1])
+    budget = min(limit, bytes_for(trained_window(card, spatial)) + LARGE_WINDOW_EXTRA_BYTES)
+    window = choose_window(card, spatial, overlap, lambda w: bytes_for(w) <= budget)
+    need = bytes_for(window)
     if need > limit:
         raise UserError(
             f"this image needs about {need / 2**30:.1f} GB at {scale}x resolution but only {limit / 2**30:.1f} GB "

@@ -22,7 +22,7 @@ from ..io.geometry import Grid, same_grid
 from ..runtime.errors import UserError
 from . import lesions
 from .inputs import PreparedInput, prepare_input
-from .memory import PROBABILITY_KINDS
+from .memory import PROBABILITY_KINDS, default_overlap
 
 # ------------------------------------------------------------------------------------- input checks
 
@@ -65,7 +65,7 @@ def segment_image(
     threshold: float | None = None,
     roi: list[float] | None = None,
     output_grid: str = "hr",
-    overlap: float = 0.5,
+    overlap: float | None = None,
     batch_size: int = 1,
     memory_limit: int | None = None,
     progress: Callable[[str, float], None] | None = None,
@@ -87,10 +87,19 @@ def segment_image(
     from .windows import sliding_window_predict
 
     threshold = card_threshold(card, threshold)
+    overlap = default_overlap(card) if overlap is None else overlap
     report = progress or (lambda stage, fraction: None)
     report("preprocess", 0.0)
     prepared = prepare_input(
-        image, card, roi, output_grid, batch_size, memory_limit, warn or (lambda m: None), probabilities
+        image,
+        card,
+        roi,
+        output_grid,
+        batch_size,
+        memory_limit,
+        warn or (lambda m: None),
+        probabilities,
+        overlap,
     )
     report("preprocess", 1.0)
     predict = partial(
@@ -186,7 +195,7 @@ def super_resolve_image(
     tta: bool = False,
     roi: list[float] | None = None,
     output_grid: str = "hr",
-    overlap: float = 0.5,
+    overlap: float | None = None,
     memory_limit: int | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> sitk.Image:
@@ -201,7 +210,8 @@ def super_resolve_image(
     from .windows import sliding_window_predict
 
     report = progress or (lambda stage, fraction: None)
-    prepared = prepare_input(image, card, roi, output_grid, 1, memory_limit, lambda m: None)
+    overlap = default_overlap(card) if overlap is None else overlap
+    prepared = prepare_input(image, card, roi, output_grid, 1, memory_limit, lambda m: None, overlap=overlap)
     scale = int(card["preprocessing"]["scale"])
     if prepared.lr is None:
         # A constant image normalises to zeros everywhere: so is its super-resolved version.
