@@ -128,6 +128,12 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     warm = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-warm.json")
     differs = {f.name for f in dataclasses.fields(warm) if getattr(robust, f.name) != getattr(warm, f.name)}
     assert differs == {"learning_rate", "warmup_steps"} and warm.learning_rate < robust.learning_rate
+    # The batch-norm fine-tune of the warm run: its normalisation, a fine-tune's learning rate, and
+    # validations often enough for a CPU budget.
+    bn = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-bn.json")
+    differs = {f.name for f in dataclasses.fields(bn) if getattr(warm, f.name) != getattr(bn, f.name)}
+    assert differs == {"norm", "learning_rate", "warmup_steps", "val_every"} and bn.norm == "batch"
+    assert bn.learning_rate < warm.learning_rate
 
 
 def test_new_options_are_checked(tmp_path):
