@@ -20,6 +20,8 @@ pinned as its docstring says), and the ratio to it:
   segment                  `python -m SASSRSegmentLib segment SAMPLE -o OUT.seg.nrrd` (bundled model)
   segment, dense mask      the same at --threshold 0.001 (a large share of the volume lesion: the cost
                            of everything after the network must not grow with it)
+  segment, 24^3 crop       the same on a 24^3 crop of the sample: the fixed cost (start-up, model
+                           loading, writing) every call pays
   MONAI U-Net peer         `python benchmarks/monai_peer.py SAMPLE OUT.seg.nrrd`
 Each runs REPEATS times, interleaved; the table gives medians. Nothing else may run on the machine.
 """
@@ -184,11 +186,30 @@ def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
     }
 
 
+FIXED = "segment, 24^3 crop (fixed cost)"
+OUTPUTS = {"segment": "segment", "segment, dense mask": "dense", FIXED: "fixed", PEER: "peer"}
+
+
 def whole_process_commands(sample: Path, folder: Path) -> dict[str, list[str]]:
-    segment = [sys.executable, "-m", "SASSRSegmentLib", "segment", str(sample), "--quiet", "--overwrite"]
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(sample))
+    corner = [(n - 24) // 2 for n in image.GetSize()]
+    crop = folder / "crop24.nrrd"
+    sitk.WriteImage(sitk.RegionOfInterest(image, [24, 24, 24], corner), str(crop))
+    segment = [sys.executable, "-m", "SASSRSegmentLib", "segment", "--quiet", "--overwrite"]
     return {
-        "segment": [*segment, "-o", str(folder / "segment.seg.nrrd")],
-        "segment, dense mask": [*segment, "-o", str(folder / "dense.seg.nrrd"), "--threshold", "0.001"],
+        "segment": [*segment, str(sample), "-o", str(folder / "segment.seg.nrrd")],
+        "segment, dense mask": [
+            *segment,
+            str(sample),
+            "-o",
+            str(folder / "dense.seg.nrrd"),
+            "--threshold",
+            "0.001",
+        ],
+        # Start-up, model loading and writing: what every call pays whatever its input.
+        FIXED: [*segment, str(crop), "-o", str(folder / "fixed.seg.nrrd")],
         PEER: [
             sys.executable,
             str(REPO / "benchmarks" / "monai_peer.py"),
@@ -225,7 +246,7 @@ def whole_process(folder: Path) -> list[dict]:
     peer = float(np.median([w for w, _ in runs[PEER]]))
     rows = []
     for name, done in runs.items():
-        output = folder / {"segment": "segment", "segment, dense mask": "dense", PEER: "peer"}[name]
+        output = folder / OUTPUTS[name]
         mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".seg.nrrd"))))
         wall = float(np.median([w for w, _ in done]))
         rows.append(

@@ -36,6 +36,8 @@ CONFIGS = {
     "2d": (REPO / "configs" / "breast-ultrasound-2d.json", "Dataset002_BUSI", 48),
     "3d": (REPO / "configs" / "brain-tumour-flair-3d.json", "Dataset001_BraTSFLAIR", 4),
     "3d-robust": (REPO / "configs" / "brain-tumour-flair-3d-robust.json", "Dataset001_BraTSFLAIR", 4),
+    # The shipped brain network: the robust configuration with batch normalisation.
+    "3d-robust-bn": (REPO / "configs" / "brain-tumour-flair-3d-robust-bn.json", "Dataset001_BraTSFLAIR", 4),
 }
 
 
@@ -161,7 +163,7 @@ def main() -> int:
         lr_voxels = cfg.batch_size * math.prod(patch)
         print(
             f"{key}: batch {cfg.batch_size}, LR patch {patch} -> HR x{cfg.scale}, features {cfg.features}, "
-            f"HR head {cfg.hr_head}, LR synthesis {cfg.degradation}"
+            f"HR head {cfg.hr_head}, {cfg.norm} norm, LR synthesis {cfg.degradation}"
         )
         if not args.skip_network:
             for ablation in args.ablations.split(","):

@@ -1,10 +1,12 @@
 """Install a trained bundle as a bundled model, with the numbers `evaluate` measured in its card.
 
     python tools/install_model.py BUNDLE NAME --evaluation EVAL.json --evaluate-command "..." [--provenance TEXT]
+        [--peer PEER.json ... --peer-command "..."]
 
 Copies model.pt unchanged (its checksum stays valid) and writes model.json = the training card plus an
 "evaluation" section (the summary `evaluate --json` wrote; with several --lr-input generators, the
-first one's and the robustness table) and free-text provenance. What a card says about the model's use
+first one's and the robustness table), the MONAI peer's robustness table beside it (--peer: the JSONs
+`benchmarks/monai_peer_train.py evaluate --json` wrote) and free-text provenance. What a card says about the model's use
 rather than its training (`postprocess`, `plausibility`) is kept from the model it replaces.
 """
 
@@ -32,6 +34,8 @@ def main() -> int:
     parser.add_argument("--evaluation", type=Path, required=True, help="JSON written by `evaluate --json`")
     parser.add_argument("--evaluate-command", required=True, help="the evaluate command that wrote it")
     parser.add_argument("--provenance", default="", help="how the weights were produced, in words")
+    parser.add_argument("--peer", type=Path, nargs="+", default=[], help="the MONAI peer's evaluate JSONs")
+    parser.add_argument("--peer-command", default="", help="the commands that trained and scored the peer")
     args = parser.parse_args()
 
     card = json.loads((args.bundle / "model.json").read_text())
@@ -53,10 +57,12 @@ def main() -> int:
         "per_case_dice": {k: round(v["dice"], 4) for k, v in evaluation["cases"].items()},
     }
     if "robustness" in evaluation:
-        card["evaluation"]["robustness"] = {
-            name: {"mean_dice": round(row["mean_dice"], 4), "min_dice": round(row["min_dice"], 4)}
-            for name, row in evaluation["robustness"].items()
-        }
+        card["evaluation"]["robustness"] = _robustness(evaluation)
+    if args.peer:
+        rows = {}
+        for path in args.peer:
+            rows.update(_robustness(json.loads(path.read_text())))
+        card["evaluation"]["monai_peer"] = {"command": args.peer_command, "robustness": rows}
     if args.provenance:
         card["provenance"] = args.provenance
     target = MODELS_DIR / args.name
@@ -70,6 +76,14 @@ def main() -> int:
     (target / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"installed {args.name}: validation Dice {evaluation['summary']['mean']['dice']:.3f} -> {target}")
     return 0
+
+
+def _robustness(evaluation: dict) -> dict:
+    """Mean and worst-case Dice per LR generator of an `evaluate --json` result."""
+    return {
+        name: {"mean_dice": round(row["mean_dice"], 4), "min_dice": round(row["min_dice"], 4)}
+        for name, row in evaluation["robustness"].items()
+    }
 
 
 if __name__ == "__main__":
