@@ -347,8 +347,9 @@ def test_super_resolved_image_needs_a_model_with_the_image_sr_decoder(pkg, logic
     _refused(logic, volume, "no image super-resolution decoder", modelName="tiny-mr-3d", srImage=True)
     assert _node_ids() == nodes
     cards = {card["name"]: card for card in pkg.cards.readModelCards()}
-    assert not pkg.cards.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert pkg.cards.hasImageSrDecoder(cards["brain-tumour-flair-3d"])
     assert pkg.cards.hasImageSrDecoder(cards["breast-ultrasound-2d"])
+    assert not pkg.cards.hasImageSrDecoder({"network": {"image_sr": False}})
 
     result = _run(logic, volume, modelName="tiny-ct-3d", srImage=True)
     assert result.status == "completed", result.message

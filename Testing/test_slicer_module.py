@@ -640,8 +640,9 @@ def test_image_sr_decoder_is_read_from_the_card():
     cards = {card["name"]: card for card in readModelCards()}
     if not cards:
         pytest.skip("no bundled model yet (Resources/Models is empty)")
-    assert not hasImageSrDecoder(cards["brain-tumour-flair-3d"])
+    assert hasImageSrDecoder(cards["brain-tumour-flair-3d"])
     assert hasImageSrDecoder(cards["breast-ultrasound-2d"])
+    assert not hasImageSrDecoder({"network": {"image_sr": False}})  # the baseline ablation
     assert hasImageSrDecoder({"network": {}})  # older cards: the network's default, the full network
 
 
