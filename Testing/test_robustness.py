@@ -72,6 +72,5 @@ def test_one_whole_volume_window_gives_the_mask_of_training_size_windows(brain, 
     assert predicted == [1.0]  # one window
     monkeypatch.setattr(inputs, "LARGE_WINDOW_EXTRA_BYTES", 0)  # no window larger than the training patch
     tiled, _ = pipeline.segment_image(image, net, card, overlap=0.5, probabilities="none")
-    assert (
-        metrics.overlap(whole, tiled)["dice"] >= 0.98
-    )  # 0.985 measured; 48^3 at overlaps 0.5 and 0.25: 0.980
+    # Measured 0.985; 48^3 windows at overlaps 0.5 and 0.25 agree with each other at 0.980.
+    assert metrics.overlap(whole, tiled)["dice"] >= 0.98

@@ -19,6 +19,7 @@ from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import segment as segment_command
 from SASSRSegmentLib.inference import inputs, memory, pipeline
 from SASSRSegmentLib.inference.lesions import lesion_table
+from SASSRSegmentLib.inference.windows import window_starts
 from SASSRSegmentLib.io import geometry
 from SASSRSegmentLib.io.geometry import Grid
 from SASSRSegmentLib.model.bundle import load_bundle
@@ -425,7 +426,7 @@ def test_windows_shrink_to_the_fewest_tiles_that_fit_and_never_below_the_trainin
     budget = 0.6 * per_lr_voxel * math.prod(spatial)
     half = memory.choose_window(card, spatial, 0.25, lambda w: math.prod(w) * per_lr_voxel <= budget)
     assert half == (80, 69, 120)  # 2 windows of 69 overlapping by a quarter cover 120 (ties: the first axis)
-    assert [len(_starts(n, w)) for n, w in zip(spatial, half)] == [1, 2, 1]
+    assert [len(window_starts(n, w, 0.25)) for n, w in zip(spatial, half)] == [1, 2, 1]
     assert memory.choose_window(card, spatial, 0.25, lambda w: False) == (12, 12, 12)
     card["network"]["norm"] = "instance"
     assert memory.choose_window(card, spatial, 0.25, lambda w: True) == (12, 12, 12)
@@ -444,12 +445,6 @@ def test_windows_shrink_to_the_fewest_tiles_that_fit_and_never_below_the_trainin
         return memory.estimate_bytes(grid, hr, hr, tuple(2 * w for w in window), card, 1, "none")
 
     assert need(prepared.window) <= need((12, 12, 12)) + (4 << 20)
-
-
-def _starts(size: int, window: int) -> list[int]:
-    from SASSRSegmentLib.inference.windows import window_starts
-
-    return window_starts(size, window, 0.25)
 
 
 class _FlipRecorder(Interpolator):

@@ -18,6 +18,7 @@ from .memory import (
     LARGE_WINDOW_EXTRA_BYTES,
     available_memory_bytes,
     choose_window,
+    default_overlap,
     estimate_bytes,
     trained_window,
 )
@@ -145,6 +146,7 @@ class PreparedInput:
     hr_work: Grid
     lr: object  # torch.Tensor (C, *spatial) of normalised LR intensities; None for a constant image
     window: tuple[int, ...]
+    overlap: float  # between the windows, when there are several
     plane: _Plane | None
     tissue_ml: float | None = None  # tissue volume the normalisation traced (MRI kind), for plausibility
 
@@ -190,8 +192,9 @@ def prepare_input(
     memory_limit: int | None,
     warn: Callable[[str], None],
     probabilities: str = "float32",
-    overlap: float = 0.5,
+    overlap: float | None = None,
 ) -> PreparedInput:
+    """The input on the model's working grid, its window and overlap (None: the model's default)."""
     import torch
 
     prep = card["preprocessing"]
@@ -229,6 +232,7 @@ def prepare_input(
         window_hr = tuple(w * scale for w in window)
         return estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
 
+    overlap = default_overlap(card) if overlap is None else overlap
     # Windows are in array order (z, y, x), like the tensor.
     spatial = tuple(work_lr.size[::-1])
     budget = min(limit, bytes_for(trained_window(card, spatial)) + LARGE_WINDOW_EXTRA_BYTES)
@@ -242,7 +246,7 @@ def prepare_input(
         )
     if float(array.min()) == float(array.max()):
         warn("the input image is constant (no contrast): the mask is empty")
-        return PreparedInput(input_grid, out_grid, hr_work, None, window, plane)
+        return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane)
     spec = prep["normalization"]
     channels, tissue = [], None
     for c, channel in enumerate(_channels(image)):
@@ -254,7 +258,7 @@ def prepare_input(
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
     return PreparedInput(
-        input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, plane, tissue_ml
+        input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, overlap, plane, tissue_ml
     )
 
 

@@ -22,7 +22,7 @@ from ..io.geometry import Grid, same_grid
 from ..runtime.errors import UserError
 from . import lesions
 from .inputs import PreparedInput, prepare_input
-from .memory import PROBABILITY_KINDS, default_overlap
+from .memory import PROBABILITY_KINDS
 
 # ------------------------------------------------------------------------------------- input checks
 
@@ -87,7 +87,6 @@ def segment_image(
     from .windows import sliding_window_predict
 
     threshold = card_threshold(card, threshold)
-    overlap = default_overlap(card) if overlap is None else overlap
     report = progress or (lambda stage, fraction: None)
     report("preprocess", 0.0)
     prepared = prepare_input(
@@ -108,7 +107,7 @@ def segment_image(
         prepared.lr,
         prepared.window,
         int(card["preprocessing"]["scale"]),
-        overlap=overlap,
+        overlap=prepared.overlap,
         batch_size=batch_size,
         device=device,
         tta=tta,
@@ -210,7 +209,6 @@ def super_resolve_image(
     from .windows import sliding_window_predict
 
     report = progress or (lambda stage, fraction: None)
-    overlap = default_overlap(card) if overlap is None else overlap
     prepared = prepare_input(image, card, roi, output_grid, 1, memory_limit, lambda m: None, overlap=overlap)
     scale = int(card["preprocessing"]["scale"])
     if prepared.lr is None:
@@ -222,7 +220,7 @@ def super_resolve_image(
         prepared.lr,
         prepared.window,
         scale,
-        overlap=overlap,
+        overlap=prepared.overlap,
         batch_size=1,
         device=device,
         tta=tta,
