@@ -1,5 +1,5 @@
 """SASRNet: shapes, eval behaviour, inference cost, gradients, config round trip, ablations, the HR
-heads, the space-to-batch dilated convolution, and the bundled models."""
+heads, the space-to-batch dilated convolution, batch norm folded for prediction, and the bundled models."""
 
 import json
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from SASSRSegmentLib.model.bundle import load_bundle
+from SASSRSegmentLib.model.folding import fold_batch_norm
 from SASSRSegmentLib.model.losses import SASRLoss, affinity_matrix
 from SASSRSegmentLib.model.network import (
     ChildFeatures,
@@ -289,3 +290,48 @@ def test_bundled_models_load_unchanged(name):
     with torch.no_grad():
         y = net(x)
     assert y.shape == (1, 1, *[n * net.config.scale] * d) and torch.isfinite(y).all()
+
+
+def _randomise_batch_norms(net: SASRNet) -> None:
+    """Running statistics and affine parameters far from the identity, as a trained network has."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g))
+            m.running_var.copy_(torch.rand(c, generator=g) * 3 + 0.1)
+            m.weight.data.copy_(torch.randn(c, generator=g))
+            m.bias.data.copy_(torch.randn(c, generator=g))
+
+
+@pytest.mark.parametrize("head", ["interpolate", "subpixel"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_folded_batch_norm_predicts_what_the_network_does(dims, head):
+    net = _net(spatial_dims=dims, hr_head=head, norm="batch")
+    _randomise_batch_norms(net)
+    x = torch.randn(2, 1, *(12, 10, 9)[:dims])
+    net.eval()
+    with torch.no_grad():
+        before, sr_before = net(x), net.super_resolve_image(x)
+        fold_batch_norm(net)
+        after, sr_after = net(x), net.super_resolve_image(x)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    scale = before.abs().max()
+    assert (after - before).abs().max() <= 1e-4 * scale
+    assert (sr_after - sr_before).abs().max() <= 1e-4 * sr_before.abs().max()
+
+
+def test_folding_leaves_instance_norm_and_refuses_a_training_network():
+    net = _net(spatial_dims=3, hr_head="subpixel")
+    count = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    fold_batch_norm(net.eval())
+    assert count > 0 and sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules()) == count
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(_net(spatial_dims=3, norm="batch").train())
+
+
+def test_scale_maps_are_made_in_training_only():
+    net = _net(spatial_dims=3)
+    skips = net.encoder(torch.randn(2, 1, 8, 8, 8))
+    assert net.seg_decoder.train()(skips)[1].shape == (2, 2 * 4, 8, 8, 8)  # 2 stages x 4 branches
+    assert net.seg_decoder.eval()(skips)[1] is None

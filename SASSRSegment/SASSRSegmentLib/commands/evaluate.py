@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         imageio.check_output_path(args.json, args.overwrite, (".json",))
     progress = Progress(args.progress)
     device = select_device(args.device)
-    card, net = load_bundle(args.model, device)
+    card, net = load_bundle(args.model, device, for_prediction=True)
     prep = card["preprocessing"]
     dims = int(prep["spatial_dims"])
     generators = lr_inputs(args.lr_input, dims)

@@ -243,7 +243,9 @@ class _Models:
 
         key = None if self.name else spatial_dims
         if key not in self._cache:
-            self._cache[key] = load_bundle(self.name, self.device, spatial_dims=spatial_dims)
+            self._cache[key] = load_bundle(
+                self.name, self.device, spatial_dims=spatial_dims, for_prediction=True
+            )
         return self._cache[key]
 
 

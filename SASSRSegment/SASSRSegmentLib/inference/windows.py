@@ -155,6 +155,10 @@ def sliding_window_predict(
             batch = torch.stack(
                 [lr[(slice(None), *(slice(s, s + w) for s, w in zip(st, window)))] for st in chunk]
             ).to(device)
+            if batch.dim() == 5 and device.type == "cpu":
+                # oneDNN's trilinear upsampling (the decoder's) runs 3x faster on channels-last tensors
+                # and the convolutions follow the input's layout: 15 % of the brain model's forward.
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
             pred = None
             for axes in flips:
                 x = torch.flip(batch, axes) if axes else batch

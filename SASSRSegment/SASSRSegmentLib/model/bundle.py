@@ -87,8 +87,12 @@ def save_bundle(folder: Path, net, card: dict, half: bool = True) -> Path:
     return folder
 
 
-def load_bundle(name_or_dir: str | Path | None, device=None, spatial_dims: int | None = None):
-    """(card, network in eval mode on `device`). Checks the weights against the card's checksum."""
+def load_bundle(
+    name_or_dir: str | Path | None, device=None, spatial_dims: int | None = None, for_prediction: bool = False
+):
+    """(card, network in eval mode on `device`). Checks the weights against the card's checksum.
+    `for_prediction`: batch norm folded into the convolutions (faster; the network can then only
+    predict, not be trained or saved)."""
     import torch
 
     from .network import SASRConfig, SASRNet
@@ -108,6 +112,10 @@ def load_bundle(name_or_dir: str | Path | None, device=None, spatial_dims: int |
     except (RuntimeError, ValueError, TypeError, OSError) as exc:
         raise UserError(f"cannot load model weights {weights}: {str(exc).splitlines()[0]}") from None
     net.eval()
+    if for_prediction:
+        from .folding import fold_batch_norm
+
+        fold_batch_norm(net)
     if device is not None:
         net.to(device)
     return card, net

@@ -304,7 +304,9 @@ class Decoder(nn.Module):
             x, weights = stage(x, skip)
             if weights is not None:
                 maps.append(weights)
-        if not maps:
+        # The scale maps feed only the SA loss: at inference bringing them to LR would cost a tenth of
+        # the forward pass.
+        if not maps or not self.training:
             return x, None
         # Scale maps from every stage, brought to the finest (LR) resolution, one channel per branch.
         size = x.shape[2:]
