@@ -148,8 +148,14 @@ def test_lesion_region_is_the_box_around_the_voxels():
 @pytest.mark.parametrize("shape", [(9, 23, 31), (37, 41)])
 @pytest.mark.parametrize("fully_connected", [True, False])
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
-def test_slab_wise_components_agree_with_whole_volume_labelling(shape, fully_connected, density):
+@pytest.mark.parametrize("keep_labels", [True, False], ids=["labels kept", "labelled twice"])
+def test_slab_wise_components_agree_with_whole_volume_labelling(
+    shape, fully_connected, density, keep_labels, monkeypatch
+):
     from SASSRSegmentLib.inference.lesions import keep_large_components
+
+    if not keep_labels:
+        monkeypatch.setattr(lesions, "_KEPT_LABEL_BYTES", 0)
 
     rng = np.random.default_rng(len(shape) * 100 + int(density * 10))
     array = (rng.random(shape) < density).astype(np.uint8)
@@ -161,6 +167,23 @@ def test_slab_wise_components_agree_with_whole_volume_labelling(shape, fully_con
         out = np.full(shape, 7, np.uint8)
         keep_large_components(array, 0.1, out, fully_connected, rows)
         np.testing.assert_array_equal(out, expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.6])
+def test_lesions_are_numbered_by_size_with_ties_in_scan_order(density):
+    from SASSRSegmentLib.inference.lesions import numbered_lesions
+
+    rng = np.random.default_rng(int(density * 100))
+    array = np.zeros((14, 25, 33), np.uint8)
+    array[1:13, 2:24, 1:32] = rng.random((12, 22, 31)) < density  # a margin: the box is cropped
+    mask = sitk.GetImageFromArray(array)
+    labels, offset = numbered_lesions(mask)
+    assert offset == [1, 2, 1]
+    cropped = sitk.RegionOfInterest(mask, labels.GetSize(), offset)
+    # ITK's own relabelling by size (ties keep the scan order of the first labelling).
+    expected = sitk.RelabelComponent(sitk.ConnectedComponent(cropped, True), sortByObjectSize=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(expected))
+    assert Grid.from_image(labels) == Grid.from_image(cropped)
 
 
 def test_low_confidence_is_flagged_by_the_voxel_weighted_mean_probability():
