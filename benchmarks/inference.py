@@ -1,6 +1,7 @@
 """Inference speed and memory of `segment` for the default 3D and 2D models, beside plain U-Nets.
 
     python benchmarks/inference.py [--device cpu|cuda] [--only 3d|2d] [--rows ROW...] [--large]
+    python benchmarks/inference.py --whole | --batch-2d [FOLDER]
 
 Each row runs in its own process (peak RSS is per process) through `pipeline.segment_image`, the code
 the `segment` command runs, from the LR image in memory to the thresholded HR mask. Rows:
@@ -25,6 +26,10 @@ pinned as its docstring says), and the ratio to it:
                            loading, writing) every call pays
   MONAI U-Net peer         `python benchmarks/monai_peer.py SAMPLE OUT.seg.nrrd`
 Each runs REPEATS times, interleaved; the table gives medians. Nothing else may run on the machine.
+
+--batch-2d FOLDER times `segment` on a folder of BATCH_2D ultrasound images (the first of FOLDER's, by
+name; default ../shared/data/Dataset002_BUSI/imagesTr, not shipped) and on one of them, whole processes:
+seconds per image in the batch, and per image beyond the first (the batch's cost without the start-up).
 """
 
 from __future__ import annotations
@@ -284,6 +289,37 @@ def whole_process(folder: Path) -> list[dict]:
     return rows
 
 
+BATCH_2D = 50
+
+
+def batch_2d(source: Path, folder: Path) -> dict:
+    """Median whole-process seconds of `segment` on BATCH_2D images of `source` and on one."""
+    import shutil
+
+    images = sorted(p for p in source.iterdir() if p.suffix == ".png")[:BATCH_2D]
+    if len(images) < BATCH_2D:
+        raise SystemExit(f"--batch-2d: {source} holds {len(images)} PNG images, {BATCH_2D} are needed")
+    batch, single = folder / "batch", folder / "single"
+    batch.mkdir()
+    single.mkdir()
+    for image in images:
+        shutil.copy(image, batch / image.name)
+    shutil.copy(images[0], single / images[0].name)
+    segment = [sys.executable, "-m", "SASSRSegmentLib", "segment", "--quiet", "--overwrite"]
+    walls: dict[str, list[float]] = {"batch": [], "single": []}
+    for _ in range(REPEATS):
+        for name, inputs in (("batch", batch), ("single", single)):
+            walls[name].append(time_process([*segment, str(inputs), "-o", str(folder / f"{name}-out")])[0])
+    many, one = (float(np.median(walls[k])) for k in ("batch", "single"))
+    return {
+        "images": BATCH_2D,
+        "batch_wall_s": many,
+        "single_wall_s": one,
+        "s_per_image": many / BATCH_2D,
+        "s_per_further_image": (many - one) / (BATCH_2D - 1),
+    }
+
+
 def print_whole_process(rows: list[dict]) -> None:
     header = f"{'whole process (shipped 2 mm brain sample)':<44} {'wall s':>8} {'peak RSS GiB':>13} {'x peer':>7} {'lesion %':>9}"
     print(header)
@@ -304,12 +340,33 @@ def main() -> None:
     parser.add_argument(
         "--whole", action="store_true", help="only the whole-process rows beside the MONAI peer (3D sample)"
     )
+    parser.add_argument(
+        "--batch-2d",
+        type=Path,
+        nargs="?",
+        const=REPO.parent / "shared" / "data" / "Dataset002_BUSI" / "imagesTr",
+        metavar="FOLDER",
+        help="only the 2D batch-folder row, on the first ultrasound PNGs of FOLDER",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("DIMS", "ROW"), help=argparse.SUPPRESS)
     parser.add_argument("--one-large", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.device, args.one_large)))
+        return
+    if args.batch_2d:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            row = batch_2d(args.batch_2d, Path(tmp))
+        print(
+            f"segment, folder of {row['images']} ultrasound images: {row['batch_wall_s']:.2f} s, "
+            f"{row['s_per_image']:.3f} s per image, {row['s_per_further_image']:.3f} s per image beyond "
+            f"the first (one image alone: {row['single_wall_s']:.2f} s)"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(row, indent=2) + "\n")
         return
     if args.whole:
         import tempfile
