@@ -523,3 +523,46 @@ def test_curves_leave_out_skipped_steps_and_label_the_axes():
     red = (image[..., 0] > 150) & (image[..., 2] < 100)
     assert blue[30:360].sum() > 300 and red[30:360].sum() > 40  # both curves, through the NaN step
     assert blue[:25].any() and red[:25].any()  # the "loss" and "dice" labels above the plot
+
+
+def test_weight_average_follows_the_weights_and_copies_integer_buffers():
+    from SASSRSegmentLib.training.averaging import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(net, decay=0.9)
+    start = net[0].weight.detach().clone()
+    for _ in range(40):
+        decay = average.current_decay()
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        net[1].num_batches_tracked += 1
+        expected = decay * average.net[0].weight + (1 - decay) * net[0].weight
+        average.update(net)
+        torch.testing.assert_close(average.net[0].weight, expected)
+    assert average.current_decay() == pytest.approx(41 / 50)  # still ramping: (1 + n) / (10 + n)
+    # Behind the weights by about decay / (1 - decay) steps once ramped up, never ahead of them.
+    lag = (net[0].weight - average.net[0].weight).detach().mean()
+    assert 0 < float(lag) < 40 and torch.all(average.net[0].weight > start)
+    assert int(average.net[1].num_batches_tracked) == 40
+    assert not any(p.requires_grad for p in average.net.parameters())
+
+
+def test_a_weight_average_is_validated_shipped_and_resumed(tiny_cache, tmp_path):
+    config = json.loads(tiny_config(tmp_path).read_text()) | {"ema_decay": 0.5, "val_every": 2}
+    output = tmp_path / "run"
+    common = ("--dataset", str(tiny_cache), "--output", str(output), "--workers", "0")
+    assert (
+        run_train(*common, "--config", str(write_json(tmp_path / "ema.json", config)), "--max-steps", "2")
+        == 0
+    )
+    first = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    assert first["average"]["updates"] == 2
+    assert run_train(*common, "--resume", "--max-steps", "4") == 0
+    last = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    best = torch.load(output / "checkpoint_best.pt", weights_only=False)
+    assert last["average"]["updates"] == 4
+    key = "encoder.stages.0.0.0.weight"
+    assert not torch.equal(best["average"]["weights"][key], best["model"][key])
+    # The bundle holds the average (as fp16), not the step's weights.
+    shipped = torch.load(output / "model.pt", weights_only=True)
+    assert torch.equal(shipped[key], best["average"]["weights"][key].half())

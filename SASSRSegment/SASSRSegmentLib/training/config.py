@@ -83,6 +83,8 @@ class TrainConfig:
     warmup_steps: int = 200
     min_lr_ratio: float = 0.01
     grad_clip: float = 12.0
+    # validate and ship an exponential moving average of the weights (averaging.py); None: the last
+    ema_decay: Optional[float] = None
     amp: str = "auto"  # auto | off | bf16 | fp16
     channels_last: str = "auto"  # auto | on | off
     seed: int = 0
@@ -156,6 +158,8 @@ class TrainConfig:
             p.append(f"workers must be >= 0, got {self.workers}")
         if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
             p.append(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            p.append(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.hr_head not in HR_HEADS:
             p.append(f"hr_head must be one of {', '.join(map(json.dumps, HR_HEADS))}, got {self.hr_head!r}")
         if self.hr_channels < 1:

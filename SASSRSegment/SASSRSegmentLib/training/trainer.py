@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..model.bundle import save_bundle
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
+from .averaging import WeightAverage
 from .build import build_loss, build_network, degradation_for, initialise_from, lr_lambda
 from .config import ABLATIONS, CLI_OVERRIDES, TrainConfig, config_from_dict, load_config
 from .curves import write_plot
@@ -217,6 +218,7 @@ class Trainer:
         self.precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         self.fmt = memory_format(self.prep["spatial_dims"], self.channels_last)
         self.net.to(device=device, memory_format=self.fmt)
+        self.average = WeightAverage(self.net, cfg.ema_decay) if cfg.ema_decay else None
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -237,6 +239,8 @@ class Trainer:
 
     def _restore(self, checkpoint: dict) -> None:
         self.net.load_state_dict(checkpoint["model"])
+        if self.average is not None:
+            self.average.load_state_dict(checkpoint["average"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -268,6 +272,7 @@ class Trainer:
             return
         state = {
             "model": self.net.state_dict(),
+            "average": None if self.average is None else self.average.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -371,6 +376,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update(self.net)
         terms["loss"] = float(loss.detach())
         return terms
 
@@ -409,7 +416,7 @@ class Trainer:
         """Rank 0 validates (and keeps the best weights); returns the log row with the validation Dice."""
         if self.runtime.main:
             result = validate(
-                self.net,
+                self.net if self.average is None else self.average.net,
                 self.cache,
                 self.split["val"],
                 self.prep,
@@ -442,7 +449,8 @@ class Trainer:
                 self.best_step = self.step
                 self.save("checkpoint_best.pt", collective=False)  # nothing to validate on: the last weights
             best_state = torch.load(output / "checkpoint_best.pt", map_location="cpu", weights_only=False)
-            self.net.load_state_dict(best_state["model"])
+            average = best_state.get("average")
+            self.net.load_state_dict(best_state["model"] if average is None else average["weights"])
             validation = dict(best_state.get("best_validation") or {}, step=best_state["step"])
             write_bundle(
                 output, self.net, self.cfg, self.prep, self._provenance(best_state, wall), validation
