@@ -161,7 +161,7 @@ def run_one(dims: str, row: str, device_name: str, large: bool) -> dict:
     card, source = _card(dims)
     image, what = _input(dims, large)
     if row.startswith("SASR") and card["name"] in bundled_models():
-        card, net = load_bundle(card["name"], device)
+        card, net = load_bundle(card["name"], device, for_prediction=True)  # as segment runs it
     else:
         switches = {} if row.startswith("SASR") else dict(image_sr=False, sdc=False, learned_upsampling=False)
         net = SASRNet(SASRConfig.from_dict({**card["network"], **switches})).eval().to(device)
