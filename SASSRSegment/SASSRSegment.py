@@ -350,7 +350,9 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 onLog=self._appendLog,
                 **output,
             )
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, OSError) as exc:
+            # OSError: no room or no permission for the job's temporary folder, or the engine process
+            # could not start; a dialog, not a traceback in the Python console.
             slicer.util.errorDisplay(str(exc))
             return
         self._setRunning(True)
@@ -436,6 +438,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
         self.ui.progressBar.visible = running
         self.ui.progressBar.value = 0
+        self.ui.progressBar.format = "%p%"  # not the last run's final stage name
         if running:
             self.ui.statusLabel.text = _("Starting...")
             self._statusTimer.start()
