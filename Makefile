@@ -11,7 +11,7 @@ PYTHON39 ?= $(shell for p in $(HOME)/.pyenv/versions/3.9*/bin/python3.9 $$(comma
 VENV39 := .venv39
 TORCH_FREE_TESTS := Testing/test_geometry.py Testing/test_normalization.py Testing/test_imageio.py \
 	Testing/test_lesions.py Testing/test_metrics.py Testing/test_lowres.py Testing/test_data.py \
-	Testing/test_cli_parsing.py
+	Testing/test_cli_parsing.py Testing/test_hostmemory.py
 
 .PHONY: venv test test39 lint demo bench clean
 

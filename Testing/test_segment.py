@@ -7,7 +7,9 @@ logit) so that the expected mask is known: a ball in the input must come out as 
 import csv
 import json
 import math
+import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -385,6 +387,18 @@ def test_memory_check_prices_what_is_kept():
     assert sitk.GetArrayFromImage(mask).any()
     with pytest.raises(UserError, match="--roi"):
         pipeline.segment_image(image, Interpolator(), card, CPU, memory_limit=limit, probabilities="uint8")
+
+
+def test_segments_where_the_system_does_not_say_how_much_memory_is_free(monkeypatch):
+    # Slicer's Python has no psutil, and Windows' has no os.sysconf (the old fallback's crash on every run
+    # there); here the Windows call fails too.
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.delattr(os, "sysconf")
+    monkeypatch.setattr(sys, "platform", "win32")
+    grid = Grid((32, 32, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = ball_image(grid, grid.index_to_physical([15, 15, 10]), 6.0)
+    mask, _ = pipeline.segment_image(image, Interpolator(), _card(3), CPU)
+    assert sitk.GetArrayFromImage(mask).any()
 
 
 class _WindowRecorder(Interpolator):

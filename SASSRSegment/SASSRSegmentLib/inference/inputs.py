@@ -13,10 +13,10 @@ import SimpleITK as sitk
 from ..data import normalization
 from ..io import geometry
 from ..io.geometry import Grid
+from ..runtime import hostmemory
 from ..runtime.errors import UserError
 from .memory import (
     LARGE_WINDOW_EXTRA_BYTES,
-    available_memory_bytes,
     choose_window,
     default_overlap,
     estimate_bytes,
@@ -226,7 +226,7 @@ def prepare_input(
     out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
     work_lr = geometry.working_lr_grid(input_grid, prep)
     hr_work = geometry.hr_grid(work_lr, scale)
-    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    limit = memory_limit if memory_limit is not None else hostmemory.available_bytes()
 
     def bytes_for(window: tuple[int, ...]) -> int:
         window_hr = tuple(w * scale for w in window)

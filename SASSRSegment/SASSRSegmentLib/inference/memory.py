@@ -1,5 +1,5 @@
-"""How much memory a segmentation needs (the pipeline refuses up front what would not fit) and how much
-there is."""
+"""How much memory a segmentation needs (the pipeline refuses up front what would not fit; how much there
+is: runtime/hostmemory.py)."""
 
 from __future__ import annotations
 
@@ -117,14 +117,3 @@ def choose_window(
         tiles[axis] += 1
         current = window()
     return current
-
-
-def available_memory_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

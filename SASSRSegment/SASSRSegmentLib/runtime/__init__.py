@@ -1,2 +1,2 @@
-"""Layer 1 (the bottom): user errors, progress and cancel, devices, fonts. Imports nothing of the engine
+"""Layer 1 (the bottom): user errors, progress and cancel, devices, free memory, fonts. Imports nothing of the engine
 above it."""
