@@ -1,6 +1,7 @@
 """Model bundles (save, load, checksum) and sliding-window inference."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from SASSRSegmentLib.inference.windows import gaussian_importance, sliding_window_predict, window_starts
 from SASSRSegmentLib.model.bundle import bundled_models, load_bundle, resolve_model, save_bundle
 from SASSRSegmentLib.model.network import SASRConfig, SASRNet
+from SASSRSegmentLib.runtime import devices
 from SASSRSegmentLib.runtime.errors import UserError
 
 PREP_2D = {"spatial_dims": 2, "scale": 2, "lr_longer_side": 32, "normalization": {"kind": "uint8"}}
@@ -103,9 +105,21 @@ def test_sliding_window_with_a_real_network_and_small_image(dims):
     assert (mixed - whole).abs().max() < 0.05
 
 
-def test_autocast_choice(monkeypatch):
-    from SASSRSegmentLib.runtime import devices
+def test_mps_autocast_only_where_torch_has_it():
+    # torch 2.1-2.4 raise on torch.autocast("mps"); Slicer keeps whatever torch another extension installed.
+    assert not devices.mps_autocast_supported("2.4.1")
+    assert not devices.mps_autocast_supported("2.1.0+cpu")
+    assert devices.mps_autocast_supported("2.5.0")
+    assert devices.mps_autocast_supported("2.13.0+cpu")
+    assert devices.mps_autocast_supported("3.0.0a0")
 
+
+def test_engine_asks_torch_for_the_mps_cpu_fallback():
+    # Importing the engine sets it (this file does, above).
+    assert os.environ["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"
+
+
+def test_autocast_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     with devices.autocast(cpu):

@@ -64,4 +64,13 @@ def autocast(device: torch.device, enabled: bool = True):
         if not cpu_has_native_bf16():
             return contextlib.nullcontext()
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    if device.type == "mps" and not mps_autocast_supported(torch.__version__):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.float16)
+
+
+def mps_autocast_supported(version: str) -> bool:
+    """torch.autocast knows Apple MPS from torch 2.5; before, it raises. Slicer users may keep an older
+    torch that another extension installed."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+    return (major, minor) >= (2, 5)
