@@ -325,7 +325,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self):
         if self._job:
             self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
+            self._updateRunningStatus()
             return
         if not self._ensureTorch():
             return
@@ -450,7 +450,11 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._job:
             return
         progress = self._job.lastProgress
-        stage = f"{progress['stage']}: {progress['message']}" if progress else _("Starting")
+        # The engine may print a last progress line while it stops; the user must see the click registered.
+        if self._job.cancelling:
+            stage = _("Cancelling...")
+        else:
+            stage = f"{progress['stage']}: {progress['message']}" if progress else _("Starting")
         self.ui.statusLabel.text = f"{stage} ({formatElapsed(self._job.elapsed())})"
 
     def _onProgress(self, event):

@@ -632,12 +632,15 @@ def test_cancel_leaves_the_scene_as_it_was(mod, logic, tmp_path):
     nodes = _node_ids()
     results = []
     job = logic.segmentVolume(volume, device="cpu", wait=False, onFinished=results.append)
+    assert not job.cancelling
     job.cancel()
+    assert job.cancelling  # the panel says "Cancelling..." until the engine has stopped
     deadline = time.monotonic() + 30
     while not results and time.monotonic() < deadline:
         slicer.app.processEvents()
         time.sleep(0.02)
     assert [r.status for r in results] == ["cancelled"]
+    assert not job.cancelling
     assert _node_ids() == nodes
     assert not job.tempDir.exists()
 

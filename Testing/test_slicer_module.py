@@ -465,6 +465,17 @@ def test_segment_command_with_every_option():
     ]
 
 
+def test_roi_bounds_reach_the_engine_exactly_even_when_tiny():
+    # An ROI edge at 0 comes back from a transform as -1.8e-15: in exponent form argparse took it for an option.
+    from SASSRSegmentLib import cli
+
+    bounds = [-1.7763568394002505e-15, 20.5, -3e-20, 40.0, 1e-07, 6.25]
+    command = segmentCommand("/py", "/t/in.nrrd", "/t/out.nrrd", roiBounds=bounds, threshold=1e-05)
+    args = cli.build_parser("segment").parse_args(command[3:])
+    assert args.roi == bounds
+    assert args.threshold == 1e-05
+
+
 def test_segment_command_rejects_bad_values():
     with pytest.raises(ValueError, match="threshold"):
         segmentCommand("/py", "in", "out", threshold=1.5)

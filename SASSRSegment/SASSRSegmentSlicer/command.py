@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+from decimal import Decimal
 
 from .devices import deviceArgument
 from .paths import MODULE_DIR
@@ -65,8 +66,9 @@ def processEnvironment():
 
 
 def formatNumber(value):
-    """Shortest exact text for a float on the command line."""
-    return repr(float(value))
+    """Shortest exact text for a float on the command line, without an exponent: argparse reads
+    "-1.8e-15" (an ROI edge at 0 after a transform's rounding) as an option, not a number."""
+    return format(Decimal(repr(float(value))), "f")
 
 
 def roiBoundsArguments(bounds):

@@ -65,6 +65,11 @@ class SegmentationJob:
     def done(self):
         return self.result is not None
 
+    @property
+    def cancelling(self):
+        """Cancel was asked for and the engine has not ended yet (up to its grace time)."""
+        return bool(self.runner and self.runner.cancelled) and not self.done
+
     def elapsed(self):
         return self.runner.elapsed() if self.runner else 0.0
 

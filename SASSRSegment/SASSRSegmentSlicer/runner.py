@@ -149,7 +149,12 @@ class SegmentRunner:
         if os.name == "nt":
             # Windows has no SIGTERM for a console process group: end the whole tree at once.
             if self._process.poll() is None:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True)
+                # Slicer is a windowed program: without CREATE_NO_WINDOW each call flashes a console.
+                subprocess.run(
+                    ["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
+                    capture_output=True,
+                    creationflags=subprocess.CREATE_NO_WINDOW,
+                )
             return
         try:
             os.killpg(self._process.pid, signal.SIGKILL if hard else signal.SIGTERM)
