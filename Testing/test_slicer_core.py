@@ -539,9 +539,13 @@ def test_numbered_label_map_becomes_one_segment_per_lesion(pkg, tmp_path):
     segments = segmentation.GetSegmentation()
     colours = [tuple(segments.GetSegment(i).GetColor()) for i in ids]
     assert colours[0] == pytest.approx(seg.LESION_COLOR) and len(set(colours)) == 3
-    # Replacing: every lesion segment goes, the new ones take the first one's place; restoring puts all
-    # of them back, with their ids, voxels and places among the user's segments.
+    # Replacing: every segment the module made goes, the new ones take the first one's place; a segment the
+    # user drew stays whatever its name; restoring puts all of them back, with their ids, voxels and places
+    # among the user's segments.
     segments.AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
+    segments.AddEmptySegment("", "Lesion 5", (0.2, 0.9, 0.9))
+    assert [seg.isLesionSegment(segments.GetSegment(i)) for i in ids] == [True] * 3
+    assert not seg.isLesionSegment(segments.GetSegment(segments.GetSegmentIdBySegmentName("Lesion 5")))
     before = _segments_state(segmentation)
     restorePoint = seg.SegmentationRestorePoint(segmentation)
     voxels = _numbered_label_map(tmp_path / "two.nrrd", boxes[1:])
@@ -550,6 +554,7 @@ def test_numbered_label_map_becomes_one_segment_per_lesion(pkg, tmp_path):
         ("Lesion 1", 384),
         ("Lesion 2", 27),
         ("Brain", 0),
+        ("Lesion 5", 0),
     ]
     restorePoint.restore()
     assert _segments_state(segmentation) == before
@@ -563,15 +568,13 @@ def test_numbered_label_map_becomes_one_segment_per_lesion(pkg, tmp_path):
         "Lesion 2 2",
         "Lesion",
     ]
-    assert [
-        seg.isLesionSegmentName(n) for n in ("Lesion", "Lesion 12", "Lesion 1 2", "Lesions", "Brain")
-    ] == [
-        True,
-        True,
-        True,
-        False,
-        False,
-    ]
+    # The tag holds the lesion-table id; the empty result's segment has 0.
+    tags = []
+    for i in seg.lesionSegmentIds(segmentation):
+        value = vtk.reference("")
+        segments.GetSegment(i).GetTag(seg.LESION_SEGMENT_TAG, value)
+        tags.append(str(value))
+    assert tags == ["1", "2", "3", "1", "2", "0"]
 
 
 # ------------------------------------------------------------------------------- failures and cancel
@@ -600,7 +603,7 @@ def test_failed_imports_roll_back_and_names_stay_unique(pkg, logic, tmp_path, mo
     assert kept.GetName() == "Patient A lesions"  # the failed runs left no name taken
     segments = kept.GetSegmentation()
     segments.AddEmptySegment("", "Brain", (0.2, 0.4, 0.9))
-    segments.AddEmptySegment("", "Lesion 7", (0.2, 0.9, 0.9))  # the module's name: replaced as well
+    segments.AddEmptySegment("", "Lesion 7", (0.2, 0.9, 0.9))  # the user's, under a module-like name: kept
     segments.SetSegmentIndex(segments.GetSegmentIdBySegmentName("Brain"), 0)
     before = [
         (
@@ -610,7 +613,7 @@ def test_failed_imports_roll_back_and_names_stay_unique(pkg, logic, tmp_path, mo
         )
         for i in range(segments.GetNumberOfSegments())
     ]
-    assert len(pkg.segmentation.lesionSegmentIds(kept)) == keptResult.tableNode.GetNumberOfRows() + 1
+    assert len(pkg.segmentation.lesionSegmentIds(kept)) == keptResult.tableNode.GetNumberOfRows()
     monkeypatch.setattr(pkg.job, "loadLesionTable", failing)
     nodes = _node_ids()
     with pytest.raises(RuntimeError, match="Importing the results failed"):

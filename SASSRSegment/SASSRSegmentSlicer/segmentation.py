@@ -1,8 +1,6 @@
 """The lesion segmentation: one segment per lesion ("Lesion 1", ...) and their terminology, the HR grid as
 the segmentation's reference geometry, and what a failed import puts back in an existing segmentation."""
 
-import re
-
 from .geometry import matrixRows, superResolvedGrid
 from .scene import placeLikeInput, removeNodeWithHelpers
 from .slicerapi import _, slicer, vtk
@@ -20,9 +18,9 @@ LESION_COLORS = (
     (0.20, 0.80, 0.80),
     (0.65, 0.40, 0.25),
 )
-# The module's lesion segments: "Lesion" (an empty result's), "Lesion <number>" ("Lesion 3": the table's
-# lesion 3), and those names with the number a run added beside earlier ones gets ("Lesion 3 2").
-_LESION_SEGMENT_PATTERN = re.compile(re.escape(LESION_SEGMENT_NAME) + r"( [0-9]+)*")
+# Marks the segments a run made (value: the lesion-table id, 0 for an empty result's): replacing removes
+# those and never a segment the user drew, whatever its name. Slicer saves tags with the segmentation.
+LESION_SEGMENT_TAG = "SASSRSegment.Lesion"
 # Neoplasm is a type of the DICOM master list (CID 7159), not of Slicer's General Anatomy list: naming the
 # context that holds it lets the terminology selector find the entry.
 LESION_TERMINOLOGY = (
@@ -35,9 +33,9 @@ LESION_TERMINOLOGY = (
 INPUT_VOLUME_REFERENCE_ROLE = "sassrSegmentInputVolume"
 
 
-def isLesionSegmentName(name):
-    """Whether a segment of this name is one of the module's lesion segments (the rule replacing follows)."""
-    return bool(_LESION_SEGMENT_PATTERN.fullmatch(name or ""))
+def isLesionSegment(segment):
+    """Whether a segment is one the module made (the rule replacing follows)."""
+    return bool(segment.HasTag(LESION_SEGMENT_TAG))
 
 
 def lesionSegmentIds(segmentationNode):
@@ -49,7 +47,7 @@ def _lesionSegmentIds(segmentation):
     return [
         segmentId
         for segmentId in _segmentIds(segmentation)
-        if isLesionSegmentName(segmentation.GetSegment(segmentId).GetName())
+        if isLesionSegment(segmentation.GetSegment(segmentId))
     ]
 
 
@@ -179,6 +177,7 @@ def _emptyLesionSegments(segmentation, numbers, replaceSegment, restorePoint):
     segmentIds = []
     for offset, (number, name) in enumerate(zip(numbers, names)):
         segmentId = segmentation.AddEmptySegment("", name, lesionColor(number))
+        segmentation.GetSegment(segmentId).SetTag(LESION_SEGMENT_TAG, str(number))
         segmentation.SetSegmentIndex(segmentId, position + offset)
         segmentIds.append(segmentId)
     return segmentIds
