@@ -268,6 +268,9 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.logic.defaultModelName(volume)
         if name:
             self._selectModel(name)
+        else:
+            # The selection stays; the user must know it was not made for this image.
+            self.ui.statusLabel.text = self.logic.noModelMessage(volume)
         # A segmentation made for another volume must not receive this one's lesions.
         segmentation = self._parameterNode.outputSegmentation
         madeFor = segmentationInputVolume(segmentation) if segmentation else None

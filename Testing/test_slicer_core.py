@@ -307,10 +307,15 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
     attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
     shNode.SetItemAttribute(shNode.GetItemByDataNode(volume), attribute, "MR")
     assert logic.defaultModelName(volume) == "tiny-mr-3d"
-    # The bundled models: brain MRI for volumes, breast ultrasound for 2D images.
+    # The bundled models: brain MRI for volumes, breast ultrasound for 2D images; none for a CT.
     bundled = mod.SASSRSegmentLogic()
     assert bundled.defaultModelName(volume) == "brain-tumour-flair-3d"
     assert bundled.defaultModelName(image) == "breast-ultrasound-2d"
+    shNode.SetItemAttribute(shNode.GetItemByDataNode(volume), attribute, "CT")
+    assert bundled.defaultModelName(volume) is None
+    with pytest.raises(RuntimeError, match="No installed model is made for CT images"):
+        bundled.modelCard(None, volume)
+    assert bundled.modelCard("brain-tumour-flair-3d", volume)["name"] == "brain-tumour-flair-3d"  # asked for
 
 
 def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):

@@ -60,11 +60,12 @@ def cardMatchesModality(card, modality):
 
 def defaultModelName(cards, spatialDims, modality=None):
     """The model for an input: the first card (by name, as the engine picks) of the input's dimensionality,
-    preferring one of the input's DICOM modality when that is known; None when no card fits."""
+    of the input's DICOM modality when that is one a card can name (MR, US, CT); None when no card fits.
+    A CT is not given the brain MRI model unasked: a model of another modality makes wrong masks."""
     fitting = [card for card in cards if cardSpatialDims(card) == spatialDims]
-    preferred = [card for card in fitting if cardMatchesModality(card, modality)]
-    chosen = (preferred or fitting or [None])[0]
-    return chosen["name"] if chosen else None
+    if str(modality or "").upper() in MODALITY_WORDS:
+        fitting = [card for card in fitting if cardMatchesModality(card, modality)]
+    return fitting[0]["name"] if fitting else None
 
 
 def expectedInputText(card):

@@ -100,12 +100,21 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             self.modelCards(), gridSpatialDims(imageData.GetDimensions()), dicomModality(volumeNode)
         )
 
+    def noModelMessage(self, volumeNode):
+        """Why no installed model is chosen for a volume, in one line."""
+        modality = dicomModality(volumeNode)
+        if modality:
+            return _(
+                "No installed model is made for {modality} images: choose a model only if it fits them."
+            ).format(modality=modality)
+        return _("No installed model takes this input: choose a model bundle folder.")
+
     def modelCard(self, modelName, volumeNode):
         """The card of a model name or bundle folder ("folder" says where it is); None picks by the input."""
         if not modelName:
             modelName = self.defaultModelName(volumeNode)
             if not modelName:
-                raise RuntimeError(_("No installed model takes this input: choose a model bundle folder."))
+                raise RuntimeError(self.noModelMessage(volumeNode))
         cards = self.modelCards()
         card = next((card for card in cards if card["name"] == modelName), None)
         folder = Path(modelName)
