@@ -134,6 +134,12 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     differs = {f.name for f in dataclasses.fields(bn) if getattr(warm, f.name) != getattr(bn, f.name)}
     assert differs == {"norm", "learning_rate", "warmup_steps", "val_every"} and bn.norm == "batch"
     assert bn.learning_rate < warm.learning_rate
+    # The averaged fine-tune of the shipped network (not shipped; docs/models.md): only the schedule and
+    # the average differ.
+    ema = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-ema.json")
+    differs = {f.name for f in dataclasses.fields(ema) if getattr(bn, f.name) != getattr(ema, f.name)}
+    assert differs == {"learning_rate", "warmup_steps", "val_every", "ema_decay"} and ema.ema_decay == 0.99
+    assert ema.learning_rate < bn.learning_rate
 
 
 def test_new_options_are_checked(tmp_path):
