@@ -258,7 +258,12 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.currentIndex = index
                 combo.blockSignals(wasBlocked)
         card = self._currentCard()
-        self.ui.modelComboBox.toolTip = modelSummary(card) if card else _("No bundled model was found.")
+        if card:
+            self.ui.modelComboBox.toolTip = modelSummary(card)
+        else:
+            self.ui.modelComboBox.toolTip = (
+                _("Choose a model.") if self._cards else _("No bundled model was found.")
+            )
         self._updateSrImageOption(card)
         self._checkCanApply()
 
@@ -266,11 +271,15 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None:
             return
         name = self.logic.defaultModelName(volume)
-        if name:
-            self._selectModel(name)
-        else:
-            # The selection stays; the user must know it was not made for this image.
-            self.ui.statusLabel.text = self.logic.noModelMessage(volume)
+        if not self._job:
+            self.ui.statusLabel.text = "" if name else self.logic.noModelMessage(volume)
+        # No default (a CT, a 3D ultrasound): the selection is cleared, so Apply waits for the user's
+        # own choice instead of running the previous volume's model on this one.
+        self._selectModel(name or "")
+        if not name:
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
+            self.ui.modelComboBox.currentIndex = -1
+            self.ui.modelComboBox.blockSignals(wasBlocked)
         # A segmentation made for another volume must not receive this one's lesions.
         segmentation = self._parameterNode.outputSegmentation
         madeFor = segmentationInputVolume(segmentation) if segmentation else None

@@ -313,7 +313,7 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
     assert bundled.defaultModelName(image) == "breast-ultrasound-2d"
     shNode.SetItemAttribute(shNode.GetItemByDataNode(volume), attribute, "CT")
     assert bundled.defaultModelName(volume) is None
-    with pytest.raises(RuntimeError, match="No installed model is made for CT images"):
+    with pytest.raises(RuntimeError, match="No installed model is made for 3D CT images"):
         bundled.modelCard(None, volume)
     assert bundled.modelCard("brain-tumour-flair-3d", volume)["name"] == "brain-tumour-flair-3d"  # asked for
 

@@ -644,7 +644,8 @@ def test_default_model_by_dimensionality_then_modality():
     assert defaultModelName(cards, 3, "US") is None  # no 3D ultrasound model: none rather than a CT one
     assert defaultModelName(cards, 2, "US") == "c-us-2d"
     assert defaultModelName(cards[1:], 3, "CT") is None  # a CT never gets the brain MRI model unasked
-    assert defaultModelName(cards, 3, "OT") == "a-ct-3d"  # a modality no card can name: by dimensionality
+    assert defaultModelName(cards, 3, "OT") == "a-ct-3d"  # "other" says nothing: by dimensionality
+    assert defaultModelName(cards[1:], 3, "PT") is None  # a PET never gets the brain MRI model either
     assert defaultModelName(cards[:2], 2) is None
     assert gridSpatialDims([300, 200, 1]) == 2 and gridSpatialDims([30, 20, 2]) == 3
 

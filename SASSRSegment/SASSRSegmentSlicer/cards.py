@@ -60,10 +60,10 @@ def cardMatchesModality(card, modality):
 
 def defaultModelName(cards, spatialDims, modality=None):
     """The model for an input: the first card (by name, as the engine picks) of the input's dimensionality,
-    of the input's DICOM modality when that is one a card can name (MR, US, CT); None when no card fits.
-    A CT is not given the brain MRI model unasked: a model of another modality makes wrong masks."""
+    of the input's DICOM modality when that is known (OT, "other", says nothing); None when no card fits.
+    A CT or a PET is not given the brain MRI model unasked: a model of another modality makes wrong masks."""
     fitting = [card for card in cards if cardSpatialDims(card) == spatialDims]
-    if str(modality or "").upper() in MODALITY_WORDS:
+    if str(modality or "").upper() not in ("", "OT"):
         fitting = [card for card in fitting if cardMatchesModality(card, modality)]
     return fitting[0]["name"] if fitting else None
 

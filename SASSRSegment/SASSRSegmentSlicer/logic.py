@@ -103,10 +103,12 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     def noModelMessage(self, volumeNode):
         """Why no installed model is chosen for a volume, in one line."""
         modality = dicomModality(volumeNode)
-        if modality:
+        imageData = volumeNode.GetImageData()
+        dims = gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
+        if modality and dims:
             return _(
-                "No installed model is made for {modality} images: choose a model only if it fits them."
-            ).format(modality=modality)
+                "No installed model is made for {dims}D {modality} images: choose a model only if it fits them."
+            ).format(dims=dims, modality=modality)
         return _("No installed model takes this input: choose a model bundle folder.")
 
     def modelCard(self, modelName, volumeNode):
