@@ -25,6 +25,12 @@ from .slicerapi import ScriptedLoadableModuleLogic, _, slicer
 TORCH_REQUIREMENT = ">=2.1"
 
 
+def _volumeSpatialDims(volumeNode):
+    """2 or 3 (one slice: 2D); 0 for a volume without image data."""
+    imageData = volumeNode.GetImageData()
+    return gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
+
+
 class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     """Runs the engine on scene volumes or on files; usable from the Python console without the widget.
 
@@ -93,18 +99,13 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
 
     def defaultModelName(self, volumeNode):
         """The model for a volume: by its dimensionality (one slice: 2D), then by its DICOM modality."""
-        imageData = volumeNode.GetImageData()
-        if imageData is None:
-            return None
-        return defaultModelName(
-            self.modelCards(), gridSpatialDims(imageData.GetDimensions()), dicomModality(volumeNode)
-        )
+        dims = _volumeSpatialDims(volumeNode)
+        return defaultModelName(self.modelCards(), dims, dicomModality(volumeNode)) if dims else None
 
     def noModelMessage(self, volumeNode):
         """Why no installed model is chosen for a volume, in one line."""
         modality = dicomModality(volumeNode)
-        imageData = volumeNode.GetImageData()
-        dims = gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
+        dims = _volumeSpatialDims(volumeNode)
         if modality and dims:
             return _(
                 "No installed model is made for {dims}D {modality} images: choose a model only if it fits them."
