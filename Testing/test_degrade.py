@@ -207,3 +207,30 @@ def test_sampler_makes_the_lr_input_when_degrading(tmp_path, monkeypatch):
     # Without a degradation the sampler leaves the LR input to lr_from_hr, as before.
     plain = PatchSampler(cache, ["a"], (12, 12, 12), augmentation=aug)
     assert len(plain.sample(np.random.default_rng(0))) == 2
+
+
+def test_fixed_validation_inputs_are_one_setting_of_each_operator():
+    shape, spacing = (30, 24, 20), [1.0, 1.0, 1.0]
+    fixed = {name: degrade.fixed_matrices(name, shape, 2, spacing) for name in degrade.FIXED_INPUTS}
+    for name, matrices in fixed.items():
+        assert [m.shape for m in matrices] == [(n // 2, n) for n in shape], name
+        for m in matrices:
+            np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(fixed["decimate"][1], np.eye(24)[::2])
+    sigma = np.sqrt(3) / degrade.FWHM
+    np.testing.assert_allclose(
+        fixed["gaussian-linear"][0],
+        degrade.gaussian_interpolation_matrix(15, 2, sigma, cubic=False),
+        atol=1e-6,
+    )
+    # 5 mm slices along the first axis only: a voxel-thin bright plane is diluted to at most a fifth
+    # and spread over the LR voxels between its slice's neighbours; the other axes are block averages.
+    thick = fixed["thick-slice-5mm"]
+    assert all(np.array_equal(thick[a], degrade.block_matrix(n // 2, 2)) for a, n in [(1, 24), (2, 20)])
+    plane = np.zeros(30)
+    plane[12] = 1.0
+    profile = thick[0] @ plane
+    assert 0.15 < profile.max() <= 0.2 + 1e-6 and np.count_nonzero(profile > 1e-6) >= 4
+    # At 3 mm HR voxels 5 mm slices are no thicker than an LR voxel: a block average.
+    coarse = degrade.fixed_matrices("thick-slice-5mm", shape, 2, [3.0, 1.0, 1.0])
+    np.testing.assert_array_equal(coarse[0], degrade.block_matrix(15, 2))

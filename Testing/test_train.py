@@ -140,11 +140,23 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     differs = {f.name for f in dataclasses.fields(ema) if getattr(bn, f.name) != getattr(ema, f.name)}
     assert differs == {"learning_rate", "warmup_steps", "val_every", "ema_decay"} and ema.ema_decay == 0.99
     assert ema.learning_rate < bn.learning_rate
+    # The thick-slice fine-tune of the shipped network: more thick slices, validated on three inputs.
+    thick = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-thick.json")
+    differs = {f.name for f in dataclasses.fields(ema) if getattr(ema, f.name) != getattr(thick, f.name)}
+    assert differs == {"p_thick_slices", "val_lr_inputs"} and thick.p_thick_slices > ema.p_thick_slices
+    assert thick.val_lr_inputs[0] == "block" and "thick-slice-5mm" in thick.val_lr_inputs
 
 
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
-        tmp_path / "bad.json", {"hr_head": "deconv", "degradation": "blur", "checkpoint_minutes": 0}
+        tmp_path / "bad.json",
+        {
+            "hr_head": "deconv",
+            "degradation": "blur",
+            "checkpoint_minutes": 0,
+            "p_thick_slices": 1.5,
+            "val_lr_inputs": ["block", "bicubic"],
+        },
     )
     with pytest.raises(UserError) as info:
         config.load_config(bad)
@@ -152,6 +164,8 @@ def test_new_options_are_checked(tmp_path):
     assert 'hr_head must be one of "interpolate", "subpixel"' in message
     assert 'degradation must be one of "block", "random"' in message
     assert "checkpoint_minutes must be > 0" in message
+    assert "p_thick_slices must be in [0, 1], got 1.5" in message
+    assert 'val_lr_inputs must be a non-empty list of "block", "gaussian-linear"' in message
 
 
 def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):
@@ -572,3 +586,70 @@ def test_a_weight_average_is_validated_shipped_and_resumed(tiny_cache, tmp_path)
     # The bundle holds the average (as fp16), not the step's weights.
     shipped = torch.load(output / "model.pt", weights_only=True)
     assert torch.equal(shipped[key], best["average"]["weights"][key].half())
+
+
+class BrightVoxels(torch.nn.Module):
+    """A stand-in network whose HR logits mark bright LR voxels: its Dice depends on the LR input only."""
+
+    def __init__(self):
+        super().__init__()
+        self.level = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return 8 * (torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest") - self.level)
+
+
+def test_validation_scores_each_lr_input_and_keeps_the_mean(tmp_path):
+    from test_preprocess import prep3d
+
+    from SASSRSegmentLib.runtime.progress import Progress
+    from SASSRSegmentLib.training import validation
+
+    lesions = {"a": [((10, 10, 10), 4)], "b": [((9, 12, 10), 3)]}
+    cases = {name: {"shape": (22, 22, 22), "lesions": spots} for name, spots in lesions.items()}
+    prep = prep3d(patch_size_lr=[8, 8, 8])
+    preprocess.build_cache(
+        open_dataset(make_dataset(tmp_path / "ds", cases)), prep, tmp_path / "c", 2, workers=1
+    )
+    cache = preprocess.open_cache(tmp_path / "c")
+    hr = torch.from_numpy(cache.normalized(np.asarray(cache.image("a"))))
+    assert torch.equal(validation.lr_input(hr, "block", prep), lr_from_hr(hr[None], 2)[0])
+    torch.testing.assert_close(validation.lr_input(hr, "decimate", prep), hr[:, ::2, ::2, ::2])
+
+    cfg = config.TrainConfig(val_lr_inputs=["block", "decimate", "thick-slice-5mm"], val_overlap=0.25)
+    result = validation.validate(
+        BrightVoxels(), cache, ["a", "b"], prep, cfg, torch.device("cpu"), False, Progress("quiet")
+    )
+    per_input = result["per_input"]
+    assert list(per_input) == cfg.val_lr_inputs
+    for case in ("a", "b"):
+        scores = [per_input[name]["per_case"][case] for name in cfg.val_lr_inputs]
+        assert result["per_case"][case] == pytest.approx(np.mean(scores), abs=1e-5)
+    assert result["dice_mean"] == pytest.approx(np.mean(list(result["per_case"].values())), abs=1e-5)
+    # 5 mm slices smear the small balls along the first axis: fewer bright voxels on them.
+    assert per_input["block"]["dice_mean"] > 0.5
+    assert per_input["thick-slice-5mm"]["dice_mean"] < per_input["block"]["dice_mean"] - 0.05
+    # One input: the result has the shape it always had.
+    single = validation.validate(
+        BrightVoxels(),
+        cache,
+        ["a"],
+        prep,
+        config.TrainConfig(),
+        torch.device("cpu"),
+        False,
+        Progress("quiet"),
+    )
+    assert set(single) == {"dice_mean", "per_case"}
+    assert single["per_case"]["a"] == per_input["block"]["per_case"]["a"]
+
+
+def test_thick_slice_validation_of_2d_data_is_refused(tiny_cache, tmp_path):
+    config_file = write_json(
+        tmp_path / "thick.json",
+        json.loads(tiny_config(tmp_path).read_text()) | {"val_lr_inputs": ["thick-slice-5mm"]},
+    )
+    with pytest.raises(UserError, match="thick-slice-5mm needs 3D data; the data is 2D"):
+        run_train(
+            "--dataset", str(tiny_cache), "--output", str(tmp_path / "run"), "--config", str(config_file)
+        )

@@ -58,6 +58,9 @@ import numpy as np
 from .normalization import TISSUE_LEVEL
 
 DEGRADATIONS = ("block", "random")
+# Fixed LR inputs training can validate on (`fixed_matrices`): one setting of each operator family, so
+# the checkpoint kept is the best over several ways LR images are made, not over block averages alone.
+FIXED_INPUTS = ("block", "gaussian-linear", "kspace", "decimate", "thick-slice-5mm")
 FWHM = 2 * math.sqrt(2 * math.log(2))  # 2.355: a Gaussian's full width at half maximum per sigma
 
 
@@ -167,6 +170,32 @@ def thick_slice_matrix(
     targets = lr_centres(n_lr, scale)
     index = np.interp(targets, centroids, np.arange(len(centroids)))  # clamps beyond the ends
     return interpolation_matrix(index, len(centroids)) @ slices
+
+
+def fixed_matrices(
+    name: str, shape: Sequence[int], scale: int, hr_spacing: Sequence[float]
+) -> list[np.ndarray]:
+    """The (n_lr, n_hr) operators of the fixed LR input `name` (FIXED_INPUTS) for an HR image of
+    `shape`: the FWHM-rule Gaussian with linear interpolation, a hard k-space cut, decimation at phase
+    0, or 5 mm box slices along the first axis from its first voxel (block averages in the others, and
+    along the first where 5 mm is no thicker than an LR voxel); `hr_spacing` in mm, numpy axis order."""
+    out = []
+    for axis, n in enumerate(shape):
+        n_lr = n // scale
+        if name == "thick-slice-5mm" and axis == 0 and len(shape) == 3 and 5.0 / hr_spacing[0] > scale:
+            thickness = 5.0 / float(hr_spacing[0])
+            out.append(thick_slice_matrix(n_lr, scale, thickness, (thickness - 1) / 2))
+        elif name == "gaussian-linear":
+            out.append(
+                gaussian_interpolation_matrix(n_lr, scale, math.sqrt(scale**2 - 1) / FWHM, cubic=False)
+            )
+        elif name == "kspace":
+            out.append(kspace_matrix(n_lr, scale))
+        elif name == "decimate":
+            out.append(decimation_matrix(n_lr, scale, 0))
+        else:
+            out.append(block_matrix(n_lr, scale))
+    return [m.astype(np.float32) for m in out]
 
 
 def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray]) -> np.ndarray:

@@ -30,14 +30,23 @@ def build_network(cfg: TrainConfig, prep: dict, ablation: str):
     return SASRNet(net_cfg)
 
 
-def degradation_for(prep: dict):
+def hr_spacing(prep: dict) -> list[float]:
+    """HR voxel size in mm, numpy axis order (1 mm where the data sets none: 2D)."""
+    return [s / prep["scale"] for s in prep["lr_spacing"][::-1]] if prep.get("lr_spacing") else [1.0] * 2
+
+
+def degradation_for(prep: dict, p_thick: float = 0.2):
     """The random LR synthesis (degrade.py) for this preprocessing's modality and HR voxel size."""
     from ..data.degrade import Degradation
 
     norm = prep["normalization"]
-    spacing = [s / prep["scale"] for s in prep["lr_spacing"][::-1]] if prep.get("lr_spacing") else [1.0] * 2
     window = norm.get("window", (-1000.0, 400.0))
-    return Degradation(kind=norm["kind"], hr_spacing=spacing, ct_window=float(window[1] - window[0]))
+    return Degradation(
+        kind=norm["kind"],
+        hr_spacing=hr_spacing(prep),
+        p_thick=p_thick,
+        ct_window=float(window[1] - window[0]),
+    )
 
 
 def build_loss(cfg: TrainConfig, ablation: str) -> SASRLoss:

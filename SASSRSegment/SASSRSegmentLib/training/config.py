@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
-from ..data.degrade import DEGRADATIONS
+from ..data.degrade import DEGRADATIONS, FIXED_INPUTS
 from ..io.files import read_json
 from ..model.losses import LossWeights
 from ..model.network import HR_HEADS
@@ -105,11 +105,14 @@ class TrainConfig:
     affine_scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
     # how the LR input is made of the HR patch: "block" (block average) or "random" (degrade.py)
     degradation: str = "block"
+    p_thick_slices: float = 0.2  # 3D "random": the share of patches with thick slices along one axis
     # validation
     val_fraction: float = 0.2
     split_seed: int = 0
     split_file: Optional[str] = None
     val_every: int = 500
+    # LR inputs validation makes of each case (degrade.FIXED_INPUTS); the best mean over all is kept
+    val_lr_inputs: list[str] = field(default_factory=lambda: ["block"])
     val_overlap: float = 0.5
     val_batch_size: int = 4
     log_every: int = 10
@@ -129,7 +132,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "val_every", "log_every", "val_batch_size"):
             if getattr(self, key) < 1:
                 p.append(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("p_fg", "p_intensity", "p_gamma", "p_affine", "val_overlap", "dropout"):
+        for key in ("p_fg", "p_intensity", "p_gamma", "p_affine", "val_overlap", "dropout", "p_thick_slices"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 p.append(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -167,6 +170,12 @@ class TrainConfig:
         if self.degradation not in DEGRADATIONS:
             p.append(
                 f"degradation must be one of {', '.join(map(json.dumps, DEGRADATIONS))}, got {self.degradation!r}"
+            )
+        unknown = [v for v in self.val_lr_inputs if v not in FIXED_INPUTS]
+        if unknown or not self.val_lr_inputs:
+            p.append(
+                f"val_lr_inputs must be a non-empty list of {', '.join(map(json.dumps, FIXED_INPUTS))}, "
+                f"got {self.val_lr_inputs}"
             )
         return p
 

@@ -139,6 +139,8 @@ def check_against_data(cfg: TrainConfig, prep: dict, ablation: str) -> list[int]
         problems.append(
             "loss_rec must be > 0 while the image-SR branch exists (or use --ablation no-image-sr)"
         )
+    if d == 2 and "thick-slice-5mm" in cfg.val_lr_inputs:
+        problems.append("val_lr_inputs: thick-slice-5mm needs 3D data; the data is 2D")
     fail(problems, "the options")
     return flip_axes
 
@@ -153,7 +155,7 @@ def make_sampler(cfg: TrainConfig, cache, names: list[str], prep: dict, flip_axe
         [p * prep["scale"] for p in prep["patch_size_lr"]],
         cfg.p_fg,
         min_lesion_voxels=cfg.min_lesion_voxels,
-        degradation=degradation_for(prep) if cfg.degradation == "random" else None,
+        degradation=degradation_for(prep, cfg.p_thick_slices) if cfg.degradation == "random" else None,
         augmentation=Augmentation(
             flip_axes=flip_axes,
             rot90=cfg.rot90,
@@ -428,7 +430,14 @@ class Trainer:
             self.model.train()
             row = row or {"step": self.step, "time_s": round(self.elapsed(), 1)}
             row["val_dice"] = result["dice_mean"]
-            self.progress.log(f"step {self.step}: validation Dice {result['dice_mean']:.4f}")
+            inputs = result.get("per_input", {})
+            shown = "; ".join(f"{name} {d['dice_mean']:.4f}" for name, d in inputs.items())
+            cases = ", ".join(f"{case} {dice:.3f}" for case, dice in result["per_case"].items())
+            self.progress.log(
+                f"step {self.step}: validation Dice {result['dice_mean']:.4f}"
+                + (f" ({shown})" if shown else "")
+                + f" [{cases}]"
+            )
             if result["dice_mean"] > self.best:
                 self.best, self.best_step, self.best_validation = result["dice_mean"], self.step, result
                 self.save("checkpoint_best.pt", collective=False)

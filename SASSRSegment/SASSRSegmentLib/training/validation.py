@@ -1,4 +1,4 @@
-"""Validation during training: HR Dice of whole validation cases."""
+"""Validation during training: HR Dice of whole validation cases, from each LR input the config names."""
 
 from __future__ import annotations
 
@@ -15,26 +15,49 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
-def validate(net, cache, names, prep, cfg: TrainConfig, device, amp: bool, progress: Progress) -> dict:
-    """HR Dice of whole validation cases, predicted from their block-averaged LR images."""
+def lr_input(hr: torch.Tensor, name: str, prep: dict) -> torch.Tensor:
+    """The LR input `name` (degrade.FIXED_INPUTS) of a normalised HR case (C, *spatial)."""
+    from ..data.degrade import apply_separable, fixed_matrices
     from ..data.sampling import lr_from_hr
+    from .build import hr_spacing
+
+    if name == "block":
+        return lr_from_hr(hr[None], prep["scale"])[0]
+    matrices = fixed_matrices(name, hr.shape[1:], prep["scale"], hr_spacing(prep))
+    return torch.from_numpy(apply_separable(hr.numpy(), matrices))
+
+
+def validate(net, cache, names, prep, cfg: TrainConfig, device, amp: bool, progress: Progress) -> dict:
+    """Per case the mean HR Dice over the config's LR inputs; with more than one input, each input's
+    Dice per case as well. The mean over cases is what `train` keeps the best of."""
     from ..inference.windows import sliding_window_predict
 
-    per_case = {}
-    for k, name in enumerate(names):
-        hr = torch.from_numpy(cache.normalized(np.asarray(cache.image(name))))
-        lr = lr_from_hr(hr[None], prep["scale"])[0]
-        prob = sliding_window_predict(
-            net,
-            lr,
-            tuple(prep["patch_size_lr"]),
-            prep["scale"],
-            overlap=cfg.val_overlap,
-            batch_size=cfg.val_batch_size,
-            device=device,
-            amp=amp,
-        )
-        per_case[name] = round(dice(prob.numpy() >= cfg.threshold, np.asarray(cache.seg(name)) > 0), 5)
-        progress.update("validate", (k + 1) / len(names), f"{name}: Dice {per_case[name]:.3f}")
+    inputs = list(cfg.val_lr_inputs)
+    per_input: dict[str, dict[str, float]] = {name: {} for name in inputs}
+    done, total = 0, len(names) * len(inputs)
+    for case in names:
+        hr = torch.from_numpy(cache.normalized(np.asarray(cache.image(case))))
+        truth = np.asarray(cache.seg(case)) > 0
+        for name in inputs:
+            prob = sliding_window_predict(
+                net,
+                lr_input(hr, name, prep),
+                tuple(prep["patch_size_lr"]),
+                prep["scale"],
+                overlap=cfg.val_overlap,
+                batch_size=cfg.val_batch_size,
+                device=device,
+                amp=amp,
+            )
+            per_input[name][case] = round(dice(prob.numpy() >= cfg.threshold, truth), 5)
+            done += 1
+            progress.update("validate", done / total, f"{case} ({name}): Dice {per_input[name][case]:.3f}")
+    per_case = {case: round(float(np.mean([per_input[n][case] for n in inputs])), 5) for case in names}
     mean = float(np.mean(list(per_case.values()))) if per_case else float("nan")
-    return {"dice_mean": round(mean, 5), "per_case": per_case}
+    result = {"dice_mean": round(mean, 5), "per_case": per_case}
+    if len(inputs) > 1:
+        result["per_input"] = {
+            name: {"dice_mean": round(float(np.mean(list(d.values()))), 5), "per_case": d}
+            for name, d in per_input.items()
+        }
+    return result
