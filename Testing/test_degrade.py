@@ -10,7 +10,7 @@ from test_data import make_dataset
 from test_preprocess import prep3d
 
 from SASSRSegmentLib.data import cache as preprocess
-from SASSRSegmentLib.data import degrade
+from SASSRSegmentLib.data import degrade, normalization
 from SASSRSegmentLib.data.datasets import open_dataset
 from SASSRSegmentLib.data.degrade import Degradation
 from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, batches, lr_from_hr
@@ -234,3 +234,26 @@ def test_fixed_validation_inputs_are_one_setting_of_each_operator():
     # At 3 mm HR voxels 5 mm slices are no thicker than an LR voxel: a block average.
     coarse = degrade.fixed_matrices("thick-slice-5mm", shape, 2, [3.0, 1.0, 1.0])
     np.testing.assert_array_equal(coarse[0], degrade.block_matrix(15, 2))
+
+
+@pytest.mark.parametrize("noise", [0.005, 0.08])
+def test_mri_lr_tissue_keeps_the_hr_tissues_spread_after_thick_slices_and_noise(monkeypatch, noise):
+    """As the normaliser z-scores a real LR scan by its own statistics: the blur of 6 mm slices does not
+    shrink the contrast the network sees, nor does noise inflate it."""
+    tissue = np.zeros((48, 48, 48), bool)
+    tissue[4:-4, 4:-4, 4:-4] = True  # a box: the voxels beyond every operator's reach are many
+    hr = np.where(tissue, np.sin(np.indices(tissue.shape).sum(axis=0) / 2.5), 0.0)[None].astype(np.float32)
+    deep = np.zeros_like(tissue)
+    deep[14:-14, 14:-14, 14:-14] = True  # 10 HR voxels in: beyond 6 mm slices at any phase
+    whole = lr_from_hr(torch.from_numpy(deep)[None, None].float(), 2)[0, 0].numpy() == 1
+    reference = hr[0][normalization.erode(tissue)].std()
+    make = Degradation(p_thick=1.0, thickness_mm=(6.0, 6.0), noise=(noise, noise), p_bias=0.0, p_quantise=0.0)
+
+    def spread() -> float:
+        return float(
+            np.mean([make.apply(hr, 2, np.random.default_rng(s), tissue)[0][whole].std() for s in range(6)])
+        )
+
+    assert abs(spread() - reference) < 0.1 * reference
+    monkeypatch.setattr(degrade, "restandardise", lambda t, whole, reference: t)
+    assert abs(spread() - reference) > 0.1 * reference  # what training saw before

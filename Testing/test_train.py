@@ -23,6 +23,7 @@ from test_data import make_dataset
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import train as train_command
 from SASSRSegmentLib.data import cache as preprocess
+from SASSRSegmentLib.data import degrade, normalization
 from SASSRSegmentLib.data.datasets import open_dataset
 from SASSRSegmentLib.data.sampling import lr_from_hr
 from SASSRSegmentLib.model.bundle import load_bundle, save_bundle
@@ -143,7 +144,10 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     # The thick-slice fine-tune of the shipped network: more thick slices, validated on three inputs.
     thick = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-robust-thick.json")
     differs = {f.name for f in dataclasses.fields(ema) if getattr(ema, f.name) != getattr(thick, f.name)}
-    assert differs == {"p_thick_slices", "val_lr_inputs"} and thick.p_thick_slices > ema.p_thick_slices
+    assert (
+        differs == {"p_thick_slices", "val_lr_inputs", "learning_rate"}
+        and thick.p_thick_slices > ema.p_thick_slices
+    )
     assert thick.val_lr_inputs[0] == "block" and "thick-slice-5mm" in thick.val_lr_inputs
 
 
@@ -613,8 +617,26 @@ def test_validation_scores_each_lr_input_and_keeps_the_mean(tmp_path):
     )
     cache = preprocess.open_cache(tmp_path / "c")
     hr = torch.from_numpy(cache.normalized(np.asarray(cache.image("a"))))
-    assert torch.equal(validation.lr_input(hr, "block", prep), lr_from_hr(hr[None], 2)[0])
-    torch.testing.assert_close(validation.lr_input(hr, "decimate", prep), hr[:, ::2, ::2, ::2])
+    # MRI: the LR tissue re-standardised to the HR tissue's mean and spread, as the normaliser does to an
+    # LR scan; the background stays 0 and the block average's pattern is kept (an affine map of it).
+    interior = normalization.erode(hr[0].numpy() != 0)
+    reference = hr[0].numpy()[interior]
+    for name in ("block", "thick-slice-5mm"):
+        lr = validation.lr_input(hr, name, prep)[0].numpy()
+        matrices = degrade.fixed_matrices(name, hr.shape[1:], 2, [1.0, 1.0, 1.0])
+        whole = degrade.apply_separable((hr.numpy() != 0).astype(np.float32), matrices)[0] >= 0.999
+        assert abs(lr[whole].std() - reference.std()) < 0.02 * reference.std(), name
+        assert abs(lr[whole].mean() - reference.mean()) < 0.02, name
+    plain = lr_from_hr(hr[None], 2)[0]
+    block = validation.lr_input(hr, "block", prep)
+    assert torch.equal(block == 0, plain == 0)
+    whole = lr_from_hr(torch.from_numpy(interior)[None, None].float(), 2)[0, 0] == 1
+    fitted = np.polyfit(plain[0][whole].numpy(), block[0][whole].numpy(), 1)
+    assert (
+        fitted[0] > 1
+        and np.abs(np.polyval(fitted, plain[0].numpy()) - block[0].numpy())[block[0] != 0].max() < 0.05
+    )
+    assert torch.equal(validation.lr_input(hr, "block", prep | {"normalization": {"kind": "ct"}}), plain)
 
     cfg = config.TrainConfig(val_lr_inputs=["block", "decimate", "thick-slice-5mm"], val_overlap=0.25)
     result = validation.validate(
