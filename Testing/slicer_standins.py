@@ -74,6 +74,7 @@ class IOManager:
     def __init__(self, scene, volumesLogic):
         self.scene = scene
         self.volumesLogic = volumesLogic
+        self.filesRead = []  # what Slicer would list under File > Recent
 
     def fileType(self, fileName):
         return "VolumeFile"
@@ -82,6 +83,7 @@ class IOManager:
         if fileType != "VolumeFile":
             raise NotImplementedError(f"the stand-in IO manager reads volumes only, not {fileType}")
         fileName = properties["fileName"]
+        self.filesRead.append(fileName)
         flags = sum(bit for key, bit in self.FLAGS.items() if properties.get(key))
         name = properties.get("name") or self.scene.GenerateUniqueName(Path(fileName).name.split(".")[0])
         node = self.volumesLogic.AddArchetypeVolume(fileName, name, flags)
@@ -199,7 +201,8 @@ def installed(temporaryPath):
     _observeDataNodes(scene)
     app = Application(scene, logics["Volumes"], temporaryPath)
     modules = types.SimpleNamespace(
-        segmentations=types.SimpleNamespace(logic=lambda: logics["Segmentations"])
+        segmentations=types.SimpleNamespace(logic=lambda: logics["Segmentations"]),
+        volumes=types.SimpleNamespace(logic=lambda: logics["Volumes"]),
     )
     standIns = _standInModules()
     saved = {name: sys.modules.get(name) for name in standIns}

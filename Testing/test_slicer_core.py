@@ -276,6 +276,38 @@ def test_default_options_make_segmentation_and_lesion_table(pkg, logic, tmp_path
     assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
 
 
+def test_the_engine_reads_and_writes_bare_names_in_its_run_folder_and_recent_files_stay(
+    pkg, logic, tmp_path, monkeypatch
+):
+    """ITK cannot open a non-ASCII path on Windows, and Slicer's temporary folder is in the user's
+    profile there ("C:\\Users\\José\\AppData\\Local\\Temp\\Slicer"): the engine is given bare file names
+    and runs in the run's folder."""
+    temporary = tmp_path / "Temp José"
+    temporary.mkdir()
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(temporary))
+    started = []
+
+    class Recording(pkg.runner.SegmentRunner):
+        def start(self):
+            started.append((list(self.command), self.cwd))
+            super().start()
+
+    monkeypatch.setattr(pkg.job, "SegmentRunner", Recording)
+    result = _run(logic, _volume(tmp_path))
+    assert result.status == "completed", result.message
+    ((command, cwd),) = started
+    folder = Path(cwd)
+    assert folder.parent == temporary and folder.name.startswith("SASSRSegment-")
+    given = [
+        command[command.index("segment") + 1],
+        *(command[command.index(o) + 1] for o in ("-o", "--lesion-table")),
+    ]
+    assert given == ["input.nrrd", "lesions.nrrd", "lesions.csv"]
+    assert not list(temporary.iterdir())  # and the run's folder is gone
+    # The results are read without the IO manager, so File > Recent keeps the user's own files.
+    assert not [f for f in slicer.app.coreIOManager().filesRead if Path(f).parent == folder]
+
+
 def test_lesion_terminology_is_the_dicom_master_list_neoplasm(pkg):
     entry = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(

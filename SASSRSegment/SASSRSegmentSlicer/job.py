@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .command import failureMessage, panelMessage, processEnvironment, pythonExecutable, segmentCommand
 from .naming import formatElapsed, outputNodeNames
-from .paths import MODULE_DIR
 from .runner import SegmentRunner
 from .scene import loadSuperResolvedImage, removeNodeWithHelpers, uniqueNodeName, writeVolumeToFile
 from .segmentation import SegmentationRestorePoint, createSegmentation, importLesionSegmentation
@@ -82,22 +81,25 @@ class SegmentationJob:
                 "srImage": self.tempDir / "super-resolved.nrrd" if self.options["srImage"] else None,
                 "table": self.tempDir / "lesions.csv" if self.options["lesionTable"] else None,
             }
+            # Bare names, read and written in the run's folder: ITK cannot open a path with non-ASCII
+            # characters on Windows (a user name such as "José" is in every temporary path there).
+            names = {key: Path(path.name) if path else None for key, path in self.paths.items()}
             command = segmentCommand(
                 pythonExecutable(),
-                self.paths["input"],
-                self.paths["output"],
+                names["input"],
+                names["output"],
                 modelName=self.options["card"]["folder"],
                 device=self.options["device"],
                 threshold=self.options["threshold"],
                 tta=self.options["tta"],
                 roiBounds=self.options["roiBounds"],
-                srImagePath=self.paths["srImage"],
-                lesionTablePath=self.paths["table"],
+                srImagePath=names["srImage"],
+                lesionTablePath=names["table"],
                 numberedLesions=True,
             )
             writeVolumeToFile(self.volumeNode, self.paths["input"])
             self._log(_("Running: {command}").format(command=subprocess.list2cmdline(command)))
-            self.runner = SegmentRunner(command, env=processEnvironment(), cwd=str(MODULE_DIR))
+            self.runner = SegmentRunner(command, env=processEnvironment(), cwd=str(self.tempDir))
             self.runner.start()
         except ValueError as exc:
             self._removeTempDir()

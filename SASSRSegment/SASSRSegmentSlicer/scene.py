@@ -1,8 +1,13 @@
 """Scene nodes: unique node names, a volume's DICOM modality, writing the input for the engine, placing
-new nodes like the input, loading the super-resolved image, and removing what a run added."""
+new nodes like the input, reading the engine's files, and removing what a run added."""
+
+from pathlib import Path
 
 from .naming import uniqueName
 from .slicerapi import _, slicer
+
+# vtkSlicerVolumesLogic::AddArchetypeVolume's loading options.
+LABEL_MAP, SINGLE_FILE, AUTO_WINDOW_LEVEL = 1, 4, 8
 
 
 def uniqueNodeName(base):
@@ -64,8 +69,18 @@ def detachFromTemporaryFile(node):
         slicer.mrmlScene.RemoveNode(storageNode)
 
 
+def readEngineVolume(path, name, labelMap=False):
+    """A volume read from one of the engine's files by the Volumes logic, not the IO manager: that lists
+    every file it reads under File > Recent, where a run's temporary files would push out the user's."""
+    options = SINGLE_FILE | (LABEL_MAP if labelMap else AUTO_WINDOW_LEVEL)
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name, options)
+    if node is None:
+        raise RuntimeError(_("Could not read the engine's result {file}.").format(file=Path(path).name))
+    return node
+
+
 def loadSuperResolvedImage(path, volumeNode, name):
-    imageNode = slicer.util.loadVolume(str(path), {"show": False, "name": name})
+    imageNode = readEngineVolume(path, name)
     detachFromTemporaryFile(imageNode)
     placeLikeInput(imageNode, volumeNode)
     return imageNode

@@ -2,7 +2,7 @@
 the segmentation's reference geometry, and what a failed import puts back in an existing segmentation."""
 
 from .geometry import matrixRows, superResolvedGrid
-from .scene import placeLikeInput, removeNodeWithHelpers
+from .scene import placeLikeInput, readEngineVolume, removeNodeWithHelpers
 from .slicerapi import _, slicer, vtk
 
 LESION_SEGMENT_NAME = "Lesion"
@@ -125,7 +125,7 @@ def importLesionSegmentation(
     """Import the HR label map of numbered lesions (value k: the lesion table's id k) as the segments
     "Lesion 1".."Lesion N", or one empty "Lesion" segment when it holds none; the HR grid becomes the
     reference geometry. Returns the segment ids, lesion 1's first."""
-    labelNode = slicer.util.loadLabelVolume(str(labelPath), {"show": False})
+    labelNode = readEngineVolume(labelPath, "SASSRSegment lesions", labelMap=True)
     try:
         labelNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         # The segmentation now holds this volume's lesions: no other volume's may join them.
