@@ -324,10 +324,12 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._selectModel(self.ui.modelComboBox.itemData(index) or "")
 
     def _selectModel(self, name):
+        changed = name != self._parameterNode.modelName
         self._parameterNode.modelName = name
         card = self._currentCard()
-        # Each model's card carries the threshold chosen on its validation split.
-        if card and isinstance(card.get("threshold"), (int, float)):
+        # Each model's card carries the threshold chosen on its validation split; a threshold the user
+        # set stays while the model does (another input volume for the same model).
+        if changed and card and isinstance(card.get("threshold"), (int, float)):
             self._parameterNode.threshold = min(max(float(card["threshold"]), 0.05), 0.95)
 
     def onDeviceChanged(self, index):

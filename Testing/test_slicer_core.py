@@ -308,6 +308,25 @@ def test_the_engine_reads_and_writes_bare_names_in_its_run_folder_and_recent_fil
     assert not [f for f in slicer.app.coreIOManager().filesRead if Path(f).parent == folder]
 
 
+def test_the_users_threshold_stays_while_the_model_does(mod):
+    """Choosing a model sets the threshold from its card; another input for the same model keeps the
+    threshold the user set."""
+    cards = [{"name": "brain", "threshold": 0.5}, {"name": "busi", "threshold": 0.4}]
+    panel = types.SimpleNamespace(
+        _parameterNode=types.SimpleNamespace(modelName="", threshold=0.5), _cards=cards
+    )
+    panel._currentCard = lambda: mod.SASSRSegmentWidget._currentCard(panel)
+    select = mod.SASSRSegmentWidget._selectModel
+    select(panel, "brain")
+    panel._parameterNode.threshold = 0.3  # the user's
+    select(panel, "brain")
+    assert panel._parameterNode.threshold == 0.3
+    select(panel, "busi")
+    assert panel._parameterNode.threshold == 0.4
+    select(panel, "")
+    assert panel._parameterNode.threshold == 0.4 and panel._parameterNode.modelName == ""
+
+
 def test_lesion_terminology_is_the_dicom_master_list_neoplasm(pkg):
     entry = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(

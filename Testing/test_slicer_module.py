@@ -543,7 +543,13 @@ def test_failure_message_is_one_clear_line():
     assert "cancelled" in failureMessage(130, [])
     assert "PyTorch" in failureMessage(1, ["ModuleNotFoundError: No module named 'torch'"])
     assert "Out of memory" in failureMessage(1, ["torch.OutOfMemoryError: CUDA out of memory. Tried"])
-    assert failureMessage(-9, ["Killed"]) == "The segmentation process failed (exit code -9): Killed"
+    # Killed by the system (the out-of-memory killer), after some unrelated warning on stderr.
+    killed = failureMessage(-9, ["UserWarning: TypedStorage is deprecated"])
+    assert "most likely for lack of memory" in killed and "TypedStorage" not in killed
+    assert (
+        failureMessage(-11, ["Segmentation fault"])
+        == "The segmentation process failed (exit code -11): Segmentation fault"
+    )
     assert "\n" not in failureMessage(1, [])
 
 

@@ -175,6 +175,12 @@ def failureMessage(returnCode, stderrLines):
         return _("PyTorch is not installed in Slicer's Python: install it with the PyTorch Utils module.")
     if "out of memory" in joined.lower():
         return _("Out of memory: choose the CPU device or a smaller region (ROI), then retry.")
+    if returnCode == -9:
+        # SIGKILL that Cancel did not send: the system's out-of-memory killer, as a rule.
+        return _(
+            "The system stopped the segmentation, most likely for lack of memory: close other programs or "
+            "draw a smaller region (ROI), then retry."
+        )
     if lines:
         return _("The segmentation process failed (exit code {code}): {line}").format(
             code=returnCode, line=lines[-1]

@@ -110,7 +110,7 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             return _(
                 "No installed model is made for {dims}D {modality} images: choose a model only if it fits them."
             ).format(dims=dims, modality=modality)
-        return _("No installed model takes this input: choose a model bundle folder.")
+        return _("No installed model takes this input: choose a model in the list only if it fits it.")
 
     def modelCard(self, modelName, volumeNode):
         """The card of a model name or bundle folder ("folder" says where it is); None picks by the input."""
