@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,9 +117,22 @@ def test_mps_autocast_only_where_torch_has_it():
     assert devices.mps_autocast_supported("3.0.0a0")
 
 
-def test_engine_asks_torch_for_the_mps_cpu_fallback():
-    # Importing the engine sets it (this file does, above).
-    assert os.environ["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"
+def test_engine_asks_torch_for_the_mps_cpu_fallback_in_its_own_process_only():
+    """The engine's command line sets it before torch is imported; importing the package (as Slicer does
+    for the model cards) leaves the host process's environment alone."""
+    script = (
+        "import os; import SASSRSegmentLib.model.bundle; "
+        "assert 'PYTORCH_ENABLE_MPS_FALLBACK' not in os.environ; "
+        "from SASSRSegmentLib import cli; code = cli.main(['models']); "
+        "print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], code)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "SASSRSegment")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["1", "0"]
 
 
 def test_autocast_choice(monkeypatch):

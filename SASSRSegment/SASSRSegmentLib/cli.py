@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .commands.runner import run_command
@@ -49,6 +50,11 @@ def _load(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command imports torch (it reads this once): on Apple MPS, operations torch has no MPS
+    # kernel for (3D trilinear upsampling before torch 2.8) run on the CPU instead of stopping the run.
+    # Set here, in the engine's process, not on import: Slicer imports this package for the model
+    # cards, and its own process (and other extensions' torch) is not ours to configure.
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     try:
