@@ -10,6 +10,7 @@ own self-test.
 import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -284,6 +285,14 @@ def test_the_engine_reads_and_writes_bare_names_in_its_run_folder_and_recent_fil
     and runs in the run's folder."""
     temporary = tmp_path / "Temp José"
     temporary.mkdir()
+    # Left by a Slicer that crashed mid-run two days ago (a copy of a patient's image), and one of
+    # another Slicer's run now: the first is removed, the second left alone.
+    stale, current = temporary / "SASSRSegment-crashed", temporary / "SASSRSegment-running"
+    for folder in (stale, current):
+        folder.mkdir()
+        (folder / "input.nrrd").write_bytes(b"patient")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
     monkeypatch.setattr(slicer.app, "temporaryPath", str(temporary))
     started = []
 
@@ -303,7 +312,7 @@ def test_the_engine_reads_and_writes_bare_names_in_its_run_folder_and_recent_fil
         *(command[command.index(o) + 1] for o in ("-o", "--lesion-table")),
     ]
     assert given == ["input.nrrd", "lesions.nrrd", "lesions.csv"]
-    assert not list(temporary.iterdir())  # and the run's folder is gone
+    assert list(temporary.iterdir()) == [current]  # and the run's own folder is gone
     # The results are read without the IO manager, so File > Recent keeps the user's own files.
     assert not [f for f in slicer.app.coreIOManager().filesRead if Path(f).parent == folder]
 

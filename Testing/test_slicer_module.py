@@ -830,6 +830,25 @@ time.sleep(60)
     assert not status.exists() or "State:\tZ" in status.read_text(), "the child outlived Cancel"
 
 
+def test_runner_terminate_returns_once_every_holder_of_its_output_has_ended(tmp_path):
+    """The run's folder is deleted right after terminate(): nothing may still hold its files then."""
+    command = _script(
+        tmp_path,
+        "launcher.py",
+        """
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(json.dumps({"log": str(child.pid)}), flush=True)
+time.sleep(60)
+""",
+    )
+    runner = SegmentRunner(command, cancelGraceS=0.5)
+    runner.start()
+    events = []
+    _drive(runner, events, lambda: events)
+    runner.terminate()
+    assert runner._process.poll() is not None and not any(reader.is_alive() for reader in runner._readers)
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 

@@ -18,6 +18,21 @@ from .slicerapi import _, qt, slicer
 from .tables import loadLesionTable
 
 POLL_INTERVAL_MS = 100
+RUN_FOLDER_PREFIX = "SASSRSegment-"
+# A run's folder older than this is left over from a Slicer that crashed mid-run: it holds a copy of a
+# patient's image. Younger ones may belong to a run of another Slicer instance.
+STALE_RUN_FOLDER_S = 24 * 3600
+
+
+def removeStaleRunFolders(temporaryPath, now=None):
+    """Delete run folders older than STALE_RUN_FOLDER_S under Slicer's temporary folder."""
+    now = time.time() if now is None else now
+    for folder in temporaryPath.glob(RUN_FOLDER_PREFIX + "*"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > STALE_RUN_FOLDER_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 @dataclass
@@ -73,7 +88,8 @@ class SegmentationJob:
         return self.runner.elapsed() if self.runner else 0.0
 
     def start(self):
-        self.tempDir = Path(tempfile.mkdtemp(prefix="SASSRSegment-", dir=slicer.app.temporaryPath))
+        removeStaleRunFolders(Path(slicer.app.temporaryPath))
+        self.tempDir = Path(tempfile.mkdtemp(prefix=RUN_FOLDER_PREFIX, dir=slicer.app.temporaryPath))
         try:
             self.paths = {
                 "input": self.tempDir / "input.nrrd",

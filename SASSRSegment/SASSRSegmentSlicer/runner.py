@@ -144,6 +144,10 @@ class SegmentRunner:
         # Also ends a child that outlived the launcher.
         self._signal(hard=True)
         self._process.wait()
+        # The pipes close only when every process holding them has exited (on Windows taskkill ends
+        # the engine behind PythonSlicer's launcher asynchronously): until then it may hold files open.
+        for reader in self._readers:
+            reader.join(timeout=self.cancelGraceS)
 
     def _signal(self, hard):
         if os.name == "nt":
