@@ -775,9 +775,18 @@ sys.exit(2)
     assert failureMessage(runner.returnCode, runner.stderrLines) == "the input is 4D"
 
 
+def _running(tmp_path, name, body, **options):
+    """A runner of the script `body`, started and driven until its first line has arrived."""
+    runner = SegmentRunner(_script(tmp_path, name, body), **options)
+    runner.start()
+    events = []
+    _drive(runner, events, lambda: events)
+    return runner, events
+
+
 @POSIX_ONLY
 def test_runner_cancel_ends_a_process_that_honours_sigterm(tmp_path):
-    command = _script(
+    runner, events = _running(
         tmp_path,
         "engine.py",
         """
@@ -789,10 +798,6 @@ print(json.dumps({"stage": "predict", "fraction": 0.1}), flush=True)
 time.sleep(60)
 """,
     )
-    runner = SegmentRunner(command)
-    runner.start()
-    events = []
-    _drive(runner, events, lambda: events)
     started = time.monotonic()
     runner.cancel()
     _drive(runner, events, lambda: runner.finished)
@@ -804,7 +809,7 @@ time.sleep(60)
 @POSIX_ONLY
 def test_runner_cancel_kills_a_stubborn_process_and_its_children(tmp_path):
     # Like the PythonSlicer launcher: the process we start runs the engine in a child of its own.
-    command = _script(
+    runner, events = _running(
         tmp_path,
         "launcher.py",
         """
@@ -814,11 +819,8 @@ child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
 print(json.dumps({"log": str(child.pid)}), flush=True)
 time.sleep(60)
 """,
+        cancelGraceS=0.5,
     )
-    runner = SegmentRunner(command, cancelGraceS=0.5)
-    runner.start()
-    events = []
-    _drive(runner, events, lambda: events)
     childPid = int(events[0]["message"])
     runner.cancel()
     _drive(runner, events, lambda: runner.finished)
@@ -832,7 +834,7 @@ time.sleep(60)
 
 def test_runner_terminate_returns_once_every_holder_of_its_output_has_ended(tmp_path):
     """The run's folder is deleted right after terminate(): nothing may still hold its files then."""
-    command = _script(
+    runner, _ = _running(
         tmp_path,
         "launcher.py",
         """
@@ -840,11 +842,8 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 print(json.dumps({"log": str(child.pid)}), flush=True)
 time.sleep(60)
 """,
+        cancelGraceS=0.5,
     )
-    runner = SegmentRunner(command, cancelGraceS=0.5)
-    runner.start()
-    events = []
-    _drive(runner, events, lambda: events)
     runner.terminate()
     assert runner._process.poll() is not None and not any(reader.is_alive() for reader in runner._readers)
 
