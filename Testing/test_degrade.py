@@ -242,7 +242,7 @@ def test_mri_lr_tissue_keeps_the_hr_tissues_spread_after_thick_slices_and_noise(
     shrink the contrast the network sees, nor does noise inflate it."""
     tissue = np.zeros((48, 48, 48), bool)
     tissue[4:-4, 4:-4, 4:-4] = True  # a box: the voxels beyond every operator's reach are many
-    hr = np.where(tissue, np.sin(np.indices(tissue.shape).sum(axis=0) / 2.5), 0.0)[None].astype(np.float32)
+    hr = np.where(tissue, np.sin(np.indices(tissue.shape).sum(axis=0) / 4.0), 0.0)[None].astype(np.float32)
     deep = np.zeros_like(tissue)
     deep[14:-14, 14:-14, 14:-14] = True  # 10 HR voxels in: beyond 6 mm slices at any phase
     whole = lr_from_hr(torch.from_numpy(deep)[None, None].float(), 2)[0, 0].numpy() == 1
@@ -255,5 +255,36 @@ def test_mri_lr_tissue_keeps_the_hr_tissues_spread_after_thick_slices_and_noise(
         )
 
     assert abs(spread() - reference) < 0.1 * reference
+    # The same pattern, not inverted or moved: the mean is the HR tissue's and the plain LR one correlates.
+    restandardised = make.apply(hr, 2, np.random.default_rng(0), tissue)[0]
+    assert abs(restandardised[whole].mean() - hr[0][normalization.erode(tissue)].mean()) < 0.05
+    with monkeypatch.context() as patched:
+        patched.setattr(degrade, "restandardise", lambda t, whole, reference: t)
+        plain = make.apply(hr, 2, np.random.default_rng(0), tissue)[0]
+    assert np.corrcoef(restandardised[whole], plain[whole])[0, 1] > 0.99
     monkeypatch.setattr(degrade, "restandardise", lambda t, whole, reference: t)
     assert abs(spread() - reference) > 0.1 * reference  # what training saw before
+
+
+def test_restandardise_trusts_no_spread_of_a_few_voxels_and_bounds_its_gain():
+    t = np.linspace(-1, 1, 100).astype(np.float32)
+    few = np.zeros(100, bool)
+    few[:10] = True
+    assert degrade.restandardise(t, few, np.ones(50)) is t  # 10 whole voxels of 100: unchanged
+    whole = np.ones(100, bool)
+    wide = np.random.default_rng(0).normal(0, 10, 500)
+    assert degrade.restandardise(t, whole, wide).std() == pytest.approx(
+        t.std() * degrade.GAIN_RANGE[1], rel=1e-5
+    )
+    flat = np.zeros(100, np.float32)
+    assert degrade.restandardise(flat, whole, wide) is flat  # no spread: unchanged
+
+
+def test_ct_and_8_bit_degradation_are_not_restandardised(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("restandardise ran")
+
+    monkeypatch.setattr(degrade, "restandardise", refuse)
+    hr, _ = tissue_patch((24, 24, 24))
+    for kind in ("ct", "uint8"):
+        Degradation(kind=kind).apply(np.clip(hr, 0, 1), 2, np.random.default_rng(0))

@@ -66,6 +66,8 @@ DEGRADATIONS = ("block", "random")
 # Fixed LR inputs training can validate on (`fixed_matrices`): one setting of each operator family, so
 # the checkpoint kept is the best over several ways LR images are made, not over block averages alone.
 FIXED_INPUTS = ("block", "gaussian-linear", "kspace", "decimate", "thick-slice-5mm")
+# The contrast gains restandardise may apply (whole validation scans measured 1.05-1.27).
+GAIN_RANGE = (0.67, 1.5)
 FWHM = 2 * math.sqrt(2 * math.log(2))  # 2.355: a Gaussian's full width at half maximum per sigma
 
 
@@ -212,14 +214,15 @@ def restandardise(t: np.ndarray, whole: np.ndarray, reference: np.ndarray) -> np
     training, which normalises the HR image before degrading it, has to do the same or it meets
     contrasts that `segment` never shows it.
     """
-    if int(whole.sum()) < 16 or reference.size < 16:
+    # Too few voxels wholly of tissue (a patch at the head's edge) measure no spread worth trusting.
+    if int(whole.sum()) < max(16, 0.25 * t.size) or reference.size < 16:
         return t
     spread = float(t[whole].std())
     if spread < 1e-6:
         return t
-    return (
-        float(reference.mean()) + (t - float(t[whole].mean())) * (float(reference.std()) / spread)
-    ).astype(np.float32)
+    # A patch's gain stands for the scan's: bounded to what blur and noise give a whole scan.
+    gain = min(max(float(reference.std()) / spread, GAIN_RANGE[0]), GAIN_RANGE[1])
+    return (float(reference.mean()) + (t - float(t[whole].mean())) * gain).astype(np.float32)
 
 
 def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray]) -> np.ndarray:

@@ -31,7 +31,7 @@ def lr_input(hr: torch.Tensor, name: str, prep: dict) -> torch.Tensor:
     lr = apply_separable(image, matrices)
     if prep["normalization"]["kind"] == "mri":
         tissue = np.any(image != 0, axis=0)
-        fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0]
+        fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0].clip(0, 1)
         inside, interior = fraction >= TISSUE_LEVEL, erode(tissue)
         lr[:, ~inside] = 0.0
         for c in range(lr.shape[0]):
