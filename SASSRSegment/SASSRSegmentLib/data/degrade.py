@@ -233,6 +233,40 @@ def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray]) -> np.nda
     return out
 
 
+def through_operators(
+    hr: np.ndarray,
+    matrices: Sequence[np.ndarray],
+    tissue: np.ndarray | None,
+    corrupt=None,
+    restandardised: bool = True,
+) -> np.ndarray:
+    """The LR image (C, *spatial) of an HR image through separable `matrices`. With the MRI `tissue`
+    (*spatial, bool): what the normaliser calls background is 0, each channel's tissue values (v / f,
+    f the tissue fraction) go through `corrupt(values, inside)` and then (`restandardised`)
+    `restandardise`, and are written back as f * value."""
+    lr = apply_separable(np.asarray(hr, dtype=np.float32), matrices)
+    if tissue is None:
+        fraction = np.ones(lr.shape[1:], dtype=np.float32)
+    else:
+        fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0].clip(0, 1)
+        # What the normaliser calls background and sets to 0: the blur and ringing of the
+        # operators spill tissue into it, which an LR scan shows only before normalisation.
+        lr[:, fraction < TISSUE_LEVEL] = 0.0
+    inside = fraction >= TISSUE_LEVEL
+    whole = fraction[inside] >= 0.999
+    interior = erode(tissue) if tissue is not None and restandardised else None
+    for c in range(lr.shape[0]):
+        values = lr[c][inside] / fraction[inside]  # the tissue value of each voxel
+        if values.size < 16:
+            continue
+        if corrupt is not None:
+            values = corrupt(values, inside)
+        if interior is not None:
+            values = restandardise(values, whole, hr[c][interior])
+        lr[c][inside] = values * fraction[inside]
+    return lr
+
+
 @dataclass
 class Degradation:
     """The random LR synthesis of one modality (module docstring): `apply` turns an HR patch into
@@ -285,29 +319,14 @@ class Degradation:
         """LR input (C, *spatial / scale) float32 of an HR patch (C, *spatial); `tissue` (*spatial,
         bool) marks the MRI tissue (None: everything is tissue)."""
         matrices = self.matrices(hr.shape[1:], scale, rng)
-        lr = apply_separable(np.asarray(hr, dtype=np.float32), matrices)
-        if tissue is None:
-            fraction = np.ones(lr.shape[1:], dtype=np.float32)
-        else:
-            fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0].clip(0, 1)
-            # What the normaliser calls background and sets to 0: the blur and ringing of the
-            # operators spill tissue into it, which an LR scan shows only before normalisation.
-            lr[:, fraction < TISSUE_LEVEL] = 0.0
-        inside = fraction >= TISSUE_LEVEL
-        whole = fraction[inside] >= 0.999
-        interior = None if tissue is None else erode(tissue)
         bias = None
         if self.kind == "mri" and rng.random() < self.p_bias:
-            bias = 1 + rng.uniform(0, self.bias) * _smooth_field(lr.shape[1:], rng)
-        for c in range(lr.shape[0]):
-            values = lr[c][inside] / fraction[inside]  # the tissue value of each voxel
-            if values.size < 16:
-                continue
-            values = self._corrupt(values, None if bias is None else bias[inside], rng)
-            if self.kind == "mri" and interior is not None:
-                values = restandardise(values, whole, hr[c][interior])
-            lr[c][inside] = values * fraction[inside]
-        return lr
+            bias = 1 + rng.uniform(0, self.bias) * _smooth_field([len(m) for m in matrices], rng)
+
+        def corrupt(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
+            return self._corrupt(values, None if bias is None else bias[inside], rng)
+
+        return through_operators(hr, matrices, tissue, corrupt, restandardised=self.kind == "mri")
 
     def _corrupt(self, t: np.ndarray, bias: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
         lo, hi = np.percentile(t, [1, 99])

@@ -19,8 +19,7 @@ def lr_input(hr: torch.Tensor, name: str, prep: dict) -> torch.Tensor:
     """The LR input `name` (degrade.FIXED_INPUTS) of a normalised HR case (C, *spatial). For MRI, the
     background is 0 and the tissue re-standardised as the normaliser does to an LR scan and as training
     does to its patches (degrade.restandardise)."""
-    from ..data.degrade import apply_separable, fixed_matrices, restandardise
-    from ..data.normalization import TISSUE_LEVEL, erode
+    from ..data.degrade import fixed_matrices, through_operators
     from ..data.sampling import lr_from_hr
     from .build import hr_spacing
 
@@ -28,18 +27,8 @@ def lr_input(hr: torch.Tensor, name: str, prep: dict) -> torch.Tensor:
         return lr_from_hr(hr[None], prep["scale"])[0]
     image = hr.numpy()
     matrices = fixed_matrices(name, image.shape[1:], prep["scale"], hr_spacing(prep))
-    lr = apply_separable(image, matrices)
-    if prep["normalization"]["kind"] == "mri":
-        tissue = np.any(image != 0, axis=0)
-        fraction = apply_separable(tissue[None].astype(np.float32), matrices)[0].clip(0, 1)
-        inside, interior = fraction >= TISSUE_LEVEL, erode(tissue)
-        lr[:, ~inside] = 0.0
-        for c in range(lr.shape[0]):
-            values = restandardise(
-                lr[c][inside] / fraction[inside], fraction[inside] >= 0.999, image[c][interior]
-            )
-            lr[c][inside] = values * fraction[inside]
-    return torch.from_numpy(lr)
+    tissue = np.any(image != 0, axis=0) if prep["normalization"]["kind"] == "mri" else None
+    return torch.from_numpy(through_operators(image, matrices, tissue))
 
 
 def validate(net, cache, names, prep, cfg: TrainConfig, device, amp: bool, progress: Progress) -> dict:
