@@ -19,7 +19,8 @@ from typing import Annotated
 
 from SASSRSegmentSlicer import selftest
 from SASSRSegmentSlicer.cards import hasImageSrDecoder, modelsHelpHtml, modelSummary, readModelCards
-from SASSRSegmentSlicer.devices import detectTorchDevices, deviceArgument, deviceSummary
+from SASSRSegmentSlicer.command import devicesCommand, processEnvironment, pythonExecutable
+from SASSRSegmentSlicer.devices import DeviceProbe, deviceArgument, deviceSummary
 from SASSRSegmentSlicer.logic import SASSRSegmentLogic
 from SASSRSegmentSlicer.naming import formatElapsed
 from SASSRSegmentSlicer.paths import ICON_PATH, SAMPLE_PATH
@@ -125,6 +126,8 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._cards = []
         self._devices = None
+        self._deviceProbe = None
+        self._deviceTimer = None
         self._statusTimer = None
 
     def setup(self):
@@ -150,8 +153,10 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
 
         self.initializeParameterNode()
-        # Importing torch takes seconds: let the panel appear first.
-        qt.QTimer.singleShot(0, self._detectDevices)
+        self._deviceTimer = qt.QTimer()
+        self._deviceTimer.setInterval(250)
+        self._deviceTimer.connect("timeout()", self._pollDeviceProbe)
+        self._detectDevices()
 
     def cleanup(self):
         # Reload and quit: no process may outlive the module, no copy of the patient image may stay on disk.
@@ -160,6 +165,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         if self._statusTimer:
             self._statusTimer.stop()
+        self._stopDeviceProbe()
         self.removeObservers()
 
     def onReload(self):
@@ -234,7 +240,25 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(label, value)
 
     def _detectDevices(self):
-        self._devices = detectTorchDevices()
+        self._stopDeviceProbe()
+        self.ui.deviceInfoLabel.text = _("Looking for a GPU...")
+        self._deviceProbe = DeviceProbe(devicesCommand(pythonExecutable()), processEnvironment())
+        self._deviceProbe.start()
+        self._deviceTimer.start()
+
+    def _stopDeviceProbe(self):
+        if self._deviceTimer:
+            self._deviceTimer.stop()
+        if self._deviceProbe:
+            self._deviceProbe.stop()
+        self._deviceProbe = None
+
+    def _pollDeviceProbe(self):
+        devices = self._deviceProbe.poll() if self._deviceProbe else None
+        if devices is None:
+            return
+        self._stopDeviceProbe()
+        self._devices = devices
         self.ui.deviceInfoLabel.text = deviceSummary(self._devices)
         gpuName = self._devices.get("cuda") or (_("Apple") if self._devices.get("mps") else None)
         self.ui.deviceComboBox.setItemText(2, _("GPU ({name})").format(name=gpuName or _("none found")))

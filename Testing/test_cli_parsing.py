@@ -3,6 +3,8 @@ run under Python 3.9 (Slicer 5.6 / 5.8) where torch is not installed (`make test
 
 import ast
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,33 @@ def test_top_level_help_lists_every_command(capsys):
 
 
 @pytest.mark.parametrize(
-    "command", ["segment", "evaluate", "models"] + (["train", "preprocess"] if HAS_TORCH else [])
+    "command", ["segment", "evaluate", "models", "devices"] + (["train", "preprocess"] if HAS_TORCH else [])
 )
 def test_each_command_has_help(command, capsys):
     assert cli.main([command, "--help"]) == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_devices_reports_the_pytorch_of_this_python(monkeypatch, capsys):
+    assert cli.main(["devices", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    if HAS_TORCH:
+        import torch
+
+        assert found["torch"] == torch.__version__ and found["error"] is None
+        assert found["auto"] == ("cuda" if torch.cuda.is_available() else found["auto"])
+    else:
+        assert found["torch"] is None and found["auto"] == "cpu"
+    assert cli.main(["devices"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("PyTorch 2." if HAS_TORCH else "PyTorch is not installed")
+
+    # A torch that is there but fails to load (a wrong CUDA build, a half-finished install): said, not raised.
+    from SASSRSegmentLib.commands import devices
+
+    monkeypatch.setattr(devices.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert cli.main(["devices"]) == 0
+    assert capsys.readouterr().out.startswith("PyTorch failed to load: ModuleNotFoundError")
 
 
 def test_no_command_is_a_usage_error(capsys):

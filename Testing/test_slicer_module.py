@@ -53,13 +53,14 @@ from SASSRSegmentSlicer.cards import (  # noqa: E402
 )
 from SASSRSegmentSlicer.command import (  # noqa: E402
     commandEnvironment,
+    devicesCommand,
     failureMessage,
     panelMessage,
     parseProgressLine,
     pythonExecutable,
     segmentCommand,
 )
-from SASSRSegmentSlicer.devices import detectTorchDevices, deviceArgument, deviceSummary  # noqa: E402
+from SASSRSegmentSlicer.devices import DeviceProbe, deviceArgument, deviceSummary  # noqa: E402
 from SASSRSegmentSlicer.geometry import (  # noqa: E402
     boundsOfPoints,
     boxCorners,
@@ -499,12 +500,68 @@ def test_device_choice_follows_what_torch_detected():
     assert deviceArgument("gpu", {"cuda": None, "mps": True}) == "mps"
     assert deviceArgument("gpu", {"cuda": None, "mps": False}) == "cuda"  # the engine says it is absent
 
-    devices = detectTorchDevices()
-    assert devices["torch"] and devices["error"] is None
+
+def _probe(command, timeoutS=60.0):
+    probe = DeviceProbe(command, commandEnvironment(os.environ), timeoutS=timeoutS)
+    probe.start()
+    deadline = time.monotonic() + 90
+    while (devices := probe.poll()) is None:
+        assert time.monotonic() < deadline, "the probe never answered"
+        time.sleep(0.05)
+    return probe, devices
+
+
+def test_device_probe_asks_the_engine_python_without_importing_torch_here():
+    import torch
+
+    _, devices = _probe(devicesCommand(sys.executable))
+    assert devices["error"] is None
+    assert devices["torch"] == torch.__version__
+    assert devices["cuda"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     summary = deviceSummary(devices)
     assert devices["torch"] in summary
     assert (devices["cuda"] or "CPU") in summary or devices["mps"]
     assert "not installed" in deviceSummary({"torch": None})
+
+    # What the panel's process runs: the probe and its summary, and torch never enters that process.
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {str(MODULE_DIR)!r})
+        from SASSRSegmentSlicer.command import commandEnvironment, devicesCommand
+        from SASSRSegmentSlicer.devices import DeviceProbe, deviceSummary
+        probe = DeviceProbe(devicesCommand(sys.executable), commandEnvironment(os.environ))
+        probe.start()
+        while (devices := probe.poll()) is None:
+            time.sleep(0.05)
+        print(deviceSummary(devices))
+        print("torch" in sys.modules)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [summary, "False"]
+
+
+def test_device_probe_failures_are_one_line_for_the_panel(tmp_path):
+    _, devices = _probe(
+        [sys.executable, "-c", "import sys; print('Traceback', file=sys.stderr); sys.exit(3)"]
+    )
+    assert devices["torch"] is None and "(exit code 3): Traceback" in devices["error"]
+    assert deviceSummary(devices).startswith("PyTorch is not usable here: ")
+    _, devices = _probe([sys.executable, "-c", "print('not json')"])
+    assert "exit code 0" in devices["error"]
+    # Warnings longer than a pipe holds do not block the process until the timeout.
+    chatty = "import sys; sys.stderr.write('w' * 400000); print('{\"torch\": \"2.9.0\", \"cuda\": null}')"
+    _, devices = _probe([sys.executable, "-c", chatty], timeoutS=20)
+    assert devices == {"torch": "2.9.0", "cuda": None, "mps": False, "error": None}
+    _, devices = _probe([str(tmp_path / "no-such-python")])
+    assert "could not start" in devices["error"]
+
+    probe, devices = _probe([sys.executable, "-c", "import time; time.sleep(60)"], timeoutS=0.5)
+    assert "did not answer within 0.5 s" in devices["error"]
+    assert probe._process.poll() is not None  # killed, not left running
+    assert deviceArgument("gpu", devices) == "cuda"  # the engine then says no GPU is there
 
 
 def test_parse_progress_line():

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("commands.train", "train a model bundle on an nnU-Net style dataset"),
     "preprocess": ("commands.preprocess", "build the training cache of a dataset without training"),
     "models": ("commands.models", "list the bundled models and their cards"),
+    "devices": ("commands.devices", "show the PyTorch, the GPUs and the device --device auto uses"),
 }
 
 

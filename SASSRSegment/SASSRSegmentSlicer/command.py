@@ -82,6 +82,11 @@ def roiBoundsArguments(bounds):
     return [formatNumber(v) for v in values]
 
 
+def devicesCommand(python):
+    """The engine's `devices --json` command line: what PyTorch sees, asked in the engine's own Python."""
+    return [str(python), "-m", ENGINE_PACKAGE, "devices", "--json"]
+
+
 def segmentCommand(
     python,
     inputPath,

@@ -1,40 +1,116 @@
-"""Devices: what PyTorch sees in Slicer's Python (CUDA, Apple MPS), the panel's line about it, and the
-engine's `--device` value for the panel's Auto/CPU/GPU choice."""
+"""Devices: what PyTorch sees in the engine's Python (CUDA, Apple MPS), the panel's line about it, and
+the engine's `--device` value for the panel's Auto/CPU/GPU choice."""
 
-import importlib.util
+import json
+import os
 import re
+import subprocess
+import tempfile
+import time
 
 from .slicerapi import _
 
-DEVICE_CHOICES = ("auto", "cpu", "gpu")
 ENGINE_DEVICES = ("auto", "cpu", "cuda", "mps")
+# torch's first import from a cold disk cache can take tens of seconds on Windows.
+PROBE_TIMEOUT_S = 120.0
 
 
-def detectTorchDevices():
-    """What PyTorch sees in this Python: {"torch": version or None, "cuda": GPU name or None, "mps": bool}.
+class DeviceProbe:
+    """Asks the engine's Python, in a process of its own, what PyTorch sees (the engine's `devices`).
 
-    Only imports torch when it is installed, so a missing torch costs nothing and raises nothing.
+    Not imported into Slicer's process: importing torch there froze the panel for seconds, and querying
+    a CUDA GPU kept a CUDA context (hundreds of MB of GPU memory) in Slicer for the rest of the session.
     """
-    devices = {"torch": None, "cuda": None, "mps": False, "error": None}
-    if importlib.util.find_spec("torch") is None:
-        return devices
+
+    def __init__(self, command, env=None, timeoutS=PROBE_TIMEOUT_S):
+        self.command = [str(part) for part in command]
+        self.env = env
+        self.timeoutS = timeoutS
+        self._process = None
+        self._startTime = None
+        self._output = []
+        self._result = None
+
+    def start(self):
+        options = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+        # Files, not pipes: the output is read once the process has ended, and a pipe that fills up
+        # (torch's warnings on a broken install) would block the process until the timeout.
+        self._output = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+        self._startTime = time.monotonic()
+        try:
+            self._process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=self._output[0],
+                stderr=self._output[1],
+                env=self.env,
+                **options,
+            )
+        except OSError as exc:
+            self._finish(_failed(_("the engine's Python could not start: {error}").format(error=exc)))
+
+    def poll(self):
+        """None while the process runs; then what it found: {"torch": version or None, "cuda": GPU name
+        or None, "mps": bool, "error": why PyTorch is not usable, or None}."""
+        if self._result is not None or self._process is None:
+            return self._result
+        if self._process.poll() is None:
+            if time.monotonic() - self._startTime < self.timeoutS:
+                return None
+            self.stop()
+            return self._finish(
+                _failed(
+                    _("the engine's Python did not answer within {seconds} s").format(
+                        seconds=f"{self.timeoutS:g}"
+                    )
+                )
+            )
+        stdout, stderr = (self._read(stream) for stream in self._output)
+        return self._finish(_parseDevices(stdout, stderr, self._process.returncode))
+
+    def stop(self):
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._finish(self._result)
+
+    @staticmethod
+    def _read(stream):
+        stream.seek(0)
+        return stream.read().decode("utf-8", errors="replace")
+
+    def _finish(self, result):
+        for stream in self._output:
+            stream.close()
+        self._output = []
+        self._result = result
+        return result
+
+
+def _failed(reason):
+    return {"torch": None, "cuda": None, "mps": False, "error": reason}
+
+
+def _parseDevices(stdout, stderr, returnCode):
+    lines = [line for line in stdout.splitlines() if line.strip()]
     try:
-        import torch
-    except Exception as exc:  # a broken install raises anything from OSError to RuntimeError
-        devices["error"] = f"{type(exc).__name__}: {exc}"
-        return devices
-    devices["torch"] = torch.__version__
-    if torch.cuda.is_available():
-        devices["cuda"] = torch.cuda.get_device_name(0)
-    mps = getattr(torch.backends, "mps", None)
-    devices["mps"] = bool(mps is not None and mps.is_available())
-    return devices
+        found = json.loads(lines[-1]) if returnCode == 0 and lines else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        lastError = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
+        return _failed(
+            _("the engine's Python failed (exit code {code}): {error}").format(
+                code=returnCode, error=lastError
+            )
+        )
+    return {**_failed(None), **found}
 
 
 def deviceSummary(devices):
     """One line for the panel saying which device "Auto" will use."""
     if devices.get("error"):
-        return _("PyTorch failed to load: {error}").format(error=devices["error"])
+        return _("PyTorch is not usable here: {error}").format(error=devices["error"])
     if not devices.get("torch"):
         return _("PyTorch is not installed: it will be offered on the first run.")
     if devices.get("cuda"):
