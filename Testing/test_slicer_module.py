@@ -552,7 +552,7 @@ def test_device_probe_failures_are_one_line_for_the_panel(tmp_path):
     _, devices = _probe([sys.executable, "-c", "print('not json')"])
     assert "exit code 0" in devices["error"]
     # Warnings longer than a pipe holds do not block the process until the timeout.
-    chatty = "import sys; sys.stderr.write('w' * 400000); print('{\"torch\": \"2.9.0\", \"cuda\": null}')"
+    chatty = 'import sys; sys.stderr.write(\'w\' * 400000); print(\'{"torch": "2.9.0", "cuda": null}\')'
     _, devices = _probe([sys.executable, "-c", chatty], timeoutS=20)
     assert devices == {"torch": "2.9.0", "cuda": None, "mps": False, "error": None}
     _, devices = _probe([str(tmp_path / "no-such-python")])

@@ -334,6 +334,7 @@ def test_real_training_lowers_the_loss_and_writes_a_bundle(real_run):
     assert plot.shape == (400, 720, 3) and (plot[..., 2] > plot[..., 0] + 100).sum() > 50  # a blue loss curve
     best = torch.load(output / "checkpoint_best.pt", weights_only=False)
     assert best["step"] == 20 and best["best_metric"] == card["validation"]["dice_mean"]
+    assert "model" in best and "optimizer" not in best  # only the bundle reads it; --resume reads the last
 
 
 def test_resume_continues_the_run(real_run, tmp_path):
@@ -586,7 +587,9 @@ def test_a_weight_average_is_validated_shipped_and_resumed(tiny_cache, tmp_path)
     best = torch.load(output / "checkpoint_best.pt", weights_only=False)
     assert last["average"]["updates"] == 4
     key = "encoder.stages.0.0.0.weight"
-    assert not torch.equal(best["average"]["weights"][key], best["model"][key])
+    # The best validation's checkpoint is the average alone, without the optimiser's state.
+    assert best["step"] == last["step"] == 4 and not {"model", "optimizer", "rng"} & set(best)
+    assert not torch.equal(best["average"]["weights"][key], last["model"][key])
     # The bundle holds the average (as fp16), not the step's weights.
     shipped = torch.load(output / "model.pt", weights_only=True)
     assert torch.equal(shipped[key], best["average"]["weights"][key].half())

@@ -263,8 +263,13 @@ class Trainer:
     def time_fraction(self) -> float:
         return self.elapsed() / 60 / self.cfg.max_minutes if self.cfg.max_minutes else 0.0
 
-    def save(self, name: str, collective: bool = True) -> None:
-        """Rank 0 writes `name`; with `collective` every rank must call it (their RNG states are gathered)."""
+    def save(self, name: str, collective: bool = True, resumable: bool = True) -> None:
+        """Rank 0 writes `name`; with `collective` every rank must call it (their RNG states are gathered).
+
+        Not `resumable` (the best validation's weights, which only the bundle reads): without the
+        optimiser's moments, and with the average alone where there is one, a quarter of the size of a
+        resumable checkpoint; a run's state committed between sessions holds both.
+        """
         runtime = self.runtime
         rngs = [rng_state()]
         if collective and runtime.world > 1:
@@ -291,6 +296,11 @@ class Trainer:
             "prep": self.prep,
             "init": self.init,
         }
+        if not resumable:
+            for key in ("optimizer", "scheduler", "scaler", "rng") + (
+                ("model",) if self.average is not None else ()
+            ):
+                del state[key]
         atomic_torch_save(state, self.output / name)
 
     def _describe(self) -> str:
@@ -440,7 +450,7 @@ class Trainer:
             )
             if result["dice_mean"] > self.best:
                 self.best, self.best_step, self.best_validation = result["dice_mean"], self.step, result
-                self.save("checkpoint_best.pt", collective=False)
+                self.save("checkpoint_best.pt", collective=False, resumable=False)
         # Rank 0's best metric is what all ranks save and compare.
         if self.runtime.world > 1:
             shared = [self.best, self.best_step]
@@ -456,7 +466,8 @@ class Trainer:
             write_plot(output / "curves.png", self.log.rows, self.progress)
             if not self.split["val"]:
                 self.best_step = self.step
-                self.save("checkpoint_best.pt", collective=False)  # nothing to validate on: the last weights
+                # Nothing to validate on: the last weights.
+                self.save("checkpoint_best.pt", collective=False, resumable=False)
             best_state = torch.load(output / "checkpoint_best.pt", map_location="cpu", weights_only=False)
             average = best_state.get("average")
             self.net.load_state_dict(best_state["model"] if average is None else average["weights"])
