@@ -23,6 +23,15 @@ from SASSRSegmentLib.model.network import (
 MODELS = Path(__file__).resolve().parent.parent / "SASSRSegment" / "Resources" / "Models"
 
 SMALL = (4, 8, 16)
+# The options that make a training step cheaper (the fast brain configuration's).
+CHEAP = {
+    "hr_head": "subpixel",
+    "hr_channels": 4,
+    "reduce_before_upsampling": True,
+    "sdc_squeeze": True,
+    "sr_width": 0.5,
+    "norm": "batch",
+}
 
 
 def _net(**kw) -> SASRNet:
@@ -101,6 +110,8 @@ def test_image_sr_decoder_costs_nothing_at_inference():
         {"norm": "batch"},
         {"hr_head": "subpixel"},
         {"hr_head": "subpixel", "image_sr": False},
+        CHEAP,
+        {**CHEAP, "sdc": False},
     ],
 )
 @pytest.mark.parametrize("dims", [2, 3])
@@ -117,6 +128,45 @@ def test_every_trainable_parameter_gets_a_gradient(switches, dims):
     assert not missing, f"parameters without gradient: {missing}"
     assert ("rec" in terms) == net.config.image_sr
     assert ("sa" in terms) == (net.config.image_sr and net.config.sdc)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_cheap_options_keep_the_outputs_and_shrink_the_training_only_branch(dims):
+    """Cheaper training changes where and how wide the decoders compute, never what comes out: the
+    same HR shapes for odd sizes, scale maps the SA loss can compare, a narrower image-SR decoder, and a
+    decoder stage that reduces its channels on the coarse grid."""
+    full, cheap = (
+        _net(spatial_dims=dims, features=(8, 16, 32)),
+        _net(spatial_dims=dims, features=(8, 16, 32), **CHEAP),
+    )
+    size = (9, 13, 7)[:dims]
+    x = torch.randn(2, 1, *size)
+    out = cheap.train()(x)
+    hr = tuple(2 * n for n in size)
+    assert out.mask.shape == out.image.shape == (2, 1, *hr)
+    assert out.seg_features.shape == out.sr_features.shape == (2, 4, *hr)
+    assert out.seg_scales.shape == out.sr_scales.shape == full.train()(x).seg_scales.shape
+    assert cheap.sr_decoder.widths == [4, 8, 16] and cheap.seg_decoder.widths == [8, 16, 32]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(cheap.sr_decoder) < count(full.sr_decoder) / 3
+    assert count(cheap.seg_decoder) < count(full.seg_decoder)
+    seen = []
+    stage = cheap.seg_decoder.stages[0]
+    hook = stage.reduce.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    skips = cheap.encoder(cheap._pad(x)[0])
+    stage(skips[-1], skips[-2])
+    hook.remove()
+    assert seen == [tuple(skips[-1].shape[2:])]  # the coarse grid, not the skip's
+    cheap.eval()
+    with torch.no_grad():
+        assert cheap(x).shape == (2, 1, *hr)
+
+
+def test_sr_width_must_leave_a_decoder():
+    with pytest.raises(ValueError, match="sr_width"):
+        SASRConfig(sr_width=0.0)
+    with pytest.raises(ValueError, match="sr_width"):
+        SASRConfig(sr_width=1.5)
 
 
 def test_config_json_round_trip_rebuilds_the_same_network():
@@ -304,10 +354,10 @@ def _randomise_batch_norms(net: SASRNet) -> None:
             m.bias.data.copy_(torch.randn(c, generator=g))
 
 
-@pytest.mark.parametrize("head", ["interpolate", "subpixel"])
+@pytest.mark.parametrize("options", [{"hr_head": "interpolate"}, {"hr_head": "subpixel"}, CHEAP])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_folded_batch_norm_predicts_what_the_network_does(dims, head):
-    net = _net(spatial_dims=dims, hr_head=head, norm="batch")
+def test_folded_batch_norm_predicts_what_the_network_does(dims, options):
+    net = _net(spatial_dims=dims, **{"norm": "batch", **options})
     _randomise_batch_norms(net)
     x = torch.randn(2, 1, *(12, 10, 9)[:dims])
     net.eval()

@@ -151,6 +151,24 @@ def test_robust_brain_config_shares_the_brain_models_data_settings():
     assert thick.val_lr_inputs[0] == "block" and "thick-slice-5mm" in thick.val_lr_inputs
 
 
+def test_fast_brain_config_is_the_restandardised_cold_start_on_the_cheaper_network():
+    """Only the network's cost options differ, so its validation compares with the run it replaces;
+    they reach the network, and the encoder keeps the shipped model's shapes (--warm-start copies it)."""
+    restd = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-restandardised.json")
+    fast = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast.json")
+    differs = {f.name for f in dataclasses.fields(fast) if getattr(restd, f.name) != getattr(fast, f.name)}
+    assert differs == {"reduce_before_upsampling", "sdc_squeeze", "sr_width", "hr_channels", "max_steps"}
+    net = build.build_network(fast, {"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"]}, "full")
+    assert (net.config.reduce_before_upsampling, net.config.sdc_squeeze, net.config.sr_width) == (
+        True,
+        True,
+        0.5,
+    )
+    _, shipped = load_bundle(REPO / "SASSRSegment" / "Resources" / "Models" / "brain-tumour-flair-3d")
+    ours, theirs = net.encoder.state_dict(), shipped.encoder.state_dict()
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
         tmp_path / "bad.json",
@@ -160,6 +178,7 @@ def test_new_options_are_checked(tmp_path):
             "checkpoint_minutes": 0,
             "p_thick_slices": 1.5,
             "val_lr_inputs": ["block", "bicubic"],
+            "sr_width": 0,
         },
     )
     with pytest.raises(UserError) as info:
@@ -170,6 +189,7 @@ def test_new_options_are_checked(tmp_path):
     assert "checkpoint_minutes must be > 0" in message
     assert "p_thick_slices must be in [0, 1], got 1.5" in message
     assert 'val_lr_inputs must be a non-empty list of "block", "gaussian-linear"' in message
+    assert "sr_width must be in (0, 1], got 0" in message
 
 
 def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):

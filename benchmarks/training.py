@@ -38,6 +38,9 @@ CONFIGS = {
     "3d-robust": (REPO / "configs" / "brain-tumour-flair-3d-robust.json", "Dataset001_BraTSFLAIR", 4),
     # The shipped brain network: the robust configuration with batch normalisation.
     "3d-robust-bn": (REPO / "configs" / "brain-tumour-flair-3d-robust-bn.json", "Dataset001_BraTSFLAIR", 4),
+    # The cheaper full network (docs/DESIGN.md, training cost): reduce before upsampling, squeezed SDC
+    # branches, a half-width image-SR decoder, 4 HR features per voxel.
+    "3d-fast": (REPO / "configs" / "brain-tumour-flair-3d-fast.json", "Dataset001_BraTSFLAIR", 4),
 }
 
 

@@ -44,6 +44,12 @@ class SASRConfig:
     sdc_weighting: str = "softmax"
     hr_head: str = "interpolate"
     hr_channels: int = 8  # features per HR voxel of a "subpixel" head
+    # Training cost (docs/DESIGN.md): a decoder stage's channel-halving convolution runs before the
+    # upsampling, on 1/2^d of the voxels; the SDC branches read a 1x1-squeezed input of half the width;
+    # the image-SR decoder (training only) has this fraction of the encoder's widths.
+    reduce_before_upsampling: bool = False
+    sdc_squeeze: bool = False
+    sr_width: float = 1.0
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
@@ -64,6 +70,8 @@ class SASRConfig:
             raise ValueError(f"hr_head must be one of {HR_HEADS}, got {self.hr_head!r}")
         if self.hr_channels < 1:
             raise ValueError(f"hr_channels must be >= 1, got {self.hr_channels}")
+        if not 0.0 < self.sr_width <= 1.0:
+            raise ValueError(f"sr_width must be in (0, 1], got {self.sr_width}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -227,17 +235,26 @@ class SDCBlock(nn.Module):
         dilations: tuple[int, ...] = (1, 2, 5),
         norm: str = "instance",
         weighting: str = "softmax",
+        squeeze: bool = False,
     ):
         super().__init__()
-        self.branches = nn.ModuleList(
-            [ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, norm=norm)]
-            + [ConvNormAct(spatial_dims, in_channels, out_channels, dilation=d, norm=norm) for d in dilations]
+        self.squeeze = (
+            ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, norm=norm)
+            if squeeze
+            else None
         )
-        self.scale_conv = _conv(spatial_dims)(in_channels, len(self.branches), 3, padding=1)
+        width = out_channels if squeeze else in_channels
+        self.branches = nn.ModuleList(
+            [ConvNormAct(spatial_dims, width, out_channels, kernel_size=1, norm=norm)]
+            + [ConvNormAct(spatial_dims, width, out_channels, dilation=d, norm=norm) for d in dilations]
+        )
+        self.scale_conv = _conv(spatial_dims)(width, len(self.branches), 3, padding=1)
         self.fuse = ConvNormAct(spatial_dims, out_channels * len(self.branches), out_channels, 1, norm=norm)
         self.weighting = weighting
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.squeeze is not None:
+            x = self.squeeze(x)
         logits = self.scale_conv(x)
         weights = torch.softmax(logits, dim=1) if self.weighting == "softmax" else torch.sigmoid(logits)
         weighted = [branch(x) * weights[:, i : i + 1] for i, branch in enumerate(self.branches)]
@@ -245,22 +262,28 @@ class SDCBlock(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Upsample x2, halve channels, concatenate the skip, then an SDC block or a double conv."""
+    """Upsample x2 and reduce to `out_channels` (in either order), concatenate the skip, then an SDC
+    block or a double conv."""
 
-    def __init__(self, cfg: SASRConfig, in_channels: int, out_channels: int):
+    def __init__(self, cfg: SASRConfig, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
         d = cfg.spatial_dims
         self.reduce = ConvNormAct(d, in_channels, out_channels, norm=cfg.norm)
+        self.reduce_first = cfg.reduce_before_upsampling
+        width = out_channels + skip_channels
         if cfg.sdc:
             self.block = SDCBlock(
-                d, 2 * out_channels, out_channels, cfg.dilations, cfg.norm, cfg.sdc_weighting
+                d, width, out_channels, cfg.dilations, cfg.norm, cfg.sdc_weighting, cfg.sdc_squeeze
             )
         else:
-            self.block = DoubleConv(d, 2 * out_channels, out_channels, cfg.norm)
+            self.block = DoubleConv(d, width, out_channels, cfg.norm)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.reduce(_interpolate(x, size=skip.shape[2:]))
+        if self.reduce_first:
+            x = _interpolate(self.reduce(x), size=skip.shape[2:])
+        else:
+            x = self.reduce(_interpolate(x, size=skip.shape[2:]))
         x = torch.cat([x, skip], dim=1)
         if isinstance(self.block, SDCBlock):
             x, weights = self.block(x)
@@ -288,13 +311,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decodes encoder features back to LR resolution; returns features and the stacked scale maps."""
+    """Decodes encoder features back to LR resolution; returns features and the stacked scale maps.
+    `width` scales its own channels (never the encoder skips it reads)."""
 
-    def __init__(self, cfg: SASRConfig):
+    def __init__(self, cfg: SASRConfig, width: float = 1.0):
         super().__init__()
         feats = cfg.features
+        self.widths = decoder_widths(feats, width)
         self.stages = nn.ModuleList(
-            [DecoderStage(cfg, feats[i], feats[i - 1]) for i in range(len(feats) - 1, 0, -1)]
+            [
+                DecoderStage(
+                    cfg, feats[i] if i == len(feats) - 1 else self.widths[i], feats[i - 1], self.widths[i - 1]
+                )
+                for i in range(len(feats) - 1, 0, -1)
+            ]
         )
 
     def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -311,6 +341,10 @@ class Decoder(nn.Module):
         # Scale maps from every stage, brought to the finest (LR) resolution, one channel per branch.
         size = x.shape[2:]
         return x, torch.cat([_interpolate(m, size=size) for m in maps], dim=1)
+
+
+def decoder_widths(features: tuple[int, ...], width: float) -> list[int]:
+    return [max(1, round(f * width)) for f in features]
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -345,47 +379,60 @@ class HRHead(nn.Module):
 
 
 class ChildFeatures:
-    """HR features held as each LR voxel's scale^d children, (B, C, scale^d, *LR), the layout a sub-pixel
-    convolution produces. Everything the network and the losses do with them (1x1 projections, instance
-    norm, pooling) has the same numbers in this layout, so the HR grid is never materialised for them:
-    at HR those strided copies and broadcast products were half of a 3D training step on CPU."""
+    """HR features held as each LR voxel's scale^d children, (B, C * scale^d, *LR) with channel
+    c * scale^d + k holding HR channel c of child k: the layout a sub-pixel convolution produces.
+    Everything the network and the losses do with them (1x1 projections, pooling) has the same numbers
+    in this layout, so the HR grid is never materialised for them: at HR those strided copies and
+    broadcast products were half of a 3D training step on CPU."""
 
-    def __init__(self, children: torch.Tensor, scale: int):
-        self.children = children
+    def __init__(self, packed: torch.Tensor, channels: int, scale: int):
+        self.packed = packed
+        self.channels = channels
         self.scale = scale
 
     @property
     def shape(self) -> torch.Size:
-        b, c, _, *size = self.children.shape
-        return torch.Size([b, c, *(n * self.scale for n in size)])
+        b, _, *size = self.packed.shape
+        return torch.Size([b, self.channels, *(n * self.scale for n in size)])
 
     def crop(self, size: tuple[int, ...]) -> ChildFeatures:
         """The HR crop to `size` LR voxels per axis (LR voxel n owns HR children n*scale ...)."""
-        return ChildFeatures(self.children[(..., *(slice(0, n) for n in size))], self.scale)
+        return ChildFeatures(self.packed[(..., *(slice(0, n) for n in size))], self.channels, self.scale)
 
     def hr(self) -> torch.Tensor:
-        b, c, k, *size = self.children.shape
-        return pixel_shuffle(self.children.reshape(b, c * k, *size), self.scale)
+        return pixel_shuffle(self.packed, self.scale)
 
     def project(self, conv: nn.Module) -> torch.Tensor:
-        """`conv` (a 1x1 convolution) applied at HR, returned on the HR grid."""
-        b, c, k, *size = self.children.shape
-        weight = conv.weight.reshape(conv.weight.shape[0], c).to(self.children.dtype)
-        y = weight @ self.children.reshape(b, c, -1)
-        y = y + conv.bias.to(y.dtype).view(1, -1, 1)
-        return pixel_shuffle(y.reshape(b, -1, *size), self.scale)
+        """`conv` (a 1x1 convolution) applied at HR, returned on the HR grid: the same 1x1 convolution
+        for every child, so one convolution at LR whose weight is `conv`'s Kronecker product with the
+        identity over the children."""
+        b, ck, *size = self.packed.shape
+        children = ck // self.channels
+        weight = conv.weight.reshape(conv.weight.shape[0], self.channels).to(self.packed.dtype)
+        eye = torch.eye(children, dtype=weight.dtype, device=weight.device)
+        kernel = torch.kron(weight, eye).view(-1, ck, *[1] * len(size))
+        bias = conv.bias.to(weight.dtype).repeat_interleave(children)
+        y = (F.conv3d if len(size) == 3 else F.conv2d)(self.packed, kernel, bias)
+        return pixel_shuffle(y, self.scale)
 
     def pooled(self, grid: int) -> torch.Tensor:
         """Adaptive average pooling of the HR features to at most `grid` per axis. Where every pooling
         bin is whole LR voxels it is the children's mean pooled on the LR grid; otherwise the HR grid."""
-        size = self.children.shape[3:]
+        b, ck, *size = self.packed.shape
         bins = [min(grid, n * self.scale) for n in size]
         pool = F.adaptive_avg_pool3d if len(size) == 3 else F.adaptive_avg_pool2d
         if all(n % g == 0 for n, g in zip(size, bins)):
-            b, c, k = self.children.shape[:3]
-            pooled = pool(self.children.reshape(b, c * k, *size), bins).float()
-            return pooled.view(b, c, k, *bins).mean(2)
+            pooled = pool(self.packed, bins).float()
+            return pooled.view(b, self.channels, ck // self.channels, *bins).mean(2)
         return pool(self.hr(), bins).float()
+
+
+def _icnr(conv: nn.Module, children: int) -> None:
+    """ICNR (Aitken et al. 2017): every child starts with the same kernel, so the initial output is a
+    nearest-neighbour upsampling, free of the checkerboard a random sub-pixel kernel draws."""
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight[::children].clone().repeat_interleave(children, dim=0))
+        conv.bias.copy_(conv.bias[::children].clone().repeat_interleave(children))
 
 
 class SubpixelHead(nn.Module):
@@ -403,23 +450,17 @@ class SubpixelHead(nn.Module):
         self.scale = cfg.scale
         self.out_channels = cfg.hr_channels
         self.conv = _conv(d)(channels, cfg.hr_channels * children, 3, padding=1)
-        # ICNR (Aitken et al. 2017): every child starts with the same kernel, so the initial output is
-        # a nearest-neighbour upsampling, free of the checkerboard a random sub-pixel kernel draws.
-        with torch.no_grad():
-            weight = self.conv.weight[::children].clone()
-            self.conv.weight.copy_(weight.repeat_interleave(children, dim=0))
-            self.conv.bias.copy_(self.conv.bias[::children].repeat_interleave(children))
+        _icnr(self.conv, children)
         self.norm = _norm(d, cfg.norm, cfg.hr_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> ChildFeatures:
         y = self.conv(features)
-        b, _, *size = y.shape
-        children = y.reshape(b, self.out_channels, -1, *size)
+        b, _, first, *rest = y.shape
         # Folding the children axis into the first spatial one keeps the norm's statistics those of
         # each HR channel over all HR voxels.
-        flat = children.flatten(2, 3)
-        return ChildFeatures(self.act(self.norm(flat)).view_as(children), self.scale)
+        flat = y.reshape(b, self.out_channels, -1, *rest)
+        return ChildFeatures(self.act(self.norm(flat)).view(y.shape), self.out_channels, self.scale)
 
 
 def hr_project(features: torch.Tensor | ChildFeatures, conv: nn.Module) -> torch.Tensor:
@@ -464,8 +505,8 @@ class SASRNet(nn.Module):
             pointwise(self.seg_hr_head.out_channels, 1, 1) if cfg.learned_upsampling else None
         )
         if cfg.image_sr:
-            self.sr_decoder = Decoder(cfg)
-            self.sr_hr_head = _hr_head(cfg, f0)
+            self.sr_decoder = Decoder(cfg, cfg.sr_width)
+            self.sr_hr_head = _hr_head(cfg, self.sr_decoder.widths[0])
             self.sr_out = pointwise(self.sr_hr_head.out_channels, cfg.in_channels, 1)
         else:
             self.sr_decoder = self.sr_hr_head = self.sr_out = None

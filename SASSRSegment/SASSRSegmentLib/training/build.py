@@ -25,6 +25,9 @@ def build_network(cfg: TrainConfig, prep: dict, ablation: str):
         dilations=tuple(cfg.dilations),
         hr_head=cfg.hr_head,
         hr_channels=cfg.hr_channels,
+        reduce_before_upsampling=cfg.reduce_before_upsampling,
+        sdc_squeeze=cfg.sdc_squeeze,
+        sr_width=cfg.sr_width,
         **switches,
     )
     return SASRNet(net_cfg)

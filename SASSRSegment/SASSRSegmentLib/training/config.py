@@ -67,6 +67,9 @@ class TrainConfig:
     dilations: list[int] = field(default_factory=lambda: [1, 2, 5])
     hr_head: str = "interpolate"  # or "subpixel" (network.py)
     hr_channels: int = 8  # HR features of a "subpixel" head
+    reduce_before_upsampling: bool = False  # network.py: what a training step costs
+    sdc_squeeze: bool = False
+    sr_width: float = 1.0
     # loss weights (defaults: those of losses.LossWeights)
     loss_seg: float = LossWeights.seg
     loss_rec: float = LossWeights.rec
@@ -167,6 +170,8 @@ class TrainConfig:
             p.append(f"hr_head must be one of {', '.join(map(json.dumps, HR_HEADS))}, got {self.hr_head!r}")
         if self.hr_channels < 1:
             p.append(f"hr_channels must be >= 1, got {self.hr_channels}")
+        if not 0.0 < self.sr_width <= 1.0:
+            p.append(f"sr_width must be in (0, 1], got {self.sr_width}")
         if self.degradation not in DEGRADATIONS:
             p.append(
                 f"degradation must be one of {', '.join(map(json.dumps, DEGRADATIONS))}, got {self.degradation!r}"
