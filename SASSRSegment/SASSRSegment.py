@@ -15,6 +15,7 @@ slicer-core wheel) with small stand-ins for the application.
 
 import logging
 import sys
+import time
 from typing import Annotated
 
 from SASSRSegmentSlicer import selftest
@@ -41,6 +42,8 @@ from SASSRSegmentSlicer.slicerapi import (
     vtkMRMLSegmentationNode,
 )
 
+# Seconds after a start in which a click on the Cancel button (it was Segment lesions) is ignored.
+DOUBLE_CLICK_S = 1.0
 CITATION = (
     'Luo et al., "Scale-aware super-resolution network with dual affinity learning for lesion segmentation '
     'from medical images", IEEE Transactions on Neural Networks and Learning Systems, 2024 '
@@ -124,6 +127,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._inputVolumeId = None
         self._job = None
+        self._runStartedAt = 0.0
         self._cards = []
         self._devices = None
         self._deviceProbe = None
@@ -362,6 +366,9 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self):
         if self._job:
+            # The button became Cancel under the mouse: a double click's second click is no cancel.
+            if time.monotonic() - self._runStartedAt < DOUBLE_CLICK_S:
+                return
             self._job.cancel()
             self._updateRunningStatus()
             return
@@ -478,6 +485,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.format = "%p%"  # not the last run's final stage name
         if running:
+            self._runStartedAt = time.monotonic()
             self.ui.statusLabel.text = _("Starting...")
             self._statusTimer.start()
         else:

@@ -336,6 +336,20 @@ def test_the_users_threshold_stays_while_the_model_does(mod):
     assert panel._parameterNode.threshold == 0.4 and panel._parameterNode.modelName == ""
 
 
+def test_a_double_click_on_segment_lesions_does_not_cancel_the_run_it_started(mod):
+    cancelled = []
+    panel = types.SimpleNamespace(
+        _job=types.SimpleNamespace(cancel=lambda: cancelled.append(True)),
+        _runStartedAt=time.monotonic(),
+        _updateRunningStatus=lambda: None,
+    )
+    mod.SASSRSegmentWidget.onApplyButton(panel)
+    assert cancelled == []
+    panel._runStartedAt -= mod.DOUBLE_CLICK_S
+    mod.SASSRSegmentWidget.onApplyButton(panel)
+    assert cancelled == [True]
+
+
 def test_lesion_terminology_is_the_dicom_master_list_neoplasm(pkg):
     entry = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(

@@ -603,6 +603,11 @@ def test_failure_message_is_one_clear_line():
     # Killed by the system (the out-of-memory killer), after some unrelated warning on stderr.
     killed = failureMessage(-9, ["UserWarning: TypedStorage is deprecated"])
     assert "most likely for lack of memory" in killed and "TypedStorage" not in killed
+    # PythonSlicer (CTK's launcher) reports its killed Python child in a line of its own, exit code 1.
+    launcher = failureMessage(
+        1, ["error: [/opt/Slicer/bin/python-real] exit abnormally - Report the problem."]
+    )
+    assert "most likely for lack of memory" in launcher and "python-real" not in launcher
     assert (
         failureMessage(-11, ["Segmentation fault"])
         == "The segmentation process failed (exit code -11): Segmentation fault"
@@ -882,11 +887,30 @@ time.sleep(60)
     runner.cancel()
     _drive(runner, events, lambda: runner.finished)
     assert runner.cancelled and runner.returnCode == -signal.SIGKILL
-    status = Path(f"/proc/{childPid}/status")
-    deadline = time.monotonic() + 5
+    assert _ends(childPid), "the child outlived Cancel"
+
+
+def _ends(pid, timeoutS=5.0):
+    """Whether process `pid` is gone (or a zombie) within `timeoutS`."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + timeoutS
     while status.exists() and "State:\tZ" not in status.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not status.exists() or "State:\tZ" in status.read_text(), "the child outlived Cancel"
+    return not status.exists() or "State:\tZ" in status.read_text()
+
+
+@POSIX_ONLY
+def test_device_probe_timeout_ends_the_python_the_launcher_started(tmp_path):
+    """PythonSlicer is a launcher: the Python it starts, which imports torch, is ended with it."""
+    pid_file = tmp_path / "child.pid"
+    launcher = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    _, devices = _probe([sys.executable, "-c", launcher], timeoutS=1.0)
+    assert "did not answer within 1 s" in devices["error"]
+    assert _ends(int(pid_file.read_text()))
 
 
 def test_runner_terminate_returns_once_every_holder_of_its_output_has_ended(tmp_path):

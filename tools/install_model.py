@@ -6,8 +6,9 @@
 Copies model.pt unchanged (its checksum stays valid) and writes model.json = the training card plus an
 "evaluation" section (the summary `evaluate --json` wrote; with several --lr-input generators, the
 first one's and the robustness table), the MONAI peer's robustness table beside it (--peer: the JSONs
-`benchmarks/monai_peer_train.py evaluate --json` wrote) and free-text provenance. What a card says about the model's use
-rather than its training (`postprocess`, `plausibility`) is kept from the model it replaces.
+`benchmarks/monai_peer_train.py evaluate --json` wrote; without --peer, the replaced card's) and
+free-text provenance. What a card says about the model's use rather than its training (`postprocess`,
+`plausibility`) is kept from the model it replaces.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def main() -> int:
         for key in ("postprocess", "plausibility"):
             if key in replaced and key not in card:
                 card[key] = replaced[key]
+        # The peer is the same trained U-Net whichever model it stands beside.
+        peer = replaced.get("evaluation", {}).get("monai_peer")
+        if peer and not args.peer:
+            card["evaluation"]["monai_peer"] = peer
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, target / "model.pt")
     (target / "model.json").write_text(json.dumps(card, indent=2) + "\n")

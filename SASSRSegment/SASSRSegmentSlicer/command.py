@@ -172,6 +172,13 @@ def failureMessage(returnCode, stderrLines):
     if returnCode == EXIT_CANCELLED:
         return _("Segmentation was cancelled.")
     lines = [line.strip() for line in stderrLines if line.strip()]
+    # PythonSlicer is CTK's launcher: when the Python it started is killed (the out-of-memory killer,
+    # as a rule) or crashes, the launcher exits 1 with this line, not with the signal.
+    if returnCode == -9 or any("exit abnormally" in line for line in lines):
+        return _(
+            "The segmentation process was stopped by the system, most likely for lack of memory: close other "
+            "programs or choose a smaller region (ROI), then retry."
+        )
     for line in reversed(lines):
         if line.startswith("error:"):
             return line[len("error:") :].strip()
@@ -180,12 +187,6 @@ def failureMessage(returnCode, stderrLines):
         return _("PyTorch is not installed in Slicer's Python: install it with the PyTorch Utils module.")
     if "out of memory" in joined.lower():
         return _("Out of memory: choose the CPU device or a smaller region (ROI), then retry.")
-    if returnCode == -9:
-        # SIGKILL that Cancel did not send: the system's out-of-memory killer, as a rule.
-        return _(
-            "The system stopped the segmentation, most likely for lack of memory: close other programs or "
-            "draw a smaller region (ROI), then retry."
-        )
     if lines:
         return _("The segmentation process failed (exit code {code}): {line}").format(
             code=returnCode, line=lines[-1]

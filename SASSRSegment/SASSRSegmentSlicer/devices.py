@@ -2,12 +2,12 @@
 the engine's `--device` value for the panel's Auto/CPU/GPU choice."""
 
 import json
-import os
 import re
 import subprocess
 import tempfile
 import time
 
+from .processes import processGroupOptions, signalProcessTree
 from .slicerapi import _
 
 ENGINE_DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -32,7 +32,6 @@ class DeviceProbe:
         self._result = None
 
     def start(self):
-        options = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
         # Files, not pipes: the output is read once the process has ended, and a pipe that fills up
         # (torch's warnings on a broken install) would block the process until the timeout.
         self._output = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
@@ -44,7 +43,7 @@ class DeviceProbe:
                 stdout=self._output[0],
                 stderr=self._output[1],
                 env=self.env,
-                **options,
+                **processGroupOptions(),
             )
         except OSError as exc:
             self._finish(_failed(_("the engine's Python could not start: {error}").format(error=exc)))
@@ -70,7 +69,8 @@ class DeviceProbe:
 
     def stop(self):
         if self._process is not None and self._process.poll() is None:
-            self._process.kill()
+            # The group: PythonSlicer's launcher has started the Python that imports torch.
+            signalProcessTree(self._process, hard=True)
             self._process.wait()
         self._finish(self._result)
 

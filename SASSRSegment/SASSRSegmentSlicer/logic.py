@@ -62,7 +62,8 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         except ImportError:
             raise RuntimeError(
                 _(
-                    "PyTorch is required: install the PyTorch extension from the Extensions Manager, then retry."
+                    "PyTorch is required: install the PyTorch extension from the Extensions Manager (View menu), "
+                    "restart Slicer, then retry."
                 )
             ) from None
         # The installer processes events while it runs: a second click must not start another one.

@@ -2,15 +2,14 @@
 cancels it (its whole process group)."""
 
 import logging
-import os
 import queue
-import signal
 import subprocess
 import threading
 import time
 from collections import deque
 
 from .command import WARNING_PREFIX, parseProgressLine
+from .processes import processGroupOptions, signalProcessTree
 
 CANCEL_GRACE_S = 2.0
 STDERR_LINES_KEPT = 200
@@ -40,11 +39,6 @@ class SegmentRunner:
         self._startTime = None
 
     def start(self):
-        options = {}
-        if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            options["start_new_session"] = True
         self._process = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -55,7 +49,7 @@ class SegmentRunner:
             text=True,
             encoding="utf-8",
             errors="replace",
-            **options,
+            **processGroupOptions(),
         )
         self._startTime = time.monotonic()
         for stream, kind in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
@@ -150,17 +144,4 @@ class SegmentRunner:
             reader.join(timeout=self.cancelGraceS)
 
     def _signal(self, hard):
-        if os.name == "nt":
-            # Windows has no SIGTERM for a console process group: end the whole tree at once.
-            if self._process.poll() is None:
-                # Slicer is a windowed program: without CREATE_NO_WINDOW each call flashes a console.
-                subprocess.run(
-                    ["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
-                    capture_output=True,
-                    creationflags=subprocess.CREATE_NO_WINDOW,
-                )
-            return
-        try:
-            os.killpg(self._process.pid, signal.SIGKILL if hard else signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group has already exited
+        signalProcessTree(self._process, hard)
