@@ -427,14 +427,6 @@ class ChildFeatures:
         return pool(self.hr(), bins).float()
 
 
-def _icnr(conv: nn.Module, children: int) -> None:
-    """ICNR (Aitken et al. 2017): every child starts with the same kernel, so the initial output is a
-    nearest-neighbour upsampling, free of the checkerboard a random sub-pixel kernel draws."""
-    with torch.no_grad():
-        conv.weight.copy_(conv.weight[::children].clone().repeat_interleave(children, dim=0))
-        conv.bias.copy_(conv.bias[::children].clone().repeat_interleave(children))
-
-
 class SubpixelHead(nn.Module):
     """Lifts LR decoder features to the HR grid by a sub-pixel convolution (Shi et al., CVPR 2016).
 
@@ -450,13 +442,18 @@ class SubpixelHead(nn.Module):
         self.scale = cfg.scale
         self.out_channels = cfg.hr_channels
         self.conv = _conv(d)(channels, cfg.hr_channels * children, 3, padding=1)
-        _icnr(self.conv, children)
+        # ICNR (Aitken et al. 2017): every child starts with the same kernel, so the initial output is
+        # a nearest-neighbour upsampling, free of the checkerboard a random sub-pixel kernel draws.
+        with torch.no_grad():
+            weight = self.conv.weight[::children].clone()
+            self.conv.weight.copy_(weight.repeat_interleave(children, dim=0))
+            self.conv.bias.copy_(self.conv.bias[::children].repeat_interleave(children))
         self.norm = _norm(d, cfg.norm, cfg.hr_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> ChildFeatures:
         y = self.conv(features)
-        b, _, first, *rest = y.shape
+        b, _, _, *rest = y.shape
         # Folding the children axis into the first spatial one keeps the norm's statistics those of
         # each HR channel over all HR voxels.
         flat = y.reshape(b, self.out_channels, -1, *rest)
