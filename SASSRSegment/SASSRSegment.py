@@ -22,6 +22,7 @@ from SASSRSegmentSlicer import selftest
 from SASSRSegmentSlicer.cards import hasImageSrDecoder, modelsHelpHtml, modelSummary, readModelCards
 from SASSRSegmentSlicer.command import devicesCommand, processEnvironment, pythonExecutable
 from SASSRSegmentSlicer.devices import DeviceProbe, deviceArgument, deviceSummary
+from SASSRSegmentSlicer.geometry import hrScales
 from SASSRSegmentSlicer.logic import SASSRSegmentLogic
 from SASSRSegmentSlicer.naming import formatElapsed
 from SASSRSegmentSlicer.paths import ICON_PATH, SAMPLE_PATH
@@ -41,6 +42,7 @@ from SASSRSegmentSlicer.slicerapi import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
 )
+from SASSRSegmentSlicer.sliceviews import HrSliceSpacing
 
 # Seconds after a start in which a click on the Cancel button (it was Segment lesions) is ignored.
 DOUBLE_CLICK_S = 1.0
@@ -133,6 +135,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceProbe = None
         self._deviceTimer = None
         self._statusTimer = None
+        self._hrSliceSpacing = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -142,6 +145,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SASSRSegmentLogic()
+        self._hrSliceSpacing = HrSliceSpacing()
         self._cards = readModelCards()
         self._fillModelComboBox()
         self._fillDeviceComboBox()
@@ -171,6 +175,10 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._statusTimer.stop()
         self._stopDeviceProbe()
         self.removeObservers()
+        # The views keep the spacing a run gave them (changing views while Slicer quits is no help); a
+        # reloaded module no longer watches them: the view controller's spacing menu has Automatic.
+        if self._hrSliceSpacing:
+            self._hrSliceSpacing.removeObservers()
 
     def onReload(self):
         # Slicer's Reload reads this file again, not the files it imports: forget the SASSRSegmentSlicer
@@ -195,6 +203,8 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job:
             self._job.cancel()
         self.setParameterNode(None)
+        if self._hrSliceSpacing:
+            self._hrSliceSpacing.release()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -524,13 +534,21 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = " ".join(text for text in [done, found, *warnings] if text)
             if self._parameterNode:
                 self._parameterNode.outputSegmentation = result.segmentationNode
-                slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=False)
+                self._showResult(self._parameterNode.inputVolume)
         elif result.status == "cancelled":
             self.ui.statusLabel.text = _("Cancelled after {elapsed}.").format(elapsed=elapsed)
         else:
             failed = _("Failed after {elapsed}: {message}").format(elapsed=elapsed, message=result.message)
             self.ui.statusLabel.text = " ".join([failed, *warnings])
             slicer.util.errorDisplay(result.message)
+
+    def _showResult(self, volume):
+        """Show the input under the segmentation, the slice views stepping through its HR slices (in
+        Automatic spacing they would step by the input's slices, every other HR slice)."""
+        slicer.util.setSliceViewerLayers(background=volume, fit=False)
+        card = self._currentCard()  # the run's model: the panel cannot change it while a run goes on
+        if volume is not None and volume.GetImageData() is not None and card:
+            self._hrSliceSpacing.show(volume, hrScales(card, volume.GetImageData().GetDimensions()))
 
 
 #

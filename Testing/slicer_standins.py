@@ -95,14 +95,20 @@ class IOManager:
 
 
 class Application:
-    """slicer.app: the temporary folder, the IO manager and event processing."""
+    """slicer.app: the temporary folder, the IO manager, the application logic and event processing."""
 
-    def __init__(self, scene, volumesLogic, temporaryPath):
+    def __init__(self, scene, volumesLogic, temporaryPath, applicationLogic):
         self.temporaryPath = str(temporaryPath)
         self._ioManager = IOManager(scene, volumesLogic)
+        self._applicationLogic = applicationLogic
 
     def coreIOManager(self):
         return self._ioManager
+
+    def applicationLogic(self):
+        # The real vtkSlicerApplicationLogic; its slice logics are those a test registers (Slicer's layout
+        # manager registers one per slice view widget), none by default.
+        return self._applicationLogic
 
     def processEvents(self):
         processEvents()
@@ -199,7 +205,7 @@ def installed(temporaryPath):
         _moduleLogic(logic, applicationLogic, scene)
         applicationLogic.SetModuleLogic(name, logic)
     _observeDataNodes(scene)
-    app = Application(scene, logics["Volumes"], temporaryPath)
+    app = Application(scene, logics["Volumes"], temporaryPath, applicationLogic)
     modules = types.SimpleNamespace(
         segmentations=types.SimpleNamespace(logic=lambda: logics["Segmentations"]),
         volumes=types.SimpleNamespace(logic=lambda: logics["Volumes"]),

@@ -10,6 +10,7 @@ own self-test.
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -833,6 +834,209 @@ def test_segment_files_for_console_batch_use(pkg, logic, tmp_path):
 
 
 # ------------------------------------------------------------------------------- the self-test
+
+
+@pytest.fixture
+def views(mod):
+    """Red (axial), Yellow (sagittal) and Green (coronal) slice views as Slicer's layout manager makes
+    them: a slice node, its composite node and a real vtkMRMLSliceLogic registered with the application
+    logic. Slicer's automatic spacing and its offset stepping are these logics' own."""
+    applicationLogic = slicer.app.applicationLogic()
+    logics = vtk.vtkCollection()
+    made = {}
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        sliceLogic = slicer.vtkMRMLSliceLogic()
+        sliceLogic.SetMRMLApplicationLogic(applicationLogic)
+        sliceLogic.SetMRMLScene(slicer.mrmlScene)
+        sliceNode = sliceLogic.AddSliceNode(name)
+        assert sliceNode.SetOrientation(orientation) and sliceLogic.GetSliceCompositeNode() is not None
+        logics.AddItem(sliceLogic)
+        made[name] = sliceLogic
+    applicationLogic.SetSliceLogics(logics)
+    yield made
+    applicationLogic.SetSliceLogics(None)
+    for sliceLogic in made.values():
+        for node in (sliceLogic.GetSliceNode(), sliceLogic.GetSliceCompositeNode()):
+            if node is not None and node.GetScene():
+                slicer.mrmlScene.RemoveNode(node)
+        sliceLogic.SetMRMLScene(None)
+
+
+def _prescribed(sliceLogic):
+    """The view's prescribed spacing, or None in Automatic spacing."""
+    sliceNode = sliceLogic.GetSliceNode()
+    if sliceNode.GetSliceSpacingMode() != slicer.vtkMRMLSliceNode.PrescribedSliceSpacingMode:
+        return None
+    return tuple(sliceNode.GetPrescribedSliceSpacing())
+
+
+def _step(sliceLogic):
+    """The offset step of the arrow keys (vtkMRMLSliceIntersectionWidget::GetSliceSpacing), which
+    Segment Editor's brush also takes as its slice thickness."""
+    sliceNode = sliceLogic.GetSliceNode()
+    if sliceNode.GetSliceSpacingMode() == slicer.vtkMRMLSliceNode.PrescribedSliceSpacingMode:
+        return sliceNode.GetPrescribedSliceSpacing()[2]
+    return sliceLogic.GetLowestVolumeSliceSpacing()[2]
+
+
+def _slider_resolution(sliceLogic):
+    """The slice offset slider's step (qMRMLSliceControllerWidget asks the logic for it)."""
+    offsetRange, resolution = [0.0, 0.0], vtk.reference(0.0)
+    assert sliceLogic.GetSliceOffsetRangeResolution(offsetRange, resolution)
+    return resolution.get()
+
+
+def _hr_slices_stepped_through(sliceLogic, rows, axis):
+    """Step the view through the volume with the arrow keys' step, as vtkMRMLSliceIntersectionWidget's
+    MoveSlice does (within the slice bounds), from the current offset; returns each plane's continuous
+    index along `axis` of the grid `rows` (image-to-world)."""
+    inverse = np.linalg.inv(np.array(rows))
+    bounds = [0.0] * 6
+    sliceLogic.GetSliceBounds(bounds)
+    offset, step, indices = sliceLogic.GetSliceOffset(), _step(sliceLogic), []
+    while offset - step >= bounds[4]:
+        offset -= step
+    while offset <= bounds[5]:
+        sliceLogic.SetSliceOffset(offset)
+        centre = [sliceLogic.GetSliceNode().GetSliceToRAS().GetElement(r, 3) for r in range(3)] + [1.0]
+        indices.append((inverse @ centre)[axis])
+        offset += step
+    return indices
+
+
+def test_after_a_run_the_views_showing_the_input_step_through_every_hr_slice(
+    pkg, mod, logic, views, tmp_path
+):
+    """The panel's end of a run: the input becomes the views' background and they step at the HR spacing,
+    onto the centre of each HR slice of the segmentation, one after the other."""
+    volume = _volume(tmp_path)  # 2 mm
+    red = views["Red"]
+    red.GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+    red.SetSliceOffset(9.0)  # an input slice's centre, where Automatic spacing puts it
+    # Slicer's Automatic spacing: the input's 2 mm, every other slice of a 1 mm segmentation.
+    assert _step(red) == 2.0 and _slider_resolution(red) == 2.0
+    result = _run(logic, volume, modelName="tiny-mr-3d")
+    assert result.status == "completed", result.message
+    panel = types.SimpleNamespace(
+        _job=object(),
+        _setRunning=lambda running: None,
+        ui=types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="")),
+        _parameterNode=types.SimpleNamespace(
+            inputVolume=volume, modelName="tiny-mr-3d", outputSegmentation=None
+        ),
+        _cards=logic.modelCards(),
+        _hrSliceSpacing=pkg.sliceviews.HrSliceSpacing(),
+    )
+    panel._currentCard = lambda: mod.SASSRSegmentWidget._currentCard(panel)
+    panel._showResult = lambda volumeNode: mod.SASSRSegmentWidget._showResult(panel, volumeNode)
+
+    mod.SASSRSegmentWidget._onFinished(panel, result)
+
+    assert panel._parameterNode.outputSegmentation is result.segmentationNode
+    for sliceLogic in views.values():
+        assert sliceLogic.GetSliceCompositeNode().GetBackgroundVolumeID() == volume.GetID()
+        assert _prescribed(sliceLogic) == (1.0, 1.0, 1.0)
+        # What Slicer's stepping asks for: the arrow keys, the offset slider, GetLowestVolumeSliceSpacing.
+        assert _step(sliceLogic) == 1.0 and _slider_resolution(sliceLogic) == 1.0
+        assert tuple(sliceLogic.GetLowestVolumeSliceSpacing()) == (1.0, 1.0, 1.0)
+    # Red steps through all 16 HR slices (the input's 8, twice as fine), each at its centre.
+    rows, dimensions = pkg.segmentation.referenceGeometry(result.segmentationNode)
+    indices = _hr_slices_stepped_through(red, rows, 2)
+    assert indices == pytest.approx(list(range(dimensions[2])), abs=1e-6)
+    panel._hrSliceSpacing.release()
+
+
+def test_hr_spacing_follows_each_views_orientation(pkg, views, tmp_path):
+    """Each view gets Automatic's spacing along its own normal, halved: for an anisotropic input, a
+    sagittal view steps at half the input's x spacing, an oblique one at half what Automatic gives it
+    (Slicer's rule), and a view turned later gets its new orientation's."""
+    volume = _volume(tmp_path, spacing=(1.0, 1.5, 3.0))
+    slicer.util.setSliceViewerLayers(background=volume)
+    red = views["Red"]
+    rotation = vtk.vtkTransform()
+    rotation.RotateX(30.0)
+    sliceToRas = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), red.GetSliceNode().GetSliceToRAS(), sliceToRas)
+    red.GetSliceNode().GetSliceToRAS().DeepCopy(sliceToRas)
+    red.GetSliceNode().UpdateMatrices()
+    # Slicer's rule for an oblique view: the spacing of the input axis closest to the normal in index
+    # space, projected on the normal. 30 degrees from z, the normal is closer to y there (1.5 mm against
+    # 3 mm voxels): y's 1.5 mm, projected.
+    automatic = _step(red)
+    assert automatic == pytest.approx(1.5 * math.sin(math.radians(30.0)))
+    hr = pkg.sliceviews.HrSliceSpacing()
+
+    hr.show(volume, [2, 2, 2])
+
+    assert _step(views["Yellow"]) == pytest.approx(0.5)  # x: 1.0 mm
+    assert _step(views["Green"]) == pytest.approx(0.75)  # y: 1.5 mm
+    assert _step(red) == pytest.approx(automatic / 2)
+    views["Red"].GetSliceNode().SetOrientation("Sagittal")
+    assert _step(red) == pytest.approx(0.5)
+    views["Red"].GetSliceNode().SetOrientation("Axial")
+    assert _step(red) == pytest.approx(1.5) and _prescribed(red) == pytest.approx((0.5, 0.75, 1.5))
+    hr.release()
+
+
+def test_views_showing_another_volume_are_left_alone_and_go_back_to_automatic(pkg, views, tmp_path):
+    """Only the views whose background is the input get the HR spacing; a view that stops showing it goes
+    back to Automatic, unless the user set its spacing; release() (scene close) gives the rest back."""
+    volume = _volume(tmp_path)
+    other = _volume(tmp_path, "Other", spacing=(0.7, 0.7, 0.7))
+    slicer.util.setSliceViewerLayers(background=volume)
+    views["Yellow"].GetSliceCompositeNode().SetBackgroundVolumeID(other.GetID())
+    hr = pkg.sliceviews.HrSliceSpacing()
+
+    hr.show(volume, [2, 2, 2])
+
+    assert _prescribed(views["Yellow"]) is None and _step(views["Yellow"]) == pytest.approx(0.7)
+    assert _prescribed(views["Red"]) == _prescribed(views["Green"]) == (1.0, 1.0, 1.0)
+    # Red now shows another volume: Automatic, which steps through it (a 1 mm spacing would skip slices).
+    views["Red"].GetSliceCompositeNode().SetBackgroundVolumeID(other.GetID())
+    assert _prescribed(views["Red"]) is None and _step(views["Red"]) == pytest.approx(0.7)
+    # Back on the input, Red stays in Automatic: the next run's result sets it again.
+    views["Red"].GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+    assert _prescribed(views["Red"]) is None
+    # The user's own spacing in Green (the view controller's spacing menu) stays the user's.
+    views["Green"].GetSliceNode().SetPrescribedSliceSpacing(3.0, 3.0, 3.0)
+    views["Green"].GetSliceCompositeNode().SetBackgroundVolumeID(other.GetID())
+    assert _prescribed(views["Green"]) == (3.0, 3.0, 3.0)
+    # A scene close (or the input removed) leaves no view in the HR spacing of a volume it no longer shows.
+    slicer.util.setSliceViewerLayers(background=volume)
+    hr.show(volume, [2, 2, 2])
+    assert all(_prescribed(sliceLogic) == (1.0, 1.0, 1.0) for sliceLogic in views.values())
+    slicer.mrmlScene.RemoveNode(volume)
+    assert all(_prescribed(sliceLogic) is None for sliceLogic in views.values())
+    slicer.util.setSliceViewerLayers(background=other)
+    hr.show(other, [2, 2, 2])
+    assert _prescribed(views["Red"]) == pytest.approx((0.35, 0.35, 0.35))
+    hr.release()
+    assert all(_prescribed(sliceLogic) is None for sliceLogic in views.values())
+
+
+def test_2d_images_and_missing_slice_logics_leave_the_views_alone(pkg, views, tmp_path):
+    """A 2D image is not refined through-plane ([2, 2, 1]): its views keep Automatic spacing. Without slice
+    logics (Slicer without its layout) or for a view without one, nothing changes and nothing fails."""
+    image = _image_2d(tmp_path)
+    slicer.util.setSliceViewerLayers(background=image)
+    hr = pkg.sliceviews.HrSliceSpacing()
+    scales = pkg.geometry.hrScales({"preprocessing": {"scale": 2}}, image.GetImageData().GetDimensions())
+    assert scales == [2, 2, 1]
+
+    hr.show(image, scales)
+
+    assert all(_prescribed(sliceLogic) is None for sliceLogic in views.values())
+    volume = _volume(tmp_path)
+    slicer.util.setSliceViewerLayers(background=volume)
+    slicer.app.applicationLogic().SetSliceLogics(None)
+    hr.show(volume, [2, 2, 2])
+    only = vtk.vtkCollection()
+    only.AddItem(views["Red"])
+    slicer.app.applicationLogic().SetSliceLogics(only)
+    hr.show(volume, [2, 2, 2])
+    assert _prescribed(views["Red"]) == (1.0, 1.0, 1.0)
+    assert _prescribed(views["Yellow"]) is None and _prescribed(views["Green"]) is None
+    hr.release()
 
 
 def test_the_modules_self_test_with_the_bundled_brain_model(mod, pkg):

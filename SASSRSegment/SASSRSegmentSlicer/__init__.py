@@ -5,6 +5,7 @@ the module file:
 
 - logic.py: SASSRSegmentLogic, the Logic the panel and the Python console use.
 - selftest.py: the self-test, registered in the module file as SASSRSegmentTest.
+- sliceviews.py: the slice views after a run: those that show the input step through the HR slices.
 - job.py: one run on a scene volume (SegmentationJob) and what runs end with (SegmentationResult,
   FileResult).
 - runner.py: the engine process in the background (SegmentRunner) and its cancel.
