@@ -177,3 +177,38 @@ def test_streamed_slabs_reassemble_the_whole_prediction(dims):
     assert rows[1:] == ends[:-1] and ends[-1] == 80  # in order, with no gap or overlap
     assert torch.allclose(torch.cat([b for _, b in slabs], dim=1)[0], whole, atol=1e-6)
     assert len(slabs) > 2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_support_box_is_predicted_alone_and_the_rest_is_probability_zero(dims):
+    net = _PointwiseUpsampler()  # voxel-wise: inside the box the crop's prediction is the whole image's
+    lr = torch.rand(1, *(40, 14, 12)[:dims])
+    box = (slice(21, 33), slice(3, 11), slice(0, 12))[:dims]
+    cpu = torch.device("cpu")
+    whole = sliding_window_predict(net, lr, (16,) * dims, scale=2, device=cpu)
+    slabs = []
+    sliding_window_predict(
+        net,
+        lr,
+        (16,) * dims,
+        2,
+        device=cpu,
+        support=box,
+        sink=lambda row, block: slabs.append((row, block.clone())),
+    )
+    rows = [row for row, _ in slabs]
+    ends = [row + block.shape[1] for row, block in slabs]
+    assert rows[0] == 0 and rows[1:] == ends[:-1] and ends[-1] == 80  # every HR row once, in order
+    assert all(b.shape[1] <= 32 and b.shape[2:] == whole.shape[1:] for _, b in slabs)
+    out = torch.cat([b for _, b in slabs], dim=1)[0]
+    inside = tuple(slice(2 * b.start, 2 * b.stop) for b in box)
+    assert torch.allclose(out[inside], whole[inside], atol=1e-6)
+    outside = torch.ones_like(out, dtype=torch.bool)
+    outside[inside] = False
+    assert out[outside].eq(0).all() and whole[outside].gt(0).all()
+    returned = sliding_window_predict(
+        net, lr, (16,) * dims, 2, device=cpu, support=box
+    )  # no sink: the whole volume
+    assert torch.equal(returned, out)
+    with pytest.raises(ValueError):
+        sliding_window_predict(net, lr, (16,) * dims, 2, device=cpu, support=box, output="image")

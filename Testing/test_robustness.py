@@ -87,3 +87,15 @@ def test_folding_batch_norm_keeps_the_sample_mask(brain):
     masks = [pipeline.segment_image(image, net, card, probabilities="none")[0] for net in (plain, folded)]
     # Measured 0.997: the folded weights round differently to bf16.
     assert metrics.overlap(*masks)["dice"] >= 0.99
+
+
+def test_predicting_the_tissue_box_only_keeps_the_sample_mask(brain, monkeypatch):
+    """The brain fills 34 % of the sample's box; with SUPPORT_MARGIN_LR voxels of background around it
+    the network runs on 58 % of the volume. Measured against the whole volume: Dice 0.997 (margins 2 /
+    4 / 16: 0.987 / 0.992 / 0.997)."""
+    card, net = brain
+    image = sitk.ReadImage(str(SAMPLE), sitk.sitkFloat32)
+    boxed, _ = pipeline.segment_image(image, net, card, probabilities="none")
+    monkeypatch.setattr(inputs, "support_box", lambda tissue, margin=None: None)
+    whole, _ = pipeline.segment_image(image, net, card, probabilities="none")
+    assert metrics.overlap(boxed, whole)["dice"] >= 0.99

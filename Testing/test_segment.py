@@ -430,6 +430,33 @@ def test_a_batch_normalised_model_predicts_the_whole_image_in_one_window():
     np.testing.assert_array_equal(mask, per_window["instance"][1])  # this network is window-invariant
 
 
+def test_an_mri_is_predicted_on_its_tissue_box_only_with_the_same_mask(monkeypatch):
+    """A skull-stripped brain fills a third of its volume's box: the network sees the tissue's box and a
+    margin of background, and the rest of the HR volume is probability 0."""
+    grid = Grid((40, 36, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ball = ball_image(grid, grid.index_to_physical([12, 20, 10]), 8.0)
+    ramp = sitk.GetArrayFromImage(ball) * (1.0 + np.linspace(0.0, 1.0, 40))  # contrast inside the "tissue"
+    image = grid.image_from_array(ramp.astype(np.float32))
+    card = _card(3)
+    card["network"]["norm"] = "batch"
+    card["preprocessing"]["normalization"] = {"kind": "mri"}
+    masks, windows, support_box = [], [], inputs.support_box
+    for box in (support_box, lambda tissue, margin=None: None):
+        monkeypatch.setattr(inputs, "support_box", box)
+        net = _WindowRecorder()
+        masks.append(sitk.GetArrayFromImage(pipeline.segment_image(image, net, card, CPU)[0]))
+        windows.append(net.windows)
+    margin = inputs.SUPPORT_MARGIN_LR
+    # The ball spans x 8..16, y 16..24, z 6..14 (partial voxels included); array order (z, y, x).
+    assert windows == [[(20, 9 + 2 * margin, min(40, 17 + margin))], [(20, 36, 40)]]
+    assert masks[0].any()
+    np.testing.assert_array_equal(masks[0], masks[1])
+    tissue = np.zeros((20, 36, 40), bool)
+    tissue[9:11, 2:5, 30:33] = True
+    assert support_box(tissue, 2) == (slice(7, 13), slice(0, 7), slice(28, 35))
+    assert support_box(np.ones((4, 4), bool)) is None and support_box(None) is None
+
+
 def test_windows_shrink_to_the_fewest_tiles_that_fit_and_never_below_the_training_patch(monkeypatch):
     card = _card(3)
     card["network"]["norm"] = "batch"

@@ -24,6 +24,8 @@ from .memory import (
 )
 
 CONTEXT_LR_VOXELS = 8
+# Working voxels of background kept around the tissue's box (see support_box).
+SUPPORT_MARGIN_LR = 8
 
 
 def _single_slice(image: sitk.Image) -> bool:
@@ -149,6 +151,9 @@ class PreparedInput:
     overlap: float  # between the windows, when there are several
     plane: _Plane | None
     tissue_ml: float | None = None  # tissue volume the normalisation traced (MRI kind), for plausibility
+    # The LR index box (array order) that holds the tissue, with SUPPORT_MARGIN_LR voxels of context;
+    # None: predict everywhere. Outside it the normalised input is background (0) and no lesion can be.
+    support: tuple[slice, ...] | None = None
 
 
 def _channels(image: sitk.Image) -> list[sitk.Image]:
@@ -258,8 +263,38 @@ def prepare_input(
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
     return PreparedInput(
-        input_grid, out_grid, hr_work, torch.from_numpy(np.stack(channels)), window, overlap, plane, tissue_ml
+        input_grid,
+        out_grid,
+        hr_work,
+        torch.from_numpy(np.stack(channels)),
+        window,
+        overlap,
+        plane,
+        tissue_ml,
+        support_box(tissue),
     )
+
+
+def support_box(tissue: np.ndarray | None, margin: int | None = None) -> tuple[slice, ...] | None:
+    """The index box of the `tissue` voxels widened by `margin` (SUPPORT_MARGIN_LR by default) within the
+    array; None when there is no tissue mask (8-bit, CT) or the box is the whole array.
+
+    A skull-stripped brain fills a third of its volume's box: the network runs on the tissue's box only.
+    The margin keeps the tissue's edge as far from the box's faces as from the volume's, so the
+    network's zero padding reaches no tissue voxel it would not reach anyway.
+    """
+    if tissue is None or not tissue.any():
+        return None
+    margin = SUPPORT_MARGIN_LR if margin is None else margin
+    box = []
+    for axis in range(tissue.ndim):
+        present = np.flatnonzero(tissue.any(axis=tuple(a for a in range(tissue.ndim) if a != axis)))
+        box.append(
+            slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, tissue.shape[axis]))
+        )
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, tissue.shape)):
+        return None
+    return tuple(box)
 
 
 # An input axis this much coarser than the model's working spacing loses what lies between its samples.

@@ -24,12 +24,6 @@ from . import lesions
 from .inputs import PreparedInput, prepare_input
 from .memory import PROBABILITY_KINDS
 
-# ------------------------------------------------------------------------------------- input checks
-
-
-# ------------------------------------------------------------------------- single-slice volumes
-
-
 # ---------------------------------------------------------------------------------- the core
 
 
@@ -113,6 +107,7 @@ def segment_image(
         tta=tta,
         tta_axes=tta_axes(card),
         progress=lambda f: report("predict", f),
+        support=prepared.support,
     )
     if prepared.lr is not None and same_grid(prepared.hr_work, prepared.output_grid):
         mask, probs = _predict_streamed(predict, prepared.hr_work, threshold, probabilities)

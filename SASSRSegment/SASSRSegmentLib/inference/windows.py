@@ -92,6 +92,41 @@ class _SlabBlender:
         self.first_row = upto
 
 
+class _BoxSink:
+    """Hands `sink` the whole HR volume's slabs when only an LR box of it is predicted: the box's
+    slabs padded in plane, and zero rows (probability 0) before, between and after them."""
+
+    # Rows per slab handed on: a few full HR planes at a time (32 MiB for 1024^2 planes), so that padding
+    # adds no window-deep copy of the volume's width to what the blender holds.
+    ROWS = 8
+
+    def __init__(self, support, scale, hr_shape, channels, sink):
+        self.sink = sink
+        self.offset = [s.start * scale for s in support]
+        self.hr_shape = hr_shape
+        self.channels = channels
+        self.next_row = 0
+
+    def __call__(self, first_row: int, block: torch.Tensor) -> None:
+        self._zeros(self.offset[0] + first_row)
+        region = tuple(slice(o, o + n) for o, n in zip(self.offset[1:], block.shape[2:]))
+        for start in range(0, block.shape[1], self.ROWS):
+            rows = block[:, start : start + self.ROWS]
+            padded = torch.zeros((self.channels, rows.shape[1], *self.hr_shape[1:]))
+            padded[(slice(None), slice(None), *region)] = rows
+            self.sink(self.next_row, padded)
+            self.next_row += rows.shape[1]
+
+    def finish(self) -> None:
+        self._zeros(self.hr_shape[0])
+
+    def _zeros(self, upto: int) -> None:
+        while self.next_row < upto:
+            rows = min(self.ROWS, upto - self.next_row)
+            self.sink(self.next_row, torch.zeros((self.channels, rows, *self.hr_shape[1:])))
+            self.next_row += rows
+
+
 def _window_batch(
     lr: torch.Tensor, starts: list, window: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
@@ -120,6 +155,7 @@ def sliding_window_predict(
     output: str = "mask",
     sink: Callable[[int, torch.Tensor], None] | None = None,
     tta_axes: Sequence[int] | None = None,
+    support: tuple[slice, ...] | None = None,
 ) -> torch.Tensor | None:
     """HR lesion probabilities (float32, CPU, shape spatial * scale) for one LR image (C, *spatial).
 
@@ -132,6 +168,10 @@ def sliding_window_predict(
     With `sink`, nothing is returned: finished slabs of HR rows along the first spatial axis are passed
     to `sink(first_row, block)` in order (block: float32 (channels, rows, ...)), so memory holds one
     window's depth of HR values instead of the whole HR volume.
+
+    With `support` (output="mask" only; one slice per spatial axis, LR indices), only that box of `lr` is
+    predicted and the HR voxels outside it get probability 0: `prepare_input` gives the box of the tissue
+    with a margin, outside which the input is background and no lesion can be.
     """
     if output == "mask":
         channels = 1
@@ -148,17 +188,24 @@ def sliding_window_predict(
     was_training = net.training
     net.eval()
     device = device or next(net.parameters()).device
+    result = None
+    if sink is None:
+        result = torch.empty((channels, *(n * scale for n in lr.shape[1:])), dtype=torch.float32)
+
+        def sink(first_row: int, block: torch.Tensor) -> None:
+            result[:, first_row : first_row + block.shape[1]] = block
+
+    box_sink = None
+    if support is not None:
+        if output != "mask":
+            raise ValueError("support applies to lesion probabilities only")
+        sink = box_sink = _BoxSink(support, scale, tuple(n * scale for n in lr.shape[1:]), channels, sink)
+        lr = lr[(slice(None), *support)]
     spatial = tuple(lr.shape[1:])
     window = tuple(min(w, n) for w, n in zip(window_lr, spatial))
     hr_shape = tuple(n * scale for n in spatial)
     starts_per_axis = [window_starts(n, w, overlap) for n, w in zip(spatial, window)]
     starts = list(itertools.product(*starts_per_axis))
-    result = None
-    if sink is None:
-        result = torch.empty((channels, *hr_shape), dtype=torch.float32)
-
-        def sink(first_row: int, block: torch.Tensor) -> None:
-            result[:, first_row : first_row + block.shape[1]] = block
 
     blender = _SlabBlender(channels, hr_shape, tuple(w * scale for w in window), starts_per_axis, scale, sink)
     flips = _flips(len(spatial), tta, tta_axes)
@@ -179,6 +226,8 @@ def sliding_window_predict(
             if progress is not None:
                 progress(min(1.0, (b + len(chunk)) / len(starts)))
         blender.finish()
+        if box_sink is not None:
+            box_sink.finish()
     finally:
         net.train(was_training)
     if result is None:
