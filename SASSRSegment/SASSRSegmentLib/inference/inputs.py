@@ -253,13 +253,15 @@ def prepare_input(
         warn("the input image is constant (no contrast): the mask is empty")
         return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane)
     spec = prep["normalization"]
-    channels, tissue = [], None
+    channels, tissue, anywhere = [], None, None
     for c, channel in enumerate(_channels(image)):
         values, traced = normalization.normalize_and_trace(
             to_working_grid(channel, work_lr), spec, levels[c] if levels else None
         )
         channels.append(values)
         tissue = traced if tissue is None else tissue
+        # Where any channel has tissue, the network has input to see.
+        anywhere = traced if anywhere is None or traced is None else anywhere | traced
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
     return PreparedInput(
@@ -271,7 +273,7 @@ def prepare_input(
         overlap,
         plane,
         tissue_ml,
-        support_box(tissue),
+        support_box(anywhere),
     )
 
 
