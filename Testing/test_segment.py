@@ -441,7 +441,7 @@ def test_an_mri_is_predicted_on_its_tissue_box_only_with_the_same_mask(monkeypat
     card["network"]["norm"] = "batch"
     card["preprocessing"]["normalization"] = {"kind": "mri"}
     masks, windows, support_box = [], [], inputs.support_box
-    for box in (support_box, lambda tissue, margin=None: None):
+    for box in (support_box, lambda tissue, margin=None, align=1: None):
         monkeypatch.setattr(inputs, "support_box", box)
         net = _WindowRecorder()
         masks.append(sitk.GetArrayFromImage(pipeline.segment_image(image, net, card, CPU)[0]))
@@ -454,6 +454,8 @@ def test_an_mri_is_predicted_on_its_tissue_box_only_with_the_same_mask(monkeypat
     tissue = np.zeros((20, 36, 40), bool)
     tissue[9:11, 2:5, 30:33] = True
     assert support_box(tissue, 2) == (slice(7, 13), slice(0, 7), slice(28, 35))
+    # Starts on the network's stride: its pooling grid stays the whole volume's.
+    assert support_box(tissue, 2, align=4) == (slice(4, 13), slice(0, 7), slice(28, 35))
     assert support_box(np.ones((4, 4), bool)) is None and support_box(None) is None
 
 

@@ -273,17 +273,21 @@ def prepare_input(
         overlap,
         plane,
         tissue_ml,
-        support_box(anywhere),
+        support_box(anywhere, align=2 ** (len(card["network"]["features"]) - 1)),
     )
 
 
-def support_box(tissue: np.ndarray | None, margin: int | None = None) -> tuple[slice, ...] | None:
+def support_box(
+    tissue: np.ndarray | None, margin: int | None = None, align: int = 1
+) -> tuple[slice, ...] | None:
     """The index box of the `tissue` voxels widened by `margin` (SUPPORT_MARGIN_LR by default) within the
-    array; None when there is no tissue mask (8-bit, CT) or the box is the whole array.
+    array, each start moved down to a multiple of `align`; None when there is no tissue mask (8-bit, CT)
+    or the box is the whole array.
 
     A skull-stripped brain fills a third of its volume's box: the network runs on the tissue's box only.
     The margin keeps the tissue's edge as far from the box's faces as from the volume's, so the
-    network's zero padding reaches no tissue voxel it would not reach anyway.
+    network's zero padding reaches no tissue voxel it would not reach anyway; starts on a multiple of the
+    network's stride keep its pooling grid where the whole volume's is (a U-Net is not shift-invariant).
     """
     if tissue is None or not tissue.any():
         return None
@@ -291,9 +295,8 @@ def support_box(tissue: np.ndarray | None, margin: int | None = None) -> tuple[s
     box = []
     for axis in range(tissue.ndim):
         present = np.flatnonzero(tissue.any(axis=tuple(a for a in range(tissue.ndim) if a != axis)))
-        box.append(
-            slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, tissue.shape[axis]))
-        )
+        start = max(int(present[0]) - margin, 0) // align * align
+        box.append(slice(start, min(int(present[-1]) + 1 + margin, tissue.shape[axis])))
     if all(b.start == 0 and b.stop == n for b, n in zip(box, tissue.shape)):
         return None
     return tuple(box)
