@@ -169,6 +169,19 @@ def test_fast_brain_config_is_the_restandardised_cold_start_on_the_cheaper_netwo
     assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
 
 
+def test_contrast_fine_tune_config_widens_only_the_contrast_augmentation_of_the_fast_run():
+    """It fine-tunes the fast run's weights (--init needs the same network) with wider intensity scaling."""
+    fast = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast.json")
+    wide = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast-contrast.json")
+    differs = {f.name for f in dataclasses.fields(fast) if getattr(fast, f.name) != getattr(wide, f.name)}
+    assert differs == {"p_intensity", "intensity_scale", "learning_rate", "warmup_steps", "max_steps"}
+    assert (
+        wide.intensity_scale[0] < fast.intensity_scale[0]
+        and wide.intensity_scale[1] > fast.intensity_scale[1]
+    )
+    assert wide.p_intensity > fast.p_intensity and wide.learning_rate < fast.learning_rate
+
+
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
         tmp_path / "bad.json",
