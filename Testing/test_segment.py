@@ -454,9 +454,44 @@ def test_an_mri_is_predicted_on_its_tissue_box_only_with_the_same_mask(monkeypat
     tissue = np.zeros((20, 36, 40), bool)
     tissue[9:11, 2:5, 30:33] = True
     assert support_box(tissue, 2) == (slice(7, 13), slice(0, 7), slice(28, 35))
-    # Starts on the network's stride: its pooling grid stays the whole volume's.
-    assert support_box(tissue, 2, align=4) == (slice(4, 13), slice(0, 7), slice(28, 35))
+    # Faces a multiple of the network's stride from the array's: its pooling grid stays the whole
+    # volume's, from either end (flipped test-time passes pool from the far end).
+    assert support_box(tissue, 2, align=4) == (slice(4, 16), slice(0, 8), slice(28, 36))
     assert support_box(np.ones((4, 4), bool)) is None and support_box(None) is None
+    monkeypatch.setattr(inputs, "support_box", support_box)
+    deep = dict(card, network={**card["network"], "features": [4, 8, 16, 32]})  # stride 8
+    prepared = inputs.prepare_input(image, deep, None, "hr", 1, 64 << 30, lambda m: None, "none")
+    shape = tuple(prepared.lr.shape[1:])
+    assert prepared.support != tuple(slice(0, n) for n in shape)
+    assert all(b.start % 8 == 0 and (n - b.stop) % 8 == 0 for b, n in zip(prepared.support, shape))
+    # An instance-normalised network runs on its training patches: no box that would shrink them.
+    instance = dict(card, network={**card["network"], "norm": "instance"})
+    assert (
+        inputs.prepare_input(image, instance, None, "hr", 1, 64 << 30, lambda m: None, "none").support is None
+    )
+
+
+def test_the_tissue_box_holds_every_channels_tissue_whatever_channel_is_blank():
+    """Two channels with tissue at opposite ends and a blank one (a missing modality stored as zeros),
+    in any order: the box covers both tissues."""
+    grid = Grid((64, 24, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ramp = 1.0 + np.linspace(0.0, 1.0, 64, dtype=np.float32)
+    left, right = (
+        sitk.GetArrayFromImage(ball_image(grid, grid.index_to_physical([x, 12, 10]), 8.0)) * ramp
+        for x in (8, 56)
+    )
+    card = _card(3)
+    card["network"]["norm"] = "batch"
+    card["network"]["in_channels"] = 3
+    card["preprocessing"]["normalization"] = {"kind": "mri"}
+    blank = np.zeros_like(left)
+    for channels in ((left, blank, right), (blank, left, right), (left, right, blank)):
+        image = sitk.GetImageFromArray(np.stack(channels, axis=-1).astype(np.float32), isVector=True)
+        image.CopyInformation(grid.image_from_array(blank))
+        prepared = inputs.prepare_input(image, card, None, "hr", 1, 64 << 30, lambda m: None, "none")
+        nonzero = np.argwhere(prepared.lr.numpy().any(axis=0))
+        box = prepared.support or tuple(slice(0, n) for n in prepared.lr.shape[1:])
+        assert all(b.start <= lo and hi < b.stop for b, lo, hi in zip(box, nonzero.min(0), nonzero.max(0)))
 
 
 def test_windows_shrink_to_the_fewest_tiles_that_fit_and_never_below_the_training_patch(monkeypatch):

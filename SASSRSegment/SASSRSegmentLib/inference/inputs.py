@@ -21,6 +21,7 @@ from .memory import (
     default_overlap,
     estimate_bytes,
     trained_window,
+    window_invariant,
 )
 
 CONTEXT_LR_VOXELS = 8
@@ -260,8 +261,10 @@ def prepare_input(
         )
         channels.append(values)
         tissue = traced if tissue is None else tissue
-        # Where any channel has tissue, the network has input to see.
-        anywhere = traced if anywhere is None or traced is None else anywhere | traced
+        # Where any channel has tissue, the network has input to see (a channel that traces none has no
+        # contrast and normalises to zeros).
+        if traced is not None:
+            anywhere = traced if anywhere is None else anywhere | traced
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
     return PreparedInput(
@@ -273,7 +276,11 @@ def prepare_input(
         overlap,
         plane,
         tissue_ml,
-        support_box(anywhere, align=2 ** (len(card["network"]["features"]) - 1)),
+        # Only a window-invariant network: an instance-normalised one runs on its training patches, which
+        # a box smaller than them would shrink.
+        support_box(anywhere, align=2 ** (len(card["network"]["features"]) - 1))
+        if window_invariant(card)
+        else None,
     )
 
 
@@ -281,22 +288,25 @@ def support_box(
     tissue: np.ndarray | None, margin: int | None = None, align: int = 1
 ) -> tuple[slice, ...] | None:
     """The index box of the `tissue` voxels widened by `margin` (SUPPORT_MARGIN_LR by default) within the
-    array, each start moved down to a multiple of `align`; None when there is no tissue mask (8-bit, CT)
-    or the box is the whole array.
+    array, each face moved out so that its distance from the array's face on that side is a multiple of
+    `align`; None when there is no tissue mask (8-bit, CT) or the box is the whole array.
 
     A skull-stripped brain fills a third of its volume's box: the network runs on the tissue's box only.
-    The margin keeps the tissue's edge as far from the box's faces as from the volume's, so the
-    network's zero padding reaches no tissue voxel it would not reach anyway; starts on a multiple of the
-    network's stride keep its pooling grid where the whole volume's is (a U-Net is not shift-invariant).
+    Outside the tissue the input is 0 and no lesion can be; the margin keeps the box's faces, where the
+    network pads, away from the tissue (the network sees further than the margin, so the probabilities
+    near the tissue's edge move slightly: Dice 0.998 on the shipped sample). Faces a multiple of the
+    network's stride from the array's keep its pooling grid where the whole volume's is, from either end
+    (a flipped test-time pass pads and pools from the far end; a U-Net is not shift-invariant).
     """
     if tissue is None or not tissue.any():
         return None
     margin = SUPPORT_MARGIN_LR if margin is None else margin
     box = []
-    for axis in range(tissue.ndim):
+    for axis, n in enumerate(tissue.shape):
         present = np.flatnonzero(tissue.any(axis=tuple(a for a in range(tissue.ndim) if a != axis)))
         start = max(int(present[0]) - margin, 0) // align * align
-        box.append(slice(start, min(int(present[-1]) + 1 + margin, tissue.shape[axis])))
+        stop = n - (n - min(int(present[-1]) + 1 + margin, n)) // align * align
+        box.append(slice(start, stop))
     if all(b.start == 0 and b.stop == n for b, n in zip(box, tissue.shape)):
         return None
     return tuple(box)
