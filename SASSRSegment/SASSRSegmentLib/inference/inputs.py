@@ -253,7 +253,20 @@ def prepare_input(
     if float(array.min()) == float(array.max()):
         warn("the input image is constant (no contrast): the mask is empty")
         return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane)
-    spec = prep["normalization"]
+    channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels)
+    tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
+    _check_input(input_grid, work_lr, tissue_ml, card, warn)
+    # Only a window-invariant network gets a box: an instance-normalised one runs on its training
+    # patches, which a box smaller than them would shrink.
+    stride = 2 ** (len(card["network"]["features"]) - 1)
+    support = support_box(anywhere, align=stride) if window_invariant(card) else None
+    lr = torch.from_numpy(np.stack(channels))
+    return PreparedInput(input_grid, out_grid, hr_work, lr, window, overlap, plane, tissue_ml, support)
+
+
+def _normalised_channels(image: sitk.Image, work_lr: Grid, spec: dict, levels: list | None) -> tuple:
+    """(each channel normalised on the working grid, the first channel's tissue, the union of every
+    channel's tissue); the tissue masks are None for kinds that trace none (8-bit, CT)."""
     channels, tissue, anywhere = [], None, None
     for c, channel in enumerate(_channels(image)):
         values, traced = normalization.normalize_and_trace(
@@ -265,23 +278,7 @@ def prepare_input(
         # contrast and normalises to zeros).
         if traced is not None:
             anywhere = traced if anywhere is None else anywhere | traced
-    tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
-    _check_input(input_grid, work_lr, tissue_ml, card, warn)
-    return PreparedInput(
-        input_grid,
-        out_grid,
-        hr_work,
-        torch.from_numpy(np.stack(channels)),
-        window,
-        overlap,
-        plane,
-        tissue_ml,
-        # Only a window-invariant network: an instance-normalised one runs on its training patches, which
-        # a box smaller than them would shrink.
-        support_box(anywhere, align=2 ** (len(card["network"]["features"]) - 1))
-        if window_invariant(card)
-        else None,
-    )
+    return channels, tissue, anywhere
 
 
 def support_box(

@@ -140,6 +140,15 @@ def _window_batch(
     return batch
 
 
+def _predictor(net: SASRNet, output: str, in_channels: int) -> tuple[int, Callable]:
+    """(output channels, the function of a window batch) for `output`: "mask" or "image"."""
+    if output == "mask":
+        return 1, lambda x: torch.sigmoid(net(x).float())
+    if output == "image":
+        return in_channels, lambda x: net.super_resolve_image(x).float()
+    raise ValueError(f"output must be 'mask' or 'image', got {output!r}")
+
+
 @torch.no_grad()
 def sliding_window_predict(
     net: SASRNet,
@@ -169,22 +178,10 @@ def sliding_window_predict(
     to `sink(first_row, block)` in order (block: float32 (channels, rows, ...)), so memory holds one
     window's depth of HR values instead of the whole HR volume.
 
-    With `support` (output="mask" only; one slice per spatial axis, LR indices), only that box of `lr` is
-    predicted and the HR voxels outside it get probability 0: `prepare_input` gives the box of the tissue
-    with a margin, outside which the input is background and no lesion can be.
+    With `support` (output="mask"; a slice of LR indices per axis), only that box of `lr` is predicted and
+    the HR voxels outside it get probability 0 (`prepare_input`'s box of the tissue: no lesion outside).
     """
-    if output == "mask":
-        channels = 1
-
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(net(x).float())
-    elif output == "image":
-        channels = lr.shape[0]
-
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            return net.super_resolve_image(x).float()
-    else:
-        raise ValueError(f"output must be 'mask' or 'image', got {output!r}")
+    channels, predict = _predictor(net, output, lr.shape[0])
     was_training = net.training
     net.eval()
     device = device or next(net.parameters()).device
