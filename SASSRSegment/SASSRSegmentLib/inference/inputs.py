@@ -203,6 +203,8 @@ def prepare_input(
     """The input on the model's working grid, its window and overlap (None: the model's default)."""
     import torch
 
+    from ..model.network import encoder_stride
+
     prep = card["preprocessing"]
     scale = int(prep["scale"])
     image = check_image(image, card)
@@ -258,7 +260,7 @@ def prepare_input(
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
     # Only a window-invariant network gets a box: an instance-normalised one runs on its training
     # patches, which a box smaller than them would shrink.
-    stride = 2 ** (len(card["network"]["features"]) - 1)
+    stride = encoder_stride(card["network"]["features"])
     support = support_box(anywhere, align=stride) if window_invariant(card) else None
     lr = torch.from_numpy(np.stack(channels))
     return PreparedInput(input_grid, out_grid, hr_work, lr, window, overlap, plane, tissue_ml, support)

@@ -475,6 +475,11 @@ def _hr_head(cfg: SASRConfig, channels: int) -> nn.Module:
     return SubpixelHead(cfg, channels) if cfg.hr_head == "subpixel" else HRHead(cfg, channels)
 
 
+def encoder_stride(features) -> int:
+    """How much coarser the deepest encoder level is than the input: inputs are padded to a multiple of it."""
+    return 2 ** (len(features) - 1)
+
+
 class SASRNet(nn.Module):
     """Scale-aware super-resolution lesion segmentation network.
 
@@ -514,7 +519,7 @@ class SASRNet(nn.Module):
 
     @property
     def stride(self) -> int:
-        return 2 ** (len(self.config.features) - 1)
+        return encoder_stride(self.config.features)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         size = tuple(x.shape[2:])
