@@ -145,7 +145,9 @@ def test_mri_degradation_keeps_the_background_zero_and_adds_bounded_noise(monkey
         assert np.all(lr[0][interior] != 0)
     values = clean[interior]
     span = np.percentile(values, 99) - np.percentile(values, 1)
-    monkeypatch.setattr(Degradation, "matrices", lambda self, shape, scale, rng: block)
+    monkeypatch.setattr(
+        Degradation, "operators", lambda self, shape, rng, scale: [degrade.Operator("block")] * 3
+    )
     errors = []
     for seed in range(6):  # block averaging only, to see the noise alone
         noisy = deg.apply(hr, 2, np.random.default_rng(seed), tissue)[0][interior]
@@ -194,13 +196,16 @@ def test_sampler_makes_the_lr_input_when_degrading(tmp_path, monkeypatch):
     for _ in range(4):
         image, seg, lr = sampler.sample(rng)
         assert image.shape == (1, 24, 28, 28) and seg.shape == (24, 28, 28) and lr.shape == (1, 12, 14, 14)
-        hr, scale, _, tissue = seen[-1]
+        hr, scale, _, tissue, scan = seen[-1]
         np.testing.assert_array_equal(hr, image)  # the augmented HR patch, the image-SR target
         # The tissue is traced before the intensity shift moves the background (0) to some b:
         # outside it there is one value, b, and inside it never b.
         assert scale == 2 and tissue.any() and not tissue.all()
         (b,) = np.unique(hr[0][~tissue])
         assert b != 0 and not np.any(hr[0][tissue] == b)
+        # The whole case, unaugmented, for the normaliser's statistics.
+        np.testing.assert_array_equal(scan[0], cache.normalized(np.asarray(cache.image("a"))))
+        assert scan[1].shape == scan[0].shape[1:] and scan[1].any() and not scan[1].all()
     hr_image, hr_mask, lr_batch = next(batches(sampler, 3, workers=0, seed=0))
     assert hr_image.shape == (3, 1, 24, 28, 28) and hr_mask.shape == (3, 1, 24, 28, 28)
     assert lr_batch.shape == (3, 1, 12, 14, 14) and lr_batch.dtype == torch.float32
@@ -259,10 +264,10 @@ def test_mri_lr_tissue_keeps_the_hr_tissues_spread_after_thick_slices_and_noise(
     restandardised = make.apply(hr, 2, np.random.default_rng(0), tissue)[0]
     assert abs(restandardised[whole].mean() - hr[0][normalization.erode(tissue)].mean()) < 0.05
     with monkeypatch.context() as patched:
-        patched.setattr(degrade, "restandardise", lambda t, whole, reference: t)
+        patched.setattr(degrade, "restandardise", lambda t, *stats: t)
         plain = make.apply(hr, 2, np.random.default_rng(0), tissue)[0]
     assert np.corrcoef(restandardised[whole], plain[whole])[0, 1] > 0.99
-    monkeypatch.setattr(degrade, "restandardise", lambda t, whole, reference: t)
+    monkeypatch.setattr(degrade, "restandardise", lambda t, *stats: t)
     assert abs(spread() - reference) > 0.1 * reference  # what training saw before
 
 
@@ -270,14 +275,45 @@ def test_restandardise_trusts_no_spread_of_a_few_voxels_and_bounds_its_gain():
     t = np.linspace(-1, 1, 100).astype(np.float32)
     few = np.zeros(100, bool)
     few[:10] = True
-    assert degrade.restandardise(t, few, np.ones(50)) is t  # 10 whole voxels of 100: unchanged
+    assert degrade._patch_statistics(t, few, np.ones(50)) is None  # 10 whole voxels of 100: untrusted
     whole = np.ones(100, bool)
     wide = np.random.default_rng(0).normal(0, 10, 500)
-    assert degrade.restandardise(t, whole, wide).std() == pytest.approx(
+    stats = degrade._patch_statistics(t, whole, wide)
+    assert degrade.restandardise(t, stats[0], np.sqrt(stats[1]), *stats[2:]).std() == pytest.approx(
         t.std() * degrade.GAIN_RANGE[1], rel=1e-5
     )
     flat = np.zeros(100, np.float32)
-    assert degrade.restandardise(flat, whole, wide) is flat  # no spread: unchanged
+    assert degrade.restandardise(flat, 0.0, 0.0, 0.0, 1.0) is flat  # no spread: unchanged
+
+
+def test_a_patch_gets_its_scans_gain_not_its_own():
+    """Block averaging takes more spread from fine texture than from coarse. A patch of coarse texture cut
+    from a scan of mostly fine texture: the normaliser, which sees the whole LR scan, raises the contrast
+    by the scan's gain, and so must training for that patch."""
+    shape = (64, 64, 64)
+    tissue = np.zeros(shape, bool)
+    tissue[2:-2, 2:-2, 2:-2] = True
+    z = np.indices(shape)[0].astype(np.float32)
+    fine, coarse = np.sin(z * 1.9), np.sin(z / 6.0)
+    scan = np.where(tissue, np.where(z < 44, fine, coarse), 0.0)[None].astype(np.float32)
+    patch, patch_tissue = scan[:, 44:, :20, :20], tissue[44:, :20, :20]
+    make = Degradation(noise=(1e-9, 1e-9), p_bias=0.0, p_quantise=0.0, p_thick=0.0)
+    block = [degrade.Operator("block")] * 3
+    make.operators = lambda shape, rng, scale: block
+    matrices = [op.matrix(n // 2, 2) for op, n in zip(block, patch.shape[1:])]
+    plain = degrade.apply_separable(patch, matrices)[0]
+    whole = degrade.apply_separable(patch_tissue[None].astype(np.float32), matrices)[0] >= 0.999
+    own = make.apply(patch, 2, np.random.default_rng(0), patch_tissue)[0]
+    scanned = make.apply(patch, 2, np.random.default_rng(0), patch_tissue, (scan, tissue))[0]
+    ((mean, var, ref_mean, ref_sd),) = degrade.scan_statistics(
+        scan, tissue, [op.matrix(32, 2) for op in block]
+    )
+    scan_gain = ref_sd / np.sqrt(var)
+    assert 1.3 < scan_gain < degrade.GAIN_RANGE[1]  # the fine texture mostly averaged away
+    np.testing.assert_allclose(scanned[whole], ref_mean + (plain[whole] - mean) * scan_gain, atol=1e-3)
+    # Its own statistics would have given the coarse patch about the contrast it had at HR.
+    own_gain = own[whole].std() / plain[whole].std()
+    assert own_gain < 1.1 < scan_gain - 0.2
 
 
 def test_ct_and_8_bit_degradation_are_not_restandardised(monkeypatch):

@@ -34,11 +34,13 @@ Then, on the LR patch, in the order a scanner adds them:
 - rounding to the stored precision: 8-bit images always (real LR ultrasound frames are 8-bit); MRI
   with probability 0.3, to 255 levels (an 8-bit export) or to 256-4096 levels of the tissue range
   (integer scanner values); CT always to whole HU;
-- MRI: the tissue values re-standardised to the HR patch tissue's mean and standard deviation
-  (`restandardise`), as the normaliser z-scores a real LR scan by its own statistics. Without it
-  training sees a thick-slice patch with the fifth of its contrast the slices took, where `segment`
-  shows the network that contrast restored (on the shipped brain model: Dice 0.48 against 0.67 on the
-  weakest validation case's 5 mm slices, only from the order of normalising and degrading).
+- MRI: the tissue values re-standardised (`restandardise`) as the normaliser z-scores a real LR scan
+  by its own statistics. Without it training sees a thick-slice patch with the fifth of its contrast
+  the slices took, where `segment` shows the network that contrast restored (on the shipped brain
+  model: Dice 0.48 against 0.67 on the weakest validation case's 5 mm slices, only from the order of
+  normalising and degrading). The statistics are the whole case's through the patch's operators
+  (`scan_statistics`, plus what the patch's noise added), as the normaliser sees a whole scan: a
+  patch's own gain is 1-9 % below its scan's, and would undo the intensity augmentation's scaling.
 
 The HR patch is already normalised (data/cache.py). For MRI the normaliser sets everything outside
 the tissue to 0, noise included, and writes a rim voxel as `f * z(tissue)`; so the bias, noise and
@@ -48,8 +50,9 @@ multiplied back by f; voxels below it are set to 0. So the background is exactly
 ringing that spill into it are gone, and the rim stays a partial volume, as at inference. Intensity scale, shift and gamma are
 `sampling.Augmentation`'s, applied to the HR patch before this.
 
-Cost: one 3D patch (96^3 -> 48^3) is three small matrix products per channel plus noise, about 12 ms
-on one core, next to seconds for a training step.
+Cost: one 3D patch (96^3 -> 48^3) is three small matrix products per channel plus noise, about 20 ms
+on one core; the scan's statistics (a 156x190x176 brain) add about 90 ms, next to 2.5 s for a
+training step of four patches.
 """
 
 from __future__ import annotations
@@ -205,24 +208,52 @@ def fixed_matrices(
     return [m.astype(np.float32) for m in out]
 
 
-def restandardise(t: np.ndarray, whole: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """LR tissue values `t` shifted and scaled so that those of the LR voxels all of tissue (`whole`)
-    have the mean and standard deviation of `reference`, the HR tissue's values.
+def restandardise(t: np.ndarray, mean: float, sd: float, ref_mean: float, ref_sd: float) -> np.ndarray:
+    """LR tissue values `t`, whose scan has tissue mean `mean` and standard deviation `sd`, shifted and
+    scaled to the HR tissue's `ref_mean` and `ref_sd`.
 
     The normaliser z-scores a real LR scan by its own statistics, so at inference blur (thick slices
     most: 5 mm slices leave about 0.8 of the spread) is undone by a gain and noise by an attenuation;
     training, which normalises the HR image before degrading it, has to do the same or it meets
     contrasts that `segment` never shows it.
     """
-    # Too few voxels wholly of tissue (a patch at the head's edge) measure no spread worth trusting.
+    if sd < 1e-6:
+        return t
+    gain = min(max(ref_sd / sd, GAIN_RANGE[0]), GAIN_RANGE[1])
+    return (ref_mean + (t - mean) * gain).astype(np.float32)
+
+
+def scan_statistics(hr: np.ndarray, tissue: np.ndarray, matrices: Sequence[np.ndarray]) -> list[tuple]:
+    """Per channel of a whole normalised HR scan (C, *spatial) with its `tissue`: (mean, variance) of
+    its LR tissue through `matrices` over the LR voxels wholly of tissue, and (mean, SD) of the HR
+    tissue interior; what the normaliser would measure on that LR scan before noise, and on the HR one.
+
+    Every other LR row per axis is enough for a mean and a variance (an eighth of the voxels in 3D, a
+    hundred thousand in a brain) and costs a third of the whole product.
+    """
+    stacked = np.concatenate([hr, tissue[None]]).astype(np.float32)
+    lr = apply_separable(stacked, [m[::2] for m in matrices])
+    whole = lr[-1] >= 0.999
+    interior = erode(tissue)
+    if int(whole.sum()) < 16 or int(interior.sum()) < 16:
+        raise ValueError("the scan has too little tissue to measure")
+    return [
+        (
+            float(lr[c][whole].mean()),
+            float(lr[c][whole].var()),
+            float(hr[c][interior].mean()),
+            float(hr[c][interior].std()),
+        )
+        for c in range(hr.shape[0])
+    ]
+
+
+def _patch_statistics(t: np.ndarray, whole: np.ndarray, reference: np.ndarray) -> tuple | None:
+    """restandardise's statistics of a patch that is its whole scan (validation's inputs): None where
+    too few voxels are wholly of tissue to measure a spread worth trusting."""
     if int(whole.sum()) < max(16, 0.25 * t.size) or reference.size < 16:
-        return t
-    spread = float(t[whole].std())
-    if spread < 1e-6:
-        return t
-    # A patch's gain stands for the scan's: bounded to what blur and noise give a whole scan.
-    gain = min(max(float(reference.std()) / spread, GAIN_RANGE[0]), GAIN_RANGE[1])
-    return (float(reference.mean()) + (t - float(t[whole].mean())) * gain).astype(np.float32)
+        return None
+    return float(t[whole].mean()), float(t[whole].var()), float(reference.mean()), float(reference.std())
 
 
 def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray]) -> np.ndarray:
@@ -239,11 +270,16 @@ def through_operators(
     tissue: np.ndarray | None,
     corrupt=None,
     restandardised: bool = True,
+    scan: Sequence[tuple] | None = None,
 ) -> np.ndarray:
     """The LR image (C, *spatial) of an HR image through separable `matrices`. With the MRI `tissue`
     (*spatial, bool): what the normaliser calls background is 0, each channel's tissue values (v / f,
     f the tissue fraction) go through `corrupt(values, inside)` and then (`restandardised`)
-    `restandardise`, and are written back as f * value."""
+    `restandardise`, and are written back as f * value.
+
+    `scan` (`scan_statistics` of the whole case the patch was cut from, through the same operators)
+    gives the normaliser's statistics, with what `corrupt` added to the patch's mean and variance added
+    to them; without it the image is taken for its whole scan."""
     lr = apply_separable(np.asarray(hr, dtype=np.float32), matrices)
     if tissue is None:
         fraction = np.ones(lr.shape[1:], dtype=np.float32)
@@ -254,17 +290,59 @@ def through_operators(
         lr[:, fraction < TISSUE_LEVEL] = 0.0
     inside = fraction >= TISSUE_LEVEL
     whole = fraction[inside] >= 0.999
-    interior = erode(tissue) if tissue is not None and restandardised else None
+    interior = erode(tissue) if tissue is not None and restandardised and scan is None else None
     for c in range(lr.shape[0]):
         values = lr[c][inside] / fraction[inside]  # the tissue value of each voxel
         if values.size < 16:
             continue
+        clean = values
         if corrupt is not None:
             values = corrupt(values, inside)
-        if interior is not None:
-            values = restandardise(values, whole, hr[c][interior])
+        if tissue is not None and restandardised:
+            if scan is not None:
+                stats = _with_corruption(scan[c], clean, values, whole if whole.sum() >= 16 else slice(None))
+            else:
+                stats = _patch_statistics(values, whole, hr[c][interior])
+            if stats is not None:
+                mean, var, ref_mean, ref_sd = stats
+                values = restandardise(values, mean, math.sqrt(max(var, 0.0)), ref_mean, ref_sd)
         lr[c][inside] = values * fraction[inside]
     return lr
+
+
+def _with_corruption(stats: tuple, clean: np.ndarray, corrupted: np.ndarray, where) -> tuple:
+    """A scan's statistics with the shift and the variance that noise, bias and rounding added to a
+    patch of it: the normaliser measures the scan with its noise."""
+    mean, var, ref_mean, ref_sd = stats
+    shift = float(corrupted[where].mean() - clean[where].mean())
+    return mean + shift, var + float(corrupted[where].var() - clean[where].var()), ref_mean, ref_sd
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One axis's random way of making LR, drawn once and built for any length: a patch's, and the
+    whole scan's it was cut from (whose statistics the normaliser sees). Lengths in HR voxels."""
+
+    kind: str  # block, gaussian, kspace, decimate, thick
+    sigma: float = 0.0
+    cubic: bool = False
+    taper: float = 0.0
+    phase: float = 0.0
+    thickness: float = 0.0
+    profile: str = "box"
+
+    def matrix(self, n_lr: int, scale: int) -> np.ndarray:
+        if self.kind == "thick":
+            m = thick_slice_matrix(n_lr, scale, self.thickness, self.phase, self.profile)
+        elif self.kind == "gaussian":
+            m = gaussian_interpolation_matrix(n_lr, scale, self.sigma, self.cubic)
+        elif self.kind == "kspace":
+            m = kspace_matrix(n_lr, scale, self.taper)
+        elif self.kind == "decimate":
+            m = decimation_matrix(n_lr, scale, int(self.phase))
+        else:
+            m = block_matrix(n_lr, scale)
+        return m.astype(np.float32)
 
 
 @dataclass
@@ -284,30 +362,33 @@ class Degradation:
     p_quantise: float = 0.3
     ct_window: float = 1400.0  # HU per normalised unit: CT values are whole HU
 
-    def matrices(self, shape: Sequence[int], scale: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """One random (n_lr, n_hr) operator per axis of an HR patch of `shape`."""
+    def operators(self, shape: Sequence[int], rng: np.random.Generator, scale: int) -> list[Operator]:
+        """One random way of making LR per axis of an HR patch of `shape`."""
         dims = len(shape)
         thick_axis = int(rng.integers(dims)) if dims == 3 and rng.random() < self.p_thick else -1
         out = []
-        for axis, n in enumerate(shape):
-            n_lr = n // scale
+        for axis in range(dims):
             if axis == thick_axis:
                 thickness = rng.uniform(*self.thickness_mm) / float(self.hr_spacing[axis])
                 if thickness > scale:  # slices thinner than an LR voxel are not thick
                     profile = "box" if rng.random() < 0.5 else "gaussian"
-                    out.append(thick_slice_matrix(n_lr, scale, thickness, rng.uniform(0, thickness), profile))
+                    out.append(
+                        Operator(
+                            "thick", thickness=thickness, phase=rng.uniform(0, thickness), profile=profile
+                        )
+                    )
                     continue
             choice = rng.random()
             if choice < 0.2:
-                out.append(block_matrix(n_lr, scale))
+                out.append(Operator("block"))
             elif choice < 0.6:
                 sigma = rng.uniform(*self.sigma_factor) * math.sqrt(scale**2 - 1) / FWHM
-                out.append(gaussian_interpolation_matrix(n_lr, scale, sigma, cubic=choice >= 0.4))
+                out.append(Operator("gaussian", sigma=sigma, cubic=choice >= 0.4))
             elif choice < 0.8:
-                out.append(kspace_matrix(n_lr, scale, rng.uniform(0.2, 0.5) if rng.random() < 0.5 else 0.0))
+                out.append(Operator("kspace", taper=rng.uniform(0.2, 0.5) if rng.random() < 0.5 else 0.0))
             else:
-                out.append(decimation_matrix(n_lr, scale, int(rng.integers(scale))))
-        return [m.astype(np.float32) for m in out]
+                out.append(Operator("decimate", phase=int(rng.integers(scale))))
+        return out
 
     def apply(
         self,
@@ -315,10 +396,14 @@ class Degradation:
         scale: int,
         rng: np.random.Generator,
         tissue: np.ndarray | None = None,
+        scan: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """LR input (C, *spatial / scale) float32 of an HR patch (C, *spatial); `tissue` (*spatial,
-        bool) marks the MRI tissue (None: everything is tissue)."""
-        matrices = self.matrices(hr.shape[1:], scale, rng)
+        bool) marks the MRI tissue (None: everything is tissue). `scan`: the whole normalised case the
+        patch was cut from and its tissue, whose statistics through the same operators the MRI
+        re-standardisation uses (a patch's own gain is 1-9 % lower than its scan's; docs/models.md)."""
+        operators = self.operators(hr.shape[1:], rng, scale)
+        matrices = [op.matrix(n // scale, scale) for op, n in zip(operators, hr.shape[1:])]
         bias = None
         if self.kind == "mri" and rng.random() < self.p_bias:
             bias = 1 + rng.uniform(0, self.bias) * _smooth_field([len(m) for m in matrices], rng)
@@ -326,7 +411,11 @@ class Degradation:
         def corrupt(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
             return self._corrupt(values, None if bias is None else bias[inside], rng)
 
-        return through_operators(hr, matrices, tissue, corrupt, restandardised=self.kind == "mri")
+        stats = None
+        if scan is not None and self.kind == "mri":
+            whole = [op.matrix(n // scale, scale) for op, n in zip(operators, scan[0].shape[1:])]
+            stats = scan_statistics(scan[0], scan[1], whole)
+        return through_operators(hr, matrices, tissue, corrupt, restandardised=self.kind == "mri", scan=stats)
 
     def _corrupt(self, t: np.ndarray, bias: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
         lo, hi = np.percentile(t, [1, 99])

@@ -70,6 +70,18 @@ class PatchSampler:
         self.lesion_cases = sorted(self.components)
         if self.augmentation.rot90 and self.patch_size[-1] != self.patch_size[-2]:
             raise ValueError(f"rot90 needs a square patch in the last two axes, got {self.patch_size}")
+        self._scans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _scan(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole normalised case and its tissue, kept (a brain is about 25 MB): the MRI LR
+        synthesis takes the normaliser's statistics from the whole scan, not from the patch."""
+        if name not in self._scans:
+            image = self.cache.normalized(np.asarray(self.cache.image(name)))
+            tissue = np.any(
+                image != self.cache.background(name).reshape(-1, *([1] * (image.ndim - 1))), axis=0
+            )
+            self._scans[name] = (image, tissue)
+        return self._scans[name]
 
     # -- where
     def _centre(self, rng: np.random.Generator) -> tuple[str, np.ndarray | None]:
@@ -153,7 +165,8 @@ class PatchSampler:
         if self.degradation is None:
             return image, seg
         scale = int(self.cache.prep["scale"])
-        return image, seg, self.degradation.apply(image, scale, rng, tissue)
+        scan = self._scan(name) if tissue is not None else None
+        return image, seg, self.degradation.apply(image, scale, rng, tissue, scan)
 
     def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, ...]:
         """(HR images (B, C, *P) float32, HR masks (B, 1, *P) float32[, LR inputs]), sampled here."""
