@@ -46,6 +46,12 @@ from SASSRSegmentSlicer.sliceviews import HrSliceSpacing
 
 # Seconds after a start in which a click on the Cancel button (it was Segment lesions) is ignored.
 DOUBLE_CLICK_S = 1.0
+# Scalar volumes in Slicer's class tree that are no image to segment; the .ui's input selector hides the same.
+NOT_IMAGES = (
+    "vtkMRMLLabelMapVolumeNode",
+    "vtkMRMLDiffusionWeightedVolumeNode",
+    "vtkMRMLDiffusionTensorVolumeNode",
+)
 CITATION = (
     'Luo et al., "Scale-aware super-resolution network with dual affinity learning for lesion segmentation '
     'from medical images", IEEE Transactions on Neural Networks and Learning Systems, 2024 '
@@ -216,7 +222,7 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volumes = [
                 node
                 for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                if not node.IsA("vtkMRMLLabelMapVolumeNode")
+                if not any(node.IsA(kind) for kind in NOT_IMAGES)
             ]
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]

@@ -538,6 +538,24 @@ def test_users_segmentation_on_another_grid_is_switched_only_when_allowed(pkg, l
     assert logic.outputSegmentationStatus(segmentation, volume) == "ready"
 
 
+def test_segmentation_of_closed_surfaces_is_refused_before_the_run(pkg, logic, tmp_path):
+    """Slicer imports a label map only into a segmentation whose source is the binary label map; one
+    loaded from STL or OBJ would fail only after the whole run."""
+    volume = _volume(tmp_path)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Surfaces")
+    segmentation.CreateDefaultDisplayNodes()
+    surfaces = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    segmentation.GetSegmentation().SetSourceRepresentationName(surfaces)
+    segmentation.GetSegmentation().AddEmptySegment("", "Skull", (0.9, 0.9, 0.8))
+    before = _node_ids()
+
+    assert logic.outputSegmentationStatus(segmentation, volume) == "notLabelmap"
+    _refused(logic, volume, "keeps closed surfaces", outputSegmentation=segmentation)
+    assert _node_ids() == before and logic.activeJob is None
+    assert segmentation.GetSegmentation().GetSourceRepresentationName() == surfaces
+    assert _segment_names(segmentation) == ["Skull"]
+
+
 def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, logic, tmp_path):
     first = _volume(tmp_path, "Patient A")
     second = _volume(tmp_path, "Patient B", size=(10, 12, 6), spacing=(1.5, 1.5, 3.0))
@@ -1043,3 +1061,29 @@ def test_the_modules_self_test_with_the_bundled_brain_model(mod, pkg):
     if not pkg.cards.readModelCards():
         pytest.skip("no bundled model (Resources/Models is empty)")
     mod.SASSRSegmentTest().runTest()
+
+
+def test_the_input_selector_offers_no_diffusion_volume_but_keeps_vector_ones():
+    """DWI and DTI volumes are scalar volumes in Slicer's class tree, so a selector of scalar volumes
+    offers them and the panel would pick one first: both hide the same classes, and RGB (vector)
+    volumes, which ultrasound images load as, stay."""
+    import ast
+    import xml.etree.ElementTree as ET
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    (hidden,) = [
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["NOT_IMAGES"]
+    ]
+    ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "SASSRSegment.ui").getroot()
+    selector = ui.find(".//widget[@name='inputVolumeSelector']")
+    assert [s.text for s in selector.find("property[@name='hideChildNodeTypes']/stringlist")] == list(hidden)
+    assert [s.text for s in selector.find("property[@name='nodeTypes']/stringlist")] == [
+        "vtkMRMLScalarVolumeNode"
+    ]
+    for kind in ("vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode"):
+        node = getattr(slicer, kind)()
+        assert node.IsA("vtkMRMLScalarVolumeNode") and any(node.IsA(k) for k in hidden), kind
+    for kind in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
+        assert not any(getattr(slicer, kind)().IsA(k) for k in hidden), kind

@@ -19,7 +19,12 @@ from .paths import MODELS_DIR, MODULE_DIR
 from .roi import roiBoundsForVolume
 from .runner import SegmentRunner
 from .scene import dicomModality
-from .segmentation import hasReferenceGeometry, hrGeometryInFrameOf, segmentationInputVolume
+from .segmentation import (
+    hasReferenceGeometry,
+    hrGeometryInFrameOf,
+    segmentationInputVolume,
+    storesLabelmaps,
+)
 from .slicerapi import ScriptedLoadableModuleLogic, _, slicer
 
 TORCH_REQUIREMENT = ">=2.1"
@@ -149,11 +154,14 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
 
         "ready": it is on the input's HR grid already (or has no grid yet), or holds this input's lesions;
         "changeGrid": it is the user's own segmentation on another grid, which the run would switch to the
-        HR grid; "otherVolume": it holds the lesions of another volume (never mixed).
+        HR grid; "otherVolume": it holds the lesions of another volume (never mixed); "notLabelmap": it
+        keeps closed surfaces (loaded from STL or OBJ), which no label map can be added to.
         """
         madeFor = segmentationInputVolume(segmentationNode)
         if madeFor is not None and madeFor.GetID() != volumeNode.GetID():
             return "otherVolume"
+        if not storesLabelmaps(segmentationNode):
+            return "notLabelmap"
         card = self.modelCard(modelName, volumeNode)
         geometry = hrGeometryInFrameOf(
             segmentationNode, volumeNode, hrScales(card, volumeNode.GetImageData().GetDimensions())
@@ -238,8 +246,8 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         return job.result.segmentationNode
 
     def _checkOutputSegmentation(self, outputSegmentation, volumeNode, card, changeGrid):
-        """Refuse a segmentation that holds another volume's lesions, or that is on another grid (unless
-        changeGrid allows switching it to the HR grid)."""
+        """Refuse a segmentation that holds another volume's lesions, that keeps closed surfaces, or that
+        is on another grid (unless changeGrid allows switching it to the HR grid)."""
         status = self.outputSegmentationStatus(outputSegmentation, volumeNode, card["folder"])
         if status == "otherVolume":
             raise RuntimeError(
@@ -250,6 +258,13 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
                     segmentation=outputSegmentation.GetName(),
                     other=segmentationInputVolume(outputSegmentation).GetName(),
                 )
+            )
+        if status == "notLabelmap":
+            raise RuntimeError(
+                _(
+                    "The segmentation '{segmentation}' keeps closed surfaces, to which lesions cannot be "
+                    'added: choose "Create new segmentation".'
+                ).format(segmentation=outputSegmentation.GetName())
             )
         if status == "changeGrid" and not changeGrid:
             raise RuntimeError(

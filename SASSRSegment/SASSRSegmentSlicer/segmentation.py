@@ -66,6 +66,13 @@ def segmentationInputVolume(segmentationNode):
     return segmentationNode.GetNodeReference(INPUT_VOLUME_REFERENCE_ROLE)
 
 
+def storesLabelmaps(segmentationNode):
+    """Whether the segmentation's source representation is the binary label map, the only one Slicer
+    imports a label map into (a segmentation loaded from STL or OBJ has closed surfaces)."""
+    source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
+    return source == slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+
 def createSegmentation(volumeNode, name):
     """A new segmentation for the lesions of `volumeNode`, beside it (same transform and study)."""
     segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
