@@ -182,6 +182,15 @@ def test_contrast_fine_tune_config_widens_only_the_contrast_augmentation_of_the_
     assert wide.p_intensity > fast.p_intensity and wide.learning_rate < fast.learning_rate
 
 
+def test_scan_gain_fine_tune_config_is_the_fast_run_with_a_fine_tunes_schedule():
+    """Its synthesis differs by code (the scan's statistics), not by config: only the schedule moves."""
+    fast = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast.json")
+    scan = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast-scan.json")
+    differs = {f.name for f in dataclasses.fields(fast) if getattr(fast, f.name) != getattr(scan, f.name)}
+    assert differs == {"learning_rate", "warmup_steps", "max_steps"}
+    assert scan.learning_rate < fast.learning_rate and scan.degradation == "random"
+
+
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
         tmp_path / "bad.json",
