@@ -314,6 +314,12 @@ def test_a_patch_gets_its_scans_gain_not_its_own():
     # Its own statistics would have given the coarse patch about the contrast it had at HR.
     own_gain = own[whole].std() / plain[whole].std()
     assert own_gain < 1.1 < scan_gain - 0.2
+    # A scan with too little tissue to measure leaves the patch to its own statistics.
+    empty = np.zeros(shape, bool)
+    assert degrade.scan_statistics(scan * 0, empty, [op.matrix(32, 2) for op in block]) is None
+    np.testing.assert_array_equal(
+        make.apply(patch, 2, np.random.default_rng(0), patch_tissue, (scan * 0, empty))[0], own
+    )
 
 
 def test_ct_and_8_bit_degradation_are_not_restandardised(monkeypatch):

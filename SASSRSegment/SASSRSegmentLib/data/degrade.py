@@ -223,7 +223,7 @@ def restandardise(t: np.ndarray, mean: float, sd: float, ref_mean: float, ref_sd
     return (ref_mean + (t - mean) * gain).astype(np.float32)
 
 
-def scan_statistics(hr: np.ndarray, tissue: np.ndarray, matrices: Sequence[np.ndarray]) -> list[tuple]:
+def scan_statistics(hr: np.ndarray, tissue: np.ndarray, matrices: Sequence[np.ndarray]) -> list[tuple] | None:
     """Per channel of a whole normalised HR scan (C, *spatial) with its `tissue`: (mean, variance) of
     its LR tissue through `matrices` over the LR voxels wholly of tissue, and (mean, SD) of the HR
     tissue interior; what the normaliser would measure on that LR scan before noise, and on the HR one.
@@ -236,7 +236,7 @@ def scan_statistics(hr: np.ndarray, tissue: np.ndarray, matrices: Sequence[np.nd
     whole = lr[-1] >= 0.999
     interior = erode(tissue)
     if int(whole.sum()) < 16 or int(interior.sum()) < 16:
-        raise ValueError("the scan has too little tissue to measure")
+        return None  # too little tissue to measure: the patch's own statistics stand in
     return [
         (
             float(lr[c][whole].mean()),
