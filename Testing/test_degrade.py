@@ -204,8 +204,9 @@ def test_sampler_makes_the_lr_input_when_degrading(tmp_path, monkeypatch):
         (b,) = np.unique(hr[0][~tissue])
         assert b != 0 and not np.any(hr[0][tissue] == b)
         # The whole case, unaugmented, for the normaliser's statistics.
-        np.testing.assert_array_equal(scan[0], cache.normalized(np.asarray(cache.image("a"))))
-        assert scan[1].shape == scan[0].shape[1:] and scan[1].any() and not scan[1].all()
+        np.testing.assert_array_equal(scan.stacked[:-1], cache.normalized(np.asarray(cache.image("a"))))
+        assert scan.stacked[-1].any() and not scan.stacked[-1].all()
+        assert set(np.unique(scan.stacked[-1])) == {0.0, 1.0}
     hr_image, hr_mask, lr_batch = next(batches(sampler, 3, workers=0, seed=0))
     assert hr_image.shape == (3, 1, 24, 28, 28) and hr_mask.shape == (3, 1, 24, 28, 28)
     assert lr_batch.shape == (3, 1, 12, 14, 14) and lr_batch.dtype == torch.float32
@@ -304,9 +305,9 @@ def test_a_patch_gets_its_scans_gain_not_its_own():
     plain = degrade.apply_separable(patch, matrices)[0]
     whole = degrade.apply_separable(patch_tissue[None].astype(np.float32), matrices)[0] >= 0.999
     own = make.apply(patch, 2, np.random.default_rng(0), patch_tissue)[0]
-    scanned = make.apply(patch, 2, np.random.default_rng(0), patch_tissue, (scan, tissue))[0]
+    scanned = make.apply(patch, 2, np.random.default_rng(0), patch_tissue, degrade.Scan.of(scan, tissue))[0]
     ((mean, var, ref_mean, ref_sd),) = degrade.scan_statistics(
-        scan, tissue, [op.matrix(32, 2) for op in block]
+        degrade.Scan.of(scan, tissue), [op.matrix(32, 2) for op in block]
     )
     scan_gain = ref_sd / np.sqrt(var)
     assert 1.3 < scan_gain < degrade.GAIN_RANGE[1]  # the fine texture mostly averaged away
@@ -315,11 +316,13 @@ def test_a_patch_gets_its_scans_gain_not_its_own():
     own_gain = own[whole].std() / plain[whole].std()
     assert own_gain < 1.1 < scan_gain - 0.2
     # A scan with too little tissue to measure leaves the patch to its own statistics.
-    empty = np.zeros(shape, bool)
-    assert degrade.scan_statistics(scan * 0, empty, [op.matrix(32, 2) for op in block]) is None
-    np.testing.assert_array_equal(
-        make.apply(patch, 2, np.random.default_rng(0), patch_tissue, (scan * 0, empty))[0], own
-    )
+    assert degrade.Scan.of(scan * 0, np.zeros(shape, bool)) is None
+    # A slab 3 HR voxels thick: an interior to measure, but no LR voxel of the rows measured wholly of it.
+    slab = np.zeros(shape, bool)
+    slab[2:5, 4:-4, 4:-4] = True
+    thin = degrade.Scan.of(np.where(slab, scan, 0.0).astype(np.float32), slab)
+    assert thin is not None and degrade.scan_statistics(thin, [op.matrix(32, 2) for op in block]) is None
+    np.testing.assert_array_equal(make.apply(patch, 2, np.random.default_rng(0), patch_tissue, thin)[0], own)
 
 
 def test_ct_and_8_bit_degradation_are_not_restandardised(monkeypatch):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
-from .degrade import Degradation
+from .degrade import Degradation, Scan
 
 
 @dataclass
@@ -70,17 +70,19 @@ class PatchSampler:
         self.lesion_cases = sorted(self.components)
         if self.augmentation.rot90 and self.patch_size[-1] != self.patch_size[-2]:
             raise ValueError(f"rot90 needs a square patch in the last two axes, got {self.patch_size}")
-        self._scans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._scans: dict[str, Scan | None] = {}
 
-    def _scan(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The whole normalised case and its tissue, kept (a brain is about 25 MB): the MRI LR
-        synthesis takes the normaliser's statistics from the whole scan, not from the patch."""
+    def _tissue(self, name: str, image: np.ndarray) -> np.ndarray:
+        """Where any channel of `image` (C, *spatial), normalised, differs from the case's background."""
+        background = self.cache.background(name).reshape(-1, *([1] * (image.ndim - 1)))
+        return np.any(image != background, axis=0)
+
+    def _scan(self, name: str) -> Scan | None:
+        """The whole normalised case, kept (a brain is about 40 MB): the MRI LR synthesis takes the
+        normaliser's statistics from the whole scan, not from the patch."""
         if name not in self._scans:
             image = self.cache.normalized(np.asarray(self.cache.image(name)))
-            tissue = np.any(
-                image != self.cache.background(name).reshape(-1, *([1] * (image.ndim - 1))), axis=0
-            )
-            self._scans[name] = (image, tissue)
+            self._scans[name] = Scan.of(image, self._tissue(name, image))
         return self._scans[name]
 
     # -- where
@@ -151,9 +153,7 @@ class PatchSampler:
         tissue = None
         if self.degradation is not None and self.degradation.kind == "mri":
             # Before the intensity augmentation moves the background off its value.
-            tissue = np.any(
-                image != self.cache.background(name)[:, None, None, None][:, : image.ndim], axis=0
-            )
+            tissue = self._tissue(name, image)
         if aug.p_intensity > 0:
             for c in range(image.shape[0]):
                 if rng.random() < aug.p_intensity:
