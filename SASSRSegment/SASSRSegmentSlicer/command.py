@@ -36,6 +36,7 @@ PANEL_WORDING = (
         r"\1: choose Auto or CPU as the Device",
     ),
     (r"; pass --model with a bundle folder written by `train`", ": reinstall the SASSRSegment extension"),
+    (r"convert it to greyscale first", "convert it to greyscale first (Vector to Scalar Volume module)"),
     (r"--threshold", "the Threshold"),
     (r"--roi", "the Region (ROI)"),
     (r"--model", "the Model"),
