@@ -10,7 +10,7 @@ from test_data import make_dataset
 from test_preprocess import prep3d
 
 from SASSRSegmentLib.data import cache as preprocess
-from SASSRSegmentLib.data import degrade, normalization
+from SASSRSegmentLib.data import degrade, normalization, sampling
 from SASSRSegmentLib.data.datasets import open_dataset
 from SASSRSegmentLib.data.degrade import Degradation
 from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, batches, lr_from_hr
@@ -333,3 +333,50 @@ def test_ct_and_8_bit_degradation_are_not_restandardised(monkeypatch):
     hr, _ = tissue_patch((24, 24, 24))
     for kind in ("ct", "uint8"):
         Degradation(kind=kind).apply(np.clip(hr, 0, 1), 2, np.random.default_rng(0))
+
+
+def test_a_faded_lesion_keeps_the_asked_share_of_its_contrast_and_nothing_else_moves():
+    rng = np.random.default_rng(0)
+    shape = (32, 32, 32)
+    grid = np.indices(shape)
+    tissue = ((grid - 15.5) ** 2).sum(axis=0) <= 14**2
+    lesion = np.all((grid >= 10) & (grid < 20), axis=0)
+    # Partial volume: the voxels just outside the label are half as bright as the lesion.
+    rim = np.all((grid >= 9) & (grid < 21), axis=0) & ~lesion
+    healthy = 0.3
+    image = np.where(tissue, healthy + 0.05 * rng.standard_normal(shape), -2.0)
+    image = np.where(lesion, healthy + 2.0, np.where(rim, healthy + 1.0, image))[None].astype(np.float32)
+    before = image.copy()
+    faded = sampling.fade_lesion(image, lesion.astype(np.uint8), tissue, 0.25)
+    # Inside the lesion: a quarter of its step above the healthy median.
+    core = np.all((grid >= 13) & (grid < 17), axis=0)
+    np.testing.assert_allclose(faded[0][core], healthy + 0.25 * 2.0, atol=0.02)
+    # The rim fades with it: no bright ring is left around a faint lesion.
+    assert faded[0][rim].max() <= faded[0][core].mean() + 0.05
+    # Background and tissue beyond the fade's reach are untouched; the input is not modified.
+    reach = F.max_pool3d(torch.from_numpy(lesion).float()[None, None], 11, stride=1, padding=5)[0, 0].numpy()
+    untouched = ~tissue | (reach == 0)
+    np.testing.assert_array_equal(faded[0][untouched], image[0][untouched])
+    np.testing.assert_array_equal(image, before)
+    # Keeping all of it, or a patch without lesion, changes nothing.
+    np.testing.assert_allclose(sampling.fade_lesion(image, lesion.astype(np.uint8), tissue, 1.0), image)
+    np.testing.assert_array_equal(sampling.fade_lesion(image, np.zeros(shape, np.uint8), tissue, 0.2), image)
+
+
+def test_the_sampler_fades_lesions_only_when_asked(tmp_path):
+    root = make_dataset(tmp_path / "ds", {"a": {"shape": (16, 20, 20), "lesions": [((8, 10, 10), 4)]}})
+    preprocess.build_cache(
+        open_dataset(root), prep3d(patch_size_lr=[8, 10, 10]), tmp_path / "cache", 2, workers=1
+    )
+    cache = preprocess.open_cache(tmp_path / "cache")
+
+    def lesion_step(p_fade: float) -> float:
+        aug = Augmentation(p_intensity=0.0, p_gamma=0.0, p_lesion_fade=p_fade, lesion_fade=(0.2, 0.2))
+        image, seg = PatchSampler(cache, ["a"], (16, 20, 20), p_fg=1.0, augmentation=aug).sample(
+            np.random.default_rng(1)
+        )
+        tissue = image[0] != cache.background("a")[0]
+        return float(np.median(image[0][seg > 0]) - np.median(image[0][tissue & (seg == 0)]))
+
+    plain, faded = lesion_step(0.0), lesion_step(1.0)
+    assert plain > 0.5 and faded == pytest.approx(0.2 * plain, rel=0.15)

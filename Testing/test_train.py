@@ -191,6 +191,16 @@ def test_scan_gain_fine_tune_config_is_the_fast_run_with_a_fine_tunes_schedule()
     assert scan.learning_rate < fast.learning_rate and scan.degradation == "random"
 
 
+def test_faint_lesion_fine_tune_config_is_the_scan_run_with_faded_lesions_and_a_lower_peak():
+    scan = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast-scan.json")
+    faint = config.load_config(REPO / "configs" / "brain-tumour-flair-3d-fast-faint.json")
+    differs = {f.name for f in dataclasses.fields(scan) if getattr(scan, f.name) != getattr(faint, f.name)}
+    assert differs == {"p_lesion_fade", "learning_rate", "warmup_steps", "max_steps"}
+    assert (
+        faint.p_lesion_fade > 0 and faint.lesion_fade[1] == 1.0 and faint.learning_rate < scan.learning_rate
+    )
+
+
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
         tmp_path / "bad.json",
@@ -201,6 +211,8 @@ def test_new_options_are_checked(tmp_path):
             "p_thick_slices": 1.5,
             "val_lr_inputs": ["block", "bicubic"],
             "sr_width": 0,
+            "p_lesion_fade": -0.1,
+            "lesion_fade": [0.5, 1.2],
         },
     )
     with pytest.raises(UserError) as info:
@@ -212,6 +224,8 @@ def test_new_options_are_checked(tmp_path):
     assert "p_thick_slices must be in [0, 1], got 1.5" in message
     assert 'val_lr_inputs must be a non-empty list of "block", "gaussian-linear"' in message
     assert "sr_width must be in (0, 1], got 0" in message
+    assert "p_lesion_fade must be in [0, 1], got -0.1" in message
+    assert "lesion_fade must be [low, high] with 0 <= low <= high <= 1, got [0.5, 1.2]" in message
 
 
 def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):

@@ -38,6 +38,8 @@ class Augmentation:
     p_affine: float = 0.0
     affine_degrees: float = 15.0
     affine_scale: Sequence[float] = (0.85, 1.15)
+    p_lesion_fade: float = 0.0
+    lesion_fade: Sequence[float] = (0.3, 1.0)  # the share of the lesion's contrast it keeps
 
 
 @dataclass
@@ -154,6 +156,9 @@ class PatchSampler:
         if self.degradation is not None and self.degradation.kind == "mri":
             # Before the intensity augmentation moves the background off its value.
             tissue = self._tissue(name, image)
+        if aug.p_lesion_fade > 0 and rng.random() < aug.p_lesion_fade:
+            where = self._tissue(name, image) if tissue is None else tissue
+            image = fade_lesion(image, seg, where, rng.uniform(*aug.lesion_fade))
         if aug.p_intensity > 0:
             for c in range(image.shape[0]):
                 if rng.random() < aug.p_intensity:
@@ -207,6 +212,46 @@ def _warp(image: np.ndarray, seg: np.ndarray, matrix: np.ndarray, out_size: Sequ
         0
     ].numpy()
     return warped[:-1], (warped[-1] >= 0.5).astype(np.uint8)
+
+
+def _along_axes(x: np.ndarray, radius: int, reduce) -> np.ndarray:
+    """`reduce` (of the 2 * radius + 1 shifted copies, edge-padded) along each axis in turn."""
+    for axis in range(x.ndim):
+        padded = np.moveaxis(
+            np.pad(x, [(radius * (a == axis),) * 2 for a in range(x.ndim)], mode="edge"), axis, 0
+        )
+        n = x.shape[axis]
+        x = np.moveaxis(reduce([padded[k : k + n] for k in range(2 * radius + 1)]), 0, axis)
+    return x
+
+
+def _binomial(copies: list[np.ndarray]) -> np.ndarray:
+    return (copies[0] + 2 * copies[1] + copies[2]) / 4
+
+
+def fade_lesion(image: np.ndarray, seg: np.ndarray, tissue: np.ndarray, keep: float) -> np.ndarray:
+    """`image` (C, *P) with the lesion's contrast to the patch's healthy tissue scaled by `keep`.
+
+    The hard validation cases are the faintest lesions (docs/models.md): this shows the network faint
+    versions of every training lesion under the same label. Background and tissue more than four voxels
+    from the lesion keep their values.
+    """
+    lesion = seg > 0
+    healthy = tissue & ~lesion
+    if not lesion.any() or np.count_nonzero(healthy) < 64:
+        return image
+    # The label grown by two voxels, then smoothed: the partial-volume voxels just outside it fade with
+    # the lesion (else they would stay as a bright rim) and the fade is gone four voxels out. Healthy
+    # tissue inside that margin barely moves, as it sits near the reference already.
+    weight = _along_axes(lesion.astype(np.float32), 2, lambda c: np.max(c, axis=0))
+    for _ in range(2):
+        weight = _along_axes(weight, 1, _binomial)
+    weight = weight * tissue
+    out = image.copy()
+    for c in range(image.shape[0]):
+        reference = float(np.median(image[c][healthy]))
+        out[c] -= (1.0 - keep) * weight * (image[c] - reference)
+    return out
 
 
 def _gamma(channel: np.ndarray, gamma: float) -> np.ndarray:

@@ -106,6 +106,8 @@ class TrainConfig:
     p_affine: float = 0.0
     affine_degrees: float = 15.0
     affine_scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    p_lesion_fade: float = 0.0  # the share of patches whose lesion keeps only part of its contrast
+    lesion_fade: list[float] = field(default_factory=lambda: [0.3, 1.0])
     # how the LR input is made of the HR patch: "block" (block average) or "random" (degrade.py)
     degradation: str = "block"
     p_thick_slices: float = 0.2  # 3D "random": the share of patches with thick slices along one axis
@@ -135,7 +137,16 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "val_every", "log_every", "val_batch_size"):
             if getattr(self, key) < 1:
                 p.append(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("p_fg", "p_intensity", "p_gamma", "p_affine", "val_overlap", "dropout", "p_thick_slices"):
+        for key in (
+            "p_fg",
+            "p_intensity",
+            "p_gamma",
+            "p_affine",
+            "val_overlap",
+            "dropout",
+            "p_thick_slices",
+            "p_lesion_fade",
+        ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 p.append(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -152,6 +163,8 @@ class TrainConfig:
             p.append(f"features needs at least two positive widths, got {self.features}")
         if self.patch_size_lr and min(self.patch_size_lr) < 4:
             p.append(f"patch_size_lr must be at least 4 per axis, got {self.patch_size_lr}")
+        if len(self.lesion_fade) != 2 or not 0.0 <= self.lesion_fade[0] <= self.lesion_fade[1] <= 1.0:
+            p.append(f"lesion_fade must be [low, high] with 0 <= low <= high <= 1, got {self.lesion_fade}")
         for key in ("intensity_scale", "gamma", "affine_scale"):
             value = getattr(self, key)
             if len(value) != 2 or value[0] > value[1] or value[0] <= 0:

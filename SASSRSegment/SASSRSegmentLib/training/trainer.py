@@ -167,6 +167,8 @@ def make_sampler(cfg: TrainConfig, cache, names: list[str], prep: dict, flip_axe
             p_affine=cfg.p_affine,
             affine_degrees=cfg.affine_degrees,
             affine_scale=cfg.affine_scale,
+            p_lesion_fade=cfg.p_lesion_fade,
+            lesion_fade=cfg.lesion_fade,
         ),
     )
 
