@@ -33,7 +33,7 @@ def sweep(probabilities: np.ndarray, label: np.ndarray, min_fraction: float) -> 
     dice = {}
     for t in THRESHOLDS:
         mask = sitk.GetImageFromArray((probabilities >= t).astype(np.uint8))
-        kept = sitk.GetArrayViewFromImage(drop_small_components(mask, min_fraction)) > 0
+        kept = sitk.GetArrayFromImage(drop_small_components(mask, min_fraction)) > 0
         dice[t] = float(
             2 * np.count_nonzero(kept & label) / max(1, np.count_nonzero(kept) + np.count_nonzero(label))
         )
