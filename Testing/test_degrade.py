@@ -354,13 +354,26 @@ def test_a_faded_lesion_keeps_the_asked_share_of_its_contrast_and_nothing_else_m
     # The rim fades with it: no bright ring is left around a faint lesion.
     assert faded[0][rim].max() <= faded[0][core].mean() + 0.05
     # Background and tissue beyond the fade's reach are untouched; the input is not modified.
-    reach = F.max_pool3d(torch.from_numpy(lesion).float()[None, None], 11, stride=1, padding=5)[0, 0].numpy()
+    reach = F.max_pool3d(torch.from_numpy(lesion).float()[None, None], 9, stride=1, padding=4)[0, 0].numpy()
     untouched = ~tissue | (reach == 0)
     np.testing.assert_array_equal(faded[0][untouched], image[0][untouched])
     np.testing.assert_array_equal(image, before)
     # Keeping all of it, or a patch without lesion, changes nothing.
     np.testing.assert_allclose(sampling.fade_lesion(image, lesion.astype(np.uint8), tissue, 1.0), image)
     np.testing.assert_array_equal(sampling.fade_lesion(image, np.zeros(shape, np.uint8), tissue, 0.2), image)
+    # Nor does a patch with no healthy tissue to measure the contrast against.
+    np.testing.assert_array_equal(sampling.fade_lesion(image, lesion.astype(np.uint8), lesion, 0.2), image)
+
+
+def test_a_2d_two_channel_patch_fades_each_channel_against_its_own_healthy_level():
+    grid = np.indices((40, 40))
+    tissue = np.ones((40, 40), bool)
+    lesion = np.all((grid >= 15) & (grid < 25), axis=0)
+    image = np.stack([np.where(lesion, 3.0, 1.0), np.where(lesion, -4.0, -1.0)]).astype(np.float32)
+    faded = sampling.fade_lesion(image, lesion.astype(np.uint8), tissue, 0.5)
+    assert faded.dtype == np.float32 and faded.shape == image.shape
+    np.testing.assert_allclose(faded[:, 20, 20], [2.0, -2.5])
+    np.testing.assert_array_equal(faded[:, 0, 0], image[:, 0, 0])
 
 
 def test_the_sampler_fades_lesions_only_when_asked(tmp_path):
@@ -380,3 +393,11 @@ def test_the_sampler_fades_lesions_only_when_asked(tmp_path):
 
     plain, faded = lesion_step(0.0), lesion_step(1.0)
     assert plain > 0.5 and faded == pytest.approx(0.2 * plain, rel=0.15)
+    # With the MRI synthesis the tissue traced for it is reused, and the LR input is made of the faded
+    # patch, which is also the image-SR target.
+    aug = Augmentation(p_intensity=0.0, p_gamma=0.0, p_lesion_fade=1.0, lesion_fade=(0.2, 0.2))
+    sampler = PatchSampler(cache, ["a"], (16, 20, 20), p_fg=1.0, augmentation=aug, degradation=Degradation())
+    image, seg, lr = sampler.sample(np.random.default_rng(1))
+    tissue = image[0] != cache.background("a")[0]
+    step = float(np.median(image[0][seg > 0]) - np.median(image[0][tissue & (seg == 0)]))
+    assert step == pytest.approx(faded, rel=0.05) and lr.shape == (1, 8, 10, 10)

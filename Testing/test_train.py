@@ -201,6 +201,24 @@ def test_faint_lesion_fine_tune_config_is_the_scan_run_with_faded_lesions_and_a_
     )
 
 
+def test_ultrasound_anneal_config_is_the_shipped_runs_with_a_fine_tunes_schedule():
+    """The same network, data and augmentation as the shipped ultrasound model's run: only the schedule,
+    the weight averaging and how often it validates and saves differ."""
+    base = config.load_config(REPO / "configs" / "breast-ultrasound-2d.json")
+    anneal = config.load_config(REPO / "configs" / "breast-ultrasound-2d-anneal.json")
+    differs = {f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(anneal, f.name)}
+    assert differs == {
+        "max_steps",
+        "learning_rate",
+        "warmup_steps",
+        "min_lr_ratio",
+        "ema_decay",
+        "val_every",
+        "checkpoint_minutes",
+    }
+    assert anneal.learning_rate < base.learning_rate and anneal.degradation == "block"
+
+
 def test_new_options_are_checked(tmp_path):
     bad = write_json(
         tmp_path / "bad.json",
@@ -225,7 +243,7 @@ def test_new_options_are_checked(tmp_path):
     assert 'val_lr_inputs must be a non-empty list of "block", "gaussian-linear"' in message
     assert "sr_width must be in (0, 1], got 0" in message
     assert "p_lesion_fade must be in [0, 1], got -0.1" in message
-    assert "lesion_fade must be [low, high] with 0 <= low <= high <= 1, got [0.5, 1.2]" in message
+    assert "lesion_fade must be [low, high] with 0 < low <= high <= 1, got [0.5, 1.2]" in message
 
 
 def test_init_from_a_bundle_whose_card_predates_the_head_options(tmp_path):

@@ -50,8 +50,9 @@ def main() -> None:
     scores: dict = {}
     for k, case in enumerate(dataset.cases):
         images, label = datasets.read_case(dataset, case)
+        image = images[0] if len(images) == 1 else sitk.Compose(images)
         for g in INPUTS:
-            lr, hr_label, _ = synthesise_case(images[0], label, scale, g, seed=k)
+            lr, hr_label, _ = synthesise_case(image, label, scale, g, seed=k)
             _, probabilities = segment_image(lr, net, card, device, probabilities="float32")
             row = sweep(
                 sitk.GetArrayFromImage(probabilities), sitk.GetArrayViewFromImage(hr_label) > 0, min_fraction

@@ -226,6 +226,7 @@ def _along_axes(x: np.ndarray, radius: int, reduce) -> np.ndarray:
 
 
 def _binomial(copies: list[np.ndarray]) -> np.ndarray:
+    """[1, 2, 1] / 4 of `_along_axes`' three copies (radius 1)."""
     return (copies[0] + 2 * copies[1] + copies[2]) / 4
 
 

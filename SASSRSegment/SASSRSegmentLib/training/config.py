@@ -163,8 +163,9 @@ class TrainConfig:
             p.append(f"features needs at least two positive widths, got {self.features}")
         if self.patch_size_lr and min(self.patch_size_lr) < 4:
             p.append(f"patch_size_lr must be at least 4 per axis, got {self.patch_size_lr}")
-        if len(self.lesion_fade) != 2 or not 0.0 <= self.lesion_fade[0] <= self.lesion_fade[1] <= 1.0:
-            p.append(f"lesion_fade must be [low, high] with 0 <= low <= high <= 1, got {self.lesion_fade}")
+        # A lesion faded to no contrast at all would be a label on healthy-looking tissue.
+        if len(self.lesion_fade) != 2 or not 0.0 < self.lesion_fade[0] <= self.lesion_fade[1] <= 1.0:
+            p.append(f"lesion_fade must be [low, high] with 0 < low <= high <= 1, got {self.lesion_fade}")
         for key in ("intensity_scale", "gamma", "affine_scale"):
             value = getattr(self, key)
             if len(value) != 2 or value[0] > value[1] or value[0] <= 0:
