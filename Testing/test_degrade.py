@@ -383,21 +383,18 @@ def test_the_sampler_fades_lesions_only_when_asked(tmp_path):
     )
     cache = preprocess.open_cache(tmp_path / "cache")
 
-    def lesion_step(p_fade: float) -> float:
+    def lesion_step(p_fade: float, degradation: Degradation | None = None) -> tuple[float, list]:
+        """(the lesion's median step over the healthy tissue in a sampled patch, the LR input if any)."""
         aug = Augmentation(p_intensity=0.0, p_gamma=0.0, p_lesion_fade=p_fade, lesion_fade=(0.2, 0.2))
-        image, seg = PatchSampler(cache, ["a"], (16, 20, 20), p_fg=1.0, augmentation=aug).sample(
-            np.random.default_rng(1)
+        sampler = PatchSampler(
+            cache, ["a"], (16, 20, 20), p_fg=1.0, augmentation=aug, degradation=degradation
         )
+        image, seg, *lr = sampler.sample(np.random.default_rng(1))
         tissue = image[0] != cache.background("a")[0]
-        return float(np.median(image[0][seg > 0]) - np.median(image[0][tissue & (seg == 0)]))
+        return float(np.median(image[0][seg > 0]) - np.median(image[0][tissue & (seg == 0)])), lr
 
-    plain, faded = lesion_step(0.0), lesion_step(1.0)
+    (plain, _), (faded, _) = lesion_step(0.0), lesion_step(1.0)
     assert plain > 0.5 and faded == pytest.approx(0.2 * plain, rel=0.15)
-    # With the MRI synthesis the tissue traced for it is reused, and the LR input is made of the faded
-    # patch, which is also the image-SR target.
-    aug = Augmentation(p_intensity=0.0, p_gamma=0.0, p_lesion_fade=1.0, lesion_fade=(0.2, 0.2))
-    sampler = PatchSampler(cache, ["a"], (16, 20, 20), p_fg=1.0, augmentation=aug, degradation=Degradation())
-    image, seg, lr = sampler.sample(np.random.default_rng(1))
-    tissue = image[0] != cache.background("a")[0]
-    step = float(np.median(image[0][seg > 0]) - np.median(image[0][tissue & (seg == 0)]))
-    assert step == pytest.approx(faded, rel=0.05) and lr.shape == (1, 8, 10, 10)
+    # With the MRI synthesis the fade takes the tissue traced for it and the patch still gets its LR input.
+    mri, lr = lesion_step(1.0, Degradation())
+    assert mri == pytest.approx(faded, rel=0.05) and lr[0].shape == (1, 8, 10, 10)

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SASSRSegment"))
 
 from SASSRSegmentLib.data import datasets  # noqa: E402
+from SASSRSegmentLib.evaluation import metrics  # noqa: E402
 from SASSRSegmentLib.evaluation.scoring import synthesise_case  # noqa: E402
 from SASSRSegmentLib.inference.lesions import drop_small_components  # noqa: E402
 from SASSRSegmentLib.inference.pipeline import segment_image  # noqa: E402
@@ -30,13 +31,11 @@ INPUTS = ("block", "gaussian-linear", "thick-slice-5mm")
 
 
 def sweep(probabilities: np.ndarray, label: np.ndarray, min_fraction: float) -> dict[float, float]:
+    """Dice at each threshold, as `evaluate` scores it, after the card's component removal."""
     dice = {}
     for t in THRESHOLDS:
         mask = sitk.GetImageFromArray((probabilities >= t).astype(np.uint8))
-        kept = sitk.GetArrayFromImage(drop_small_components(mask, min_fraction)) > 0
-        dice[t] = float(
-            2 * np.count_nonzero(kept & label) / max(1, np.count_nonzero(kept) + np.count_nonzero(label))
-        )
+        dice[t] = metrics.overlap(drop_small_components(mask, min_fraction), label)["dice"]
     return dice
 
 

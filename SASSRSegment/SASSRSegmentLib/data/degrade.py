@@ -411,7 +411,8 @@ class Degradation:
     ) -> np.ndarray:
         """LR input (C, *spatial / scale) float32 of an HR patch (C, *spatial); `tissue` (*spatial,
         bool) marks the MRI tissue (None: everything is tissue). `scan`: the whole normalised case the
-        patch was cut from, whose statistics through the same operators the MRI re-standardisation uses (a patch's own gain is 1-9 % lower than its scan's; docs/models.md)."""
+        patch was cut from, whose statistics through the same operators the MRI re-standardisation
+        uses (a patch's own gain is 1-9 % lower than its scan's; docs/models.md)."""
         operators = self.operators(hr.shape[1:], rng, scale)
         matrices = [op.matrix(n // scale, scale) for op, n in zip(operators, hr.shape[1:])]
         bias = None

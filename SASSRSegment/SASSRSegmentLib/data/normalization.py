@@ -52,7 +52,7 @@ class Levels:
     std: float
 
 
-def _smooth(array: np.ndarray) -> np.ndarray:
+def smooth(array: np.ndarray) -> np.ndarray:
     """Binomial [1, 2, 1] / 4 along each axis, twice (about a one-voxel Gaussian); edges replicated."""
     out = np.asarray(array, dtype=np.float32)
     for axis in range(out.ndim):
@@ -96,7 +96,7 @@ def _trace(data: np.ndarray, threshold: float) -> np.ndarray:
     too little to measure)."""
     # The smoothed image decides against noise; the voxel's own value keeps the rim's faint partial
     # volumes (and smoothing's outward spread) out, so the rim is where the training data has it.
-    mask = _clean_trace((_smooth(data) > threshold) & (data > threshold))
+    mask = _clean_trace((smooth(data) > threshold) & (data > threshold))
     if mask.sum() < max(16, 0.01 * data.size):
         return np.ones(data.shape, dtype=bool)
     return mask

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
 from .degrade import Degradation, Scan
+from .normalization import erode, smooth
 
 
 @dataclass
@@ -214,22 +215,6 @@ def _warp(image: np.ndarray, seg: np.ndarray, matrix: np.ndarray, out_size: Sequ
     return warped[:-1], (warped[-1] >= 0.5).astype(np.uint8)
 
 
-def _along_axes(x: np.ndarray, radius: int, reduce) -> np.ndarray:
-    """`reduce` (of the 2 * radius + 1 shifted copies, edge-padded) along each axis in turn."""
-    for axis in range(x.ndim):
-        padded = np.moveaxis(
-            np.pad(x, [(radius * (a == axis),) * 2 for a in range(x.ndim)], mode="edge"), axis, 0
-        )
-        n = x.shape[axis]
-        x = np.moveaxis(reduce([padded[k : k + n] for k in range(2 * radius + 1)]), 0, axis)
-    return x
-
-
-def _binomial(copies: list[np.ndarray]) -> np.ndarray:
-    """[1, 2, 1] / 4 of `_along_axes`' three copies (radius 1)."""
-    return (copies[0] + 2 * copies[1] + copies[2]) / 4
-
-
 def fade_lesion(image: np.ndarray, seg: np.ndarray, tissue: np.ndarray, keep: float) -> np.ndarray:
     """`image` (C, *P) with the lesion's contrast to the patch's healthy tissue scaled by `keep`.
 
@@ -244,10 +229,8 @@ def fade_lesion(image: np.ndarray, seg: np.ndarray, tissue: np.ndarray, keep: fl
     # The label grown by two voxels, then smoothed: the partial-volume voxels just outside it fade with
     # the lesion (else they would stay as a bright rim) and the fade is gone four voxels out. Healthy
     # tissue inside that margin barely moves, as it sits near the reference already.
-    weight = _along_axes(lesion.astype(np.float32), 2, lambda c: np.max(c, axis=0))
-    for _ in range(2):
-        weight = _along_axes(weight, 1, _binomial)
-    weight = weight * tissue
+    grown = ~erode(erode(~lesion))
+    weight = smooth(grown) * tissue
     out = image.copy()
     for c in range(image.shape[0]):
         reference = float(np.median(image[c][healthy]))
