@@ -74,6 +74,26 @@ def test_missing_input_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "m.nrrd").exists()
 
 
+def test_the_fast_exit_keeps_buffered_output_and_the_status(tmp_path):
+    """The entry point ends with os._exit (no interpreter teardown): what sits in a block-buffered pipe
+    must still arrive, and the status must be the command's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [sys.executable, "-m", "SASSRSegmentLib"]
+    listed = subprocess.run(
+        [*command, "models", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert {card["name"] for card in json.loads(listed.stdout)} >= set(bundled_models())
+    failed = subprocess.run(
+        [*command, "segment", str(tmp_path / "nope.nrrd"), "-o", str(tmp_path / "m.nrrd")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    _assert_one_line_error(failed.returncode, failed.stderr, "does not exist")
+
+
 def test_corrupted_weights(tmp_path, broken_bundle):
     result = _run(
         "segment", _volume(tmp_path / "in.nrrd"), "-o", tmp_path / "m.nrrd", "--model", broken_bundle

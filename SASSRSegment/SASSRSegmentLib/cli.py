@@ -67,3 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = _load(args._module)
     return run_command(module.run, args, getattr(module, "RUNS_IN_WORKER", False))
+
+
+def run() -> None:
+    """The process entry point (`python -m`, the console script): `main()`, then an exit that skips the
+    interpreter's teardown. Unloading torch and SimpleITK took 0.3 s of every run (1.02-1.07 s against
+    1.30-1.43 s for a process that imports both and exits), a ninth of `segment` on the 2 mm sample.
+    Every output is written, closed and renamed into place by the time `main` returns; only the
+    standard streams still hold data."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
