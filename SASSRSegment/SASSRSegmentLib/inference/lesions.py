@@ -92,19 +92,23 @@ def keep_large_components(
     min_fraction: float,
     out: np.ndarray,
     fully_connected: bool = True,
-    rows: int = _SLAB_ROWS,
+    rows: int | None = None,
 ) -> None:
     """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
     least `min_fraction` of the largest one's voxels.
 
     Components are labelled `rows` first-axis rows at a time and joined across slab faces
     (union-find). The slabs' four-byte labels are kept for the second pass up to `_KEPT_LABEL_BYTES`;
-    a larger volume's are labelled again instead, so memory holds one slab's.
+    a larger volume's are labelled again instead, so memory holds one slab's. By default (None) an
+    array whose labels are kept is labelled in one slab (the dense-mask benchmark's 154x224x176 box:
+    0.107 s against 0.131 s in 32-row slabs), a larger one `_SLAB_ROWS` rows at a time.
     """
     # Slab k's local label j > 0 is global label bases[k] + j; global label 0 is the background.
     bases, sizes, boundary = [], [np.zeros(1, np.int64)], None
     parent = np.zeros(1, np.int64)
     kept = [] if 4 * array.size <= _KEPT_LABEL_BYTES else None
+    if rows is None:
+        rows = array.shape[0] if kept is not None else _SLAB_ROWS
     for first in range(0, array.shape[0], rows):
         labels = _slab_labels(array, first, rows, fully_connected)
         if kept is not None:
