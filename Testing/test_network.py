@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from SASSRSegmentLib.model.bundle import load_bundle
+from SASSRSegmentLib.model.convolutions import atrous_conv
 from SASSRSegmentLib.model.folding import fold_batch_norm
 from SASSRSegmentLib.model.losses import SASRLoss, affinity_matrix
 from SASSRSegmentLib.model.network import (
@@ -16,7 +17,7 @@ from SASSRSegmentLib.model.network import (
     SASRConfig,
     SASRNet,
     SASROutput,
-    atrous_conv,
+    SDCBlock,
     pixel_shuffle,
 )
 
@@ -369,6 +370,37 @@ def test_folded_batch_norm_predicts_what_the_network_does(dims, options):
     scale = before.abs().max()
     assert (after - before).abs().max() <= 1e-4 * scale
     assert (sr_after - sr_before).abs().max() <= 1e-4 * sr_before.abs().max()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_sdc_prediction_sums_the_fuse_of_what_training_concatenates(dims, squeeze):
+    block = SDCBlock(dims, 6, 4, norm="batch", squeeze=squeeze)
+    _randomise_batch_norms(block)
+    x = torch.randn(2, 6, *(9, 8, 7)[:dims])
+    block.eval()
+    with torch.no_grad():
+        fused, weights = block(x)
+        features = block.squeeze(x) if squeeze else x
+        weighted = [branch(features) * weights[:, i : i + 1] for i, branch in enumerate(block.branches)]
+        concatenated = block.fuse(torch.cat(weighted, dim=1))
+    torch.testing.assert_close(fused, concatenated, rtol=1e-5, atol=1e-5)
+
+
+def test_a_3d_network_loaded_for_prediction_on_the_cpu_stays_channels_last(tiny_bundle_3d):
+    """A one-channel input has no layout of its own: the weights must carry it through every layer
+    (as the CPU runs it, in bf16; in float32 oneDNN leaves a network this small to other kernels)."""
+    _, net = load_bundle(tiny_bundle_3d, torch.device("cpu"), for_prediction=True)
+    layouts = []
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.register_forward_hook(
+                lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last_3d))
+            )
+    x = torch.randn(1, 1, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    assert layouts and all(layouts)
 
 
 def test_folding_leaves_instance_norm_and_refuses_a_training_network():

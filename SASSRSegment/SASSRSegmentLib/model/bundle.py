@@ -91,8 +91,8 @@ def load_bundle(
     name_or_dir: str | Path | None, device=None, spatial_dims: int | None = None, for_prediction: bool = False
 ):
     """(card, network in eval mode on `device`). Checks the weights against the card's checksum.
-    `for_prediction`: batch norm folded into the convolutions (faster; the network can then only
-    predict, not be trained or saved)."""
+    `for_prediction`: batch norm folded into the convolutions and, for 3D on a CPU, channels-last
+    weights (faster; the network can then only predict, not be trained or saved)."""
     import torch
 
     from .network import SASRConfig, SASRNet
@@ -118,4 +118,10 @@ def load_bundle(
         fold_batch_norm(net)
     if device is not None:
         net.to(device)
+    if for_prediction and net.config.spatial_dims == 3 and next(net.parameters()).device.type == "cpu":
+        # oneDNN's channels-last kernels: a convolution's output takes its input's or its weight's
+        # layout, and a one-channel input has none, so without this the whole network ran
+        # channels-first (the 2 mm sample's forward pass 0.57 s instead of 0.74 s; the cost was in
+        # the 1x1 convolutions and the reshapes around them).
+        net.to(memory_format=torch.channels_last_3d)
     return card, net

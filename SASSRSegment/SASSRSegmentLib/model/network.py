@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convolutions import AtrousConv2d, AtrousConv3d, PointwiseConv2d, PointwiseConv3d
+
 __all__ = ["ChildFeatures", "SASRConfig", "SASRNet", "SASROutput", "pixel_shuffle"]
 HR_HEADS = ("interpolate", "subpixel")
 
@@ -114,71 +116,6 @@ def _conv(spatial_dims: int):
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
 
-def atrous_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
-) -> torch.Tensor:
-    """A 'same'-padded dilated convolution computed as a plain one on the `dilation`^d interleaved
-    sub-grids of `x` (space-to-batch): the same numbers, but oneDNN's backward of a dilated 3D
-    convolution is 4-8x slower on CPU than that of an undilated one on the same voxels, which made
-    the SDC branches the most expensive part of a training step."""
-    b, c, *size = x.shape
-    d, nd = dilation, len(size)
-    pads = []
-    for n in reversed(size):
-        pads += [0, (-n) % d]
-    if any(pads):
-        x = F.pad(x, pads)  # zeros, as the convolution's own padding
-    padded = x.shape[2:]
-    m = [n // d for n in padded]
-    # (B, C, m_1, d, ..., m_n, d) -> (B, d, ..., d, C, m_1, ..., m_n): one batch entry per sub-grid.
-    x = x.reshape(b, c, *[v for n in m for v in (n, d)])
-    x = x.permute(0, *[3 + 2 * i for i in range(nd)], 1, *[2 + 2 * i for i in range(nd)])
-    conv = F.conv3d if nd == 3 else F.conv2d
-    y = conv(x.reshape(b * d**nd, c, *m), weight, bias, padding=weight.shape[-1] // 2)
-    out = y.shape[1]
-    y = y.reshape(b, *([d] * nd), out, *m)
-    y = y.permute(0, nd + 1, *[a for i in range(nd) for a in (nd + 2 + i, 1 + i)])
-    return y.reshape(b, out, *padded)[(..., *(slice(0, n) for n in size))]
-
-
-class _Atrous:
-    """A dilated convolution that trains through `atrous_conv` (same weights, same outputs); in eval()
-    it runs the native kernel, whose forward is the faster one."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dilation[0] > 1:
-            return atrous_conv(x, self.weight, self.bias, self.dilation[0])
-        return super().forward(x)
-
-
-class _Pointwise:
-    """A 1x1 convolution to one or a few channels that trains as a weighted channel sum: the same
-    numbers, but oneDNN's version cost 3x as much (forward and backward) at HR on CPU. In eval() it
-    runs the native kernel, which needs no temporary the size of its input."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        shape = (1, *self.weight.shape[:2], *[1] * (x.dim() - 2))
-        return (x.unsqueeze(1) * self.weight.view(shape)).sum(2) + self.bias.view(shape[:2] + shape[3:])
-
-
-class PointwiseConv2d(_Pointwise, nn.Conv2d):
-    pass
-
-
-class PointwiseConv3d(_Pointwise, nn.Conv3d):
-    pass
-
-
-class AtrousConv2d(_Atrous, nn.Conv2d):
-    pass
-
-
-class AtrousConv3d(_Atrous, nn.Conv3d):
-    pass
-
-
 def _norm(spatial_dims: int, name: str, channels: int) -> nn.Module:
     if name == "batch":
         return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
@@ -257,8 +194,27 @@ class SDCBlock(nn.Module):
             x = self.squeeze(x)
         logits = self.scale_conv(x)
         weights = torch.softmax(logits, dim=1) if self.weighting == "softmax" else torch.sigmoid(logits)
+        if not self.training:
+            return self._fuse_summed(x, weights), weights
         weighted = [branch(x) * weights[:, i : i + 1] for i, branch in enumerate(self.branches)]
         return self.fuse(torch.cat(weighted, dim=1)), weights
+
+    def _fuse_summed(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The fuse's 1x1 convolution of the concatenation, as the sum of its slices' convolutions of
+        each weighted branch: the same numbers without the concatenation, which on channels-last
+        tensors (prediction on CPU) cost more than the convolution it feeds."""
+        conv, norm, act = self.fuse
+        width = conv.in_channels // len(self.branches)
+        weights = weights.to(x.dtype)
+        fused = None
+        for i, branch in enumerate(self.branches):
+            part = conv._conv_forward(
+                branch(x) * weights[:, i : i + 1],
+                conv.weight[:, i * width : (i + 1) * width],
+                conv.bias if i == 0 else None,
+            )
+            fused = part if fused is None else fused.add_(part)
+        return act(norm(fused))
 
 
 class DecoderStage(nn.Module):
@@ -453,6 +409,8 @@ class SubpixelHead(nn.Module):
 
     def forward(self, features: torch.Tensor, x_lr: torch.Tensor) -> ChildFeatures:
         y = self.conv(features)
+        if isinstance(self.norm, nn.Identity):  # folded into the convolution (folding.py)
+            return ChildFeatures(self.act(y), self.out_channels, self.scale)
         b, _, _, *rest = y.shape
         # Folding the children axis into the first spatial one keeps the norm's statistics those of
         # each HR channel over all HR voxels.
