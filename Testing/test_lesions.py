@@ -169,6 +169,47 @@ def test_slab_wise_components_agree_with_whole_volume_labelling(
         np.testing.assert_array_equal(out, expected.astype(np.uint8))
 
 
+def _numbered_full(mask: sitk.Image, numbered) -> np.ndarray:
+    return sitk.GetArrayFromImage(lesions.numbered_mask(mask, numbered)[0]).astype(np.int64)
+
+
+@pytest.mark.parametrize("shape", [(9, 23, 31), (37, 41)])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
+@pytest.mark.parametrize("fully_connected", [True, False])
+@pytest.mark.parametrize("keep_labels", [True, False], ids=["labels kept", "labelled twice"])
+def test_one_labelling_drops_and_numbers_as_two_do(shape, density, fully_connected, keep_labels, monkeypatch):
+    if not keep_labels:
+        monkeypatch.setattr(lesions, "_KEPT_LABEL_BYTES", 0)
+    rng = np.random.default_rng(len(shape) * 100 + int(density * 10))
+    array = np.zeros(shape, np.uint8)
+    array[(slice(1, -1),) * len(shape)] = rng.random(tuple(n - 2 for n in shape)) < density
+    mask = sitk.GetImageFromArray(array)
+    dropped = lesions.drop_small_components(mask, 0.01)
+    expected = _numbered_full(dropped, lesions.numbered_lesions(dropped, fully_connected))
+    kept, numbered = lesions.drop_small_and_number(mask, 0.01, fully_connected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(kept), sitk.GetArrayFromImage(dropped))
+    np.testing.assert_array_equal(_numbered_full(kept, numbered), expected)
+    if density < 0.1:  # several lesions and ties: the numbering is tested, not just the mask
+        assert expected.max() > 10
+    if not fully_connected:
+        return  # small components are dropped by 26-connectivity, whatever numbers the lesions
+    for rows in (1, 3, 100):  # the slab-wise numbering agrees too
+        numbers = np.zeros(shape, np.uint32)
+        lesions.keep_large_components(array, 0.01, numbers, fully_connected, rows, numbered=True)
+        np.testing.assert_array_equal(numbers, expected)
+
+
+def test_numbering_an_empty_mask_or_keeping_every_lesion():
+    empty = sitk.Image([6, 7, 8], sitk.sitkUInt8)
+    assert lesions.drop_small_and_number(empty, 0.1) == (empty, None)
+    array = np.zeros((6, 7, 8), np.uint8)
+    array[1, 1, 1] = array[4, 4:6, 4:7] = 1
+    mask = sitk.GetImageFromArray(array)
+    kept, numbered = lesions.drop_small_and_number(mask, 0.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(kept), array)
+    assert _numbered_full(kept, numbered)[1, 1, 1] == 2 and _numbered_full(kept, numbered)[4, 4, 4] == 1
+
+
 @pytest.mark.parametrize("density", [0.02, 0.3, 0.6])
 def test_lesions_are_numbered_by_size_with_ties_in_scan_order(density):
     from SASSRSegmentLib.inference.lesions import numbered_lesions

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import segment as segment_command
-from SASSRSegmentLib.inference import inputs, memory, pipeline
+from SASSRSegmentLib.inference import inputs, lesions, memory, pipeline
 from SASSRSegmentLib.inference.lesions import lesion_table
 from SASSRSegmentLib.inference.windows import window_starts
 from SASSRSegmentLib.io import geometry
@@ -194,6 +194,27 @@ def test_single_slice_volume_with_a_2d_model(tiny_bundle_2d):
     _assert_same_extent(mask, image)
     on_input, _ = pipeline.segment_image(image, net, card, CPU, output_grid="input")
     assert Grid.from_image(on_input) == grid
+
+
+def test_a_single_slice_volume_numbers_its_lesions_where_they_are(tiny_bundle_2d):
+    """The lesion numbers made on the 2D proxy are lifted onto the volume with the mask."""
+    card, net = load_bundle(tiny_bundle_2d)
+    grid = Grid((30, 20, 1), (0.6, 0.4, 3.0), (1.0, 2.0, 3.0), tuple(_rotation(0.5, 0.2).ravel()))
+    image = grid.image_from_array(np.random.default_rng(1).integers(0, 255, (1, 20, 30)).astype(np.uint8))
+    _, probabilities = pipeline.segment_image(image, net, card, CPU)
+    threshold = float(np.median(sitk.GetArrayViewFromImage(probabilities)))  # about half the voxels
+    result = pipeline.segment_lesions(image, net, card, CPU, threshold=threshold, number_lesions=True)
+    numbered, count = lesions.numbered_mask(result.mask, result.numbered)
+    relabelled = lesions.numbered_lesions(result.mask)
+    expected, expected_count = lesions.numbered_mask(result.mask, relabelled)
+    assert count == expected_count > 1
+    assert Grid.from_image(numbered) == Grid.from_image(expected) == Grid.from_image(result.mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(numbered), sitk.GetArrayFromImage(expected))
+    # The table's coordinates are the volume's, not the 2D proxy's.
+    rows, expected_rows = lesions.lesion_rows(result.numbered), lesions.lesion_rows(relabelled)
+    for row, expected_row in zip(rows, expected_rows):
+        np.testing.assert_allclose(row["centroid_ras_mm"], expected_row["centroid_ras_mm"], atol=1e-6)
+        np.testing.assert_allclose(row["bbox_ras_min_mm"], expected_row["bbox_ras_min_mm"], atol=1e-6)
 
 
 def test_roi_is_given_in_ras_and_keeps_the_geometry():

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from ..inference import lesions, provenance
 from ..inference.inputs import effective_dims
-from ..inference.pipeline import card_threshold, segment_image, super_resolve_image, to_8_bit
+from ..inference.pipeline import card_threshold, segment_lesions, super_resolve_image, to_8_bit
 from ..io import imageio
 from ..io.geometry import Grid
 from ..runtime.errors import UserError
@@ -308,7 +308,7 @@ class _Session:
         common = dict(
             roi=args.roi, output_grid=args.output_grid, overlap=args.overlap, memory_limit=self.memory_limit
         )
-        mask, probabilities = segment_image(
+        result = segment_lesions(
             image,
             net,
             card,
@@ -321,16 +321,18 @@ class _Session:
             # The table's mean probabilities need 8-bit ones only; without either, memory stays at a
             # few bytes per HR voxel.
             probabilities="float32" if job.probabilities else ("uint8" if args.lesion_table else "none"),
+            number_lesions=True,
+            fully_connected=not args.face_connected,
             **common,
         )
+        mask, probabilities = result.mask, result.probabilities
         sr = None
         if job.sr_image:
             sr = super_resolve_image(image, net, card, self.device, tta=args.tta, progress=report, **common)
         report("write", 0.0)
         threshold = card_threshold(card, args.threshold)
-        # Labelled once, for the table and the numbered mask (segment_image's probabilities lie on its grid).
-        numbered = lesions.numbered_lesions(mask, fully_connected=not args.face_connected)
-        rows = lesions.lesion_rows(numbered, probabilities, diameters=bool(args.lesion_table))
+        # Labelled once, for the table and the numbered mask (the probabilities lie on the mask's grid).
+        rows = lesions.lesion_rows(result.numbered, probabilities, diameters=bool(args.lesion_table))
         confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
         if confidence:
             warnings.append(confidence)
@@ -338,7 +340,7 @@ class _Session:
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
         written, names = mask, ("lesion",)
         if args.numbered_lesions:
-            written, count = lesions.numbered_mask(mask, numbered)
+            written, count = lesions.numbered_mask(mask, result.numbered)
             names = [f"Lesion {k}" for k in range(1, count + 1)] or ["Lesion"]
         written.SetMetaData(provenance.METADATA_KEY, json.dumps(record))
         imageio.write_image(written, job.mask, args.overwrite, staging, names)

@@ -93,9 +93,12 @@ def keep_large_components(
     out: np.ndarray,
     fully_connected: bool = True,
     rows: int | None = None,
+    numbered: bool = False,
 ) -> None:
     """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
-    least `min_fraction` of the largest one's voxels.
+    least `min_fraction` of the largest one's voxels. With `numbered`, each kept component's lesion
+    number instead of 1 (as `numbered_lesions` numbers them: 1 the largest, equal sizes in scan order;
+    `out` must hold the count).
 
     Components are labelled `rows` first-axis rows at a time and joined across slab faces
     (union-find). The slabs' four-byte labels are kept for the second pass up to `_KEPT_LABEL_BYTES`;
@@ -126,12 +129,20 @@ def keep_large_components(
         parent = parent[parent]
     root_sizes = np.bincount(parent, weights=np.concatenate(sizes), minlength=len(parent))
     root_sizes[0] = 0
-    keep = (root_sizes[parent] >= min_fraction * root_sizes.max()).astype(np.uint8)
-    keep[0] = 0
+    keep = root_sizes[parent] >= min_fraction * root_sizes.max()
+    keep[0] = False
+    value = keep.astype(out.dtype)
+    if numbered:
+        # A component's root is its first label in scan order (unions keep the smaller label).
+        roots = np.flatnonzero(keep & (parent == np.arange(len(parent))))
+        order = roots[np.lexsort((roots, -root_sizes[roots]))]
+        number = np.zeros(len(parent), out.dtype)
+        number[order] = np.arange(1, len(order) + 1)
+        value = number[parent]
     for k, (base, first) in enumerate(zip(bases, range(0, array.shape[0], rows))):
         labels = kept[k] if kept is not None else _slab_labels(array, first, rows, fully_connected)
         # Local label j is global base + j; local 0 (background) stays 0.
-        local = np.concatenate([[0], keep[base + 1 : base + int(labels.max()) + 1]]).astype(np.uint8)
+        local = np.concatenate([[0], value[base + 1 : base + int(labels.max()) + 1]]).astype(out.dtype)
         out[first : first + rows] = local[labels]
 
 
@@ -159,6 +170,36 @@ def drop_small_components(mask: sitk.Image, min_fraction: float) -> sitk.Image:
     out = sitk.GetImageFromArray(kept)
     out.CopyInformation(mask)
     return out
+
+
+def drop_small_and_number(
+    mask: sitk.Image, min_fraction: float, fully_connected: bool = True
+) -> tuple[sitk.Image, tuple[sitk.Image, list[int]] | None]:
+    """(`drop_small_components(mask, min_fraction)`, `numbered_lesions` of it) from one labelling where
+    the labels fit in `_KEPT_LABEL_BYTES` and the connectivities agree: a second labelling was
+    most of what a dense mask's lesion table and summary cost (80 ms of 0.2 s on the dense benchmark).
+    The numbered box is the one around the lesions before the small ones were dropped."""
+    region = lesion_region(mask)
+    if region is None:
+        return mask, None
+    start, size = region
+    if not fully_connected or 4 * int(np.prod(size)) > _KEPT_LABEL_BYTES:
+        mask = drop_small_components(mask, min_fraction)
+        return mask, numbered_lesions(mask, fully_connected)
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1]))
+    numbers = np.zeros(size[::-1], np.uint32)
+    keep_large_components(
+        sitk.GetArrayViewFromImage(mask)[box], max(min_fraction, 0.0), numbers, numbered=True
+    )
+    kept = np.zeros(mask.GetSize()[::-1], np.uint8)
+    kept[box] = numbers > 0
+    out = sitk.GetImageFromArray(kept)
+    out.CopyInformation(mask)
+    labels = sitk.GetImageFromArray(numbers)
+    labels.SetSpacing(mask.GetSpacing())
+    labels.SetDirection(mask.GetDirection())
+    labels.SetOrigin(mask.TransformIndexToPhysicalPoint([int(i) for i in start]))
+    return out, (labels, list(start))
 
 
 def _lps_to_ras(point: np.ndarray) -> np.ndarray:

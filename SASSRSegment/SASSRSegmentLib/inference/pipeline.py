@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -50,7 +51,22 @@ def tta_axes(card: dict) -> list[int] | None:
     return None if axes is None else [int(a) for a in axes]
 
 
-def segment_image(
+@dataclass
+class Segmentation:
+    mask: sitk.Image  # uint8 0/1 on the output grid
+    probabilities: sitk.Image | None
+    # lesions.numbered_lesions(mask, fully_connected), when asked for: (label image of the lesions'
+    # box, its index offset in the mask)
+    numbered: tuple[sitk.Image, list[int]] | None = None
+
+
+def segment_image(*args, **kwargs) -> tuple[sitk.Image, sitk.Image | None]:
+    """`segment_lesions`'s (mask, probabilities)."""
+    result = segment_lesions(*args, **kwargs)
+    return result.mask, result.probabilities
+
+
+def segment_lesions(
     image: sitk.Image,
     net,
     card: dict,
@@ -65,9 +81,13 @@ def segment_image(
     progress: Callable[[str, float], None] | None = None,
     warn: Callable[[str], None] | None = None,
     probabilities: str = "float32",
-) -> tuple[sitk.Image, sitk.Image | None]:
-    """(uint8 mask, probabilities), both on the output grid: `hr_grid(input, scale)` (or of the ROI's
-    input voxels), or the input grid with output_grid="input".
+    number_lesions: bool = False,
+    fully_connected: bool = True,
+) -> Segmentation:
+    """The mask and probabilities, both on the output grid: `hr_grid(input, scale)` (or of the ROI's
+    input voxels), or the input grid with output_grid="input"; with `number_lesions`, the mask's
+    lesions numbered as `lesions.numbered_lesions(mask, fully_connected)` does (from the labelling
+    that removes the small components where it can).
 
     probabilities: "float32" (values 0..1), "uint8" (round(255 p): a quarter of the memory, enough for
     the lesion table's mean probabilities) or "none" (the second result is None). Unless float32 ones
@@ -122,12 +142,17 @@ def segment_image(
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
         probs = _as_kind(probs, probabilities)
     prepared.lr = predict = None  # the LR input is not needed after prediction
-    mask = lesions.drop_small_components(
-        mask, float(card.get("postprocess", {}).get("min_component_fraction", 0))
-    )
+    min_fraction = float(card.get("postprocess", {}).get("min_component_fraction", 0))
+    numbered = None
+    if number_lesions:
+        mask, numbered = lesions.drop_small_and_number(mask, min_fraction, fully_connected)
+    else:
+        mask = lesions.drop_small_components(mask, min_fraction)
     _check_plausible(mask, prepared, card, warn or (lambda m: None))
     report("resample", 1.0)
-    return _lift(mask, prepared), (None if probs is None else _lift(probs, prepared))
+    if numbered is not None and prepared.plane is not None:
+        numbered = (_lift(numbered[0], prepared), [*numbered[1], 0])
+    return Segmentation(_lift(mask, prepared), None if probs is None else _lift(probs, prepared), numbered)
 
 
 def _check_plausible(
