@@ -142,17 +142,33 @@ def segment_lesions(
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
         probs = _as_kind(probs, probabilities)
     prepared.lr = predict = None  # the LR input is not needed after prediction
+    fully_connected = fully_connected if number_lesions else None
+    result = _postprocess(mask, probs, prepared, card, fully_connected, warn or (lambda m: None))
+    report("resample", 1.0)
+    return result
+
+
+def _postprocess(
+    mask: sitk.Image,
+    probabilities: sitk.Image | None,
+    prepared: PreparedInput,
+    card: dict,
+    fully_connected: bool | None,
+    warn: Callable[[str], None],
+) -> Segmentation:
+    """Small-component removal (and the lesions' numbers unless `fully_connected` is None), the
+    plausibility check, and the results lifted onto the input's grid."""
     min_fraction = float(card.get("postprocess", {}).get("min_component_fraction", 0))
     numbered = None
-    if number_lesions:
-        mask, numbered = lesions.drop_small_and_number(mask, min_fraction, fully_connected)
-    else:
+    if fully_connected is None:
         mask = lesions.drop_small_components(mask, min_fraction)
-    _check_plausible(mask, prepared, card, warn or (lambda m: None))
-    report("resample", 1.0)
+    else:
+        mask, numbered = lesions.drop_small_and_number(mask, min_fraction, fully_connected)
+    _check_plausible(mask, prepared, card, warn)
     if numbered is not None and prepared.plane is not None:
         numbered = (_lift(numbered[0], prepared), [*numbered[1], 0])
-    return Segmentation(_lift(mask, prepared), None if probs is None else _lift(probs, prepared), numbered)
+    lifted = None if probabilities is None else _lift(probabilities, prepared)
+    return Segmentation(_lift(mask, prepared), lifted, numbered)
 
 
 def _check_plausible(
