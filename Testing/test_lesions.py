@@ -189,6 +189,9 @@ def test_one_labelling_drops_and_numbers_as_two_do(shape, density, fully_connect
     kept, numbered = lesions.drop_small_and_number(mask, 0.01, fully_connected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(kept), sitk.GetArrayFromImage(dropped))
     np.testing.assert_array_equal(_numbered_full(kept, numbered), expected)
+    if fully_connected and keep_labels:  # numbered by the one labelling, in the smallest type
+        smallest = np.uint8 if expected.max() < 256 else np.uint16
+        assert sitk.GetArrayViewFromImage(numbered[0]).dtype == smallest
     if density < 0.1:  # several lesions and ties: the numbering is tested, not just the mask
         assert expected.max() > 10
     if not fully_connected:

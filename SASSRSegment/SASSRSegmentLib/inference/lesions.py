@@ -90,15 +90,15 @@ def _neighbour_pairs(a: np.ndarray, b: np.ndarray, fully_connected: bool) -> np.
 def keep_large_components(
     array: np.ndarray,
     min_fraction: float,
-    out: np.ndarray,
+    out: np.ndarray | None = None,
     fully_connected: bool = True,
     rows: int | None = None,
     numbered: bool = False,
-) -> None:
+) -> np.ndarray:
     """Write into `out` (uint8, array's shape) the components of `array`'s nonzero voxels that have at
-    least `min_fraction` of the largest one's voxels. With `numbered`, each kept component's lesion
-    number instead of 1 (as `numbered_lesions` numbers them: 1 the largest, equal sizes in scan order;
-    `out` must hold the count).
+    least `min_fraction` of the largest one's voxels, and return it. With `numbered`, each kept
+    component's lesion number instead of 1 (as `numbered_lesions` numbers them: 1 the largest, equal
+    sizes in scan order). Without `out`, a new array of the smallest unsigned type that holds the values.
 
     Components are labelled `rows` first-axis rows at a time and joined across slab faces
     (union-find). The slabs' four-byte labels are kept for the second pass up to `_KEPT_LABEL_BYTES`;
@@ -131,19 +131,23 @@ def keep_large_components(
     root_sizes[0] = 0
     keep = root_sizes[parent] >= min_fraction * root_sizes.max()
     keep[0] = False
-    value = keep.astype(out.dtype)
+    value = keep.astype(np.uint8)
     if numbered:
         # A component's root is its first label in scan order (unions keep the smaller label).
         roots = np.flatnonzero(keep & (parent == np.arange(len(parent))))
         order = roots[np.lexsort((roots, -root_sizes[roots]))]
-        number = np.zeros(len(parent), out.dtype)
+        number = np.zeros(len(parent), np.int64)
         number[order] = np.arange(1, len(order) + 1)
         value = number[parent]
+    if out is None:
+        top = int(value.max(initial=0))
+        out = np.zeros(array.shape, np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)
     for k, (base, first) in enumerate(zip(bases, range(0, array.shape[0], rows))):
         labels = kept[k] if kept is not None else _slab_labels(array, first, rows, fully_connected)
         # Local label j is global base + j; local 0 (background) stays 0.
         local = np.concatenate([[0], value[base + 1 : base + int(labels.max()) + 1]]).astype(out.dtype)
         out[first : first + rows] = local[labels]
+    return out
 
 
 def _root(parent: np.ndarray, label: int) -> int:
@@ -187,9 +191,9 @@ def drop_small_and_number(
         mask = drop_small_components(mask, min_fraction)
         return mask, numbered_lesions(mask, fully_connected)
     box = tuple(slice(a, a + n) for a, n in zip(start[::-1], size[::-1]))
-    numbers = np.zeros(size[::-1], np.uint32)
-    keep_large_components(
-        sitk.GetArrayViewFromImage(mask)[box], max(min_fraction, 0.0), numbers, numbered=True
+    # In the smallest type that holds them: a dense mask's few lesions take a byte a voxel, not four.
+    numbers = keep_large_components(
+        sitk.GetArrayViewFromImage(mask)[box], max(min_fraction, 0.0), numbered=True
     )
     kept = np.zeros(mask.GetSize()[::-1], np.uint8)
     kept[box] = numbers > 0
