@@ -92,6 +92,19 @@ def test_the_fast_exit_keeps_buffered_output_and_the_status(tmp_path):
         timeout=120,
     )
     _assert_one_line_error(failed.returncode, failed.stderr, "does not exist")
+    if os.name != "posix":
+        return
+    # Started with standard output closed (sys.stdout is None): the status is still the command's.
+    closed = subprocess.run(
+        [*command, "segment", str(tmp_path / "nope.nrrd"), "-o", str(tmp_path / "m.nrrd")],
+        stdout=None,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    _assert_one_line_error(closed.returncode, closed.stderr, "does not exist")
 
 
 def test_corrupted_weights(tmp_path, broken_bundle):

@@ -76,6 +76,10 @@ def run() -> None:
     Every output is written, closed and renamed into place by the time `main` returns; only the
     standard streams still hold data."""
     status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: the process was started with that descriptor closed
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # closed or broken: nothing more can reach it, and the status must still be the command's
     os._exit(status)
