@@ -202,6 +202,15 @@ def test_one_labelling_drops_and_numbers_as_two_do(shape, density, fully_connect
         np.testing.assert_array_equal(numbers, expected)
 
 
+def test_lesion_numbers_take_the_smallest_type_and_never_wrap():
+    array = np.zeros((3, 40, 40), np.uint8)
+    array[1, ::2, ::2] = 1  # 400 single-voxel lesions, apart under any connectivity
+    numbers = lesions.keep_large_components(array, 0.0, numbered=True)
+    assert numbers.dtype == np.uint16 and numbers.max() == 400
+    with pytest.raises(ValueError, match="400 lesions do not fit in uint8"):
+        lesions.keep_large_components(array, 0.0, np.zeros(array.shape, np.uint8), numbered=True)
+
+
 def test_numbering_an_empty_mask_or_keeping_every_lesion():
     empty = sitk.Image([6, 7, 8], sitk.sitkUInt8)
     assert lesions.drop_small_and_number(empty, 0.1) == (empty, None)

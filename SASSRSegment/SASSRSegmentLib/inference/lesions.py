@@ -40,6 +40,9 @@ _SLAB_ROWS = 32  # first-axis rows per step of the voxel loops below: temporarie
 # labels are kept up to this size (a 240x240x154 HR brain's take 35 MB; a 1024x1024x600 one's would
 # take 2.5 GB and are labelled twice instead).
 _KEPT_LABEL_BYTES = 256 * 2**20
+# Up to this size a box is labelled in one piece (its temporaries about 10 bytes a voxel, not 4): the
+# dense benchmark's 154x224x176 box takes 24 MB.
+_ONE_SLAB_LABEL_BYTES = 64 * 2**20
 
 
 def lesion_region(mask: sitk.Image) -> tuple[list[int], list[int]] | None:
@@ -103,15 +106,16 @@ def keep_large_components(
     Components are labelled `rows` first-axis rows at a time and joined across slab faces
     (union-find). The slabs' four-byte labels are kept for the second pass up to `_KEPT_LABEL_BYTES`;
     a larger volume's are labelled again instead, so memory holds one slab's. By default (None) an
-    array whose labels are kept is labelled in one slab (the dense-mask benchmark's 154x224x176 box:
-    0.107 s against 0.131 s in 32-row slabs), a larger one `_SLAB_ROWS` rows at a time.
+    array whose labels take at most `_ONE_SLAB_LABEL_BYTES` is labelled in one slab (the dense-mask
+    benchmark's 154x224x176 box: 0.107 s against 0.131 s in 32-row slabs), a larger one `_SLAB_ROWS`
+    rows at a time.
     """
     # Slab k's local label j > 0 is global label bases[k] + j; global label 0 is the background.
     bases, sizes, boundary = [], [np.zeros(1, np.int64)], None
     parent = np.zeros(1, np.int64)
     kept = [] if 4 * array.size <= _KEPT_LABEL_BYTES else None
     if rows is None:
-        rows = array.shape[0] if kept is not None else _SLAB_ROWS
+        rows = array.shape[0] if 4 * array.size <= _ONE_SLAB_LABEL_BYTES else _SLAB_ROWS
     for first in range(0, array.shape[0], rows):
         labels = _slab_labels(array, first, rows, fully_connected)
         if kept is not None:
@@ -139,9 +143,11 @@ def keep_large_components(
         number = np.zeros(len(parent), np.int64)
         number[order] = np.arange(1, len(order) + 1)
         value = number[parent]
+    top = int(value.max(initial=0))
     if out is None:
-        top = int(value.max(initial=0))
         out = np.zeros(array.shape, np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)
+    elif top > np.iinfo(out.dtype).max:
+        raise ValueError(f"{top} lesions do not fit in {out.dtype}")
     for k, (base, first) in enumerate(zip(bases, range(0, array.shape[0], rows))):
         labels = kept[k] if kept is not None else _slab_labels(array, first, rows, fully_connected)
         # Local label j is global base + j; local 0 (background) stays 0.
