@@ -124,18 +124,13 @@ class _Plane:
         return self.lift_grid(Grid.from_image(image)).image_from_array(array)
 
 
-def _sub_grid(grid: Grid, start: list[int], size: list[int]) -> Grid:
-    origin = grid.index_to_physical(start)
-    return Grid(tuple(int(n) for n in size), grid.spacing, tuple(float(v) for v in origin), grid.direction)
-
-
 def _with_context(grid: Grid, start: list[int], size: list[int], prep: dict) -> tuple[list[int], list[int]]:
     """The ROI's index region widened by CONTEXT_LR_VOXELS working voxels a side (within the image).
 
     The network then sees lesions cut by the ROI's faces with their surroundings, and interpolation at
     the faces uses real neighbours instead of extrapolating the edge voxels.
     """
-    work_spacing = np.asarray(geometry.working_lr_grid(_sub_grid(grid, start, size), prep).spacing)
+    work_spacing = np.asarray(geometry.working_lr_grid(grid.sub_grid(start, size), prep).spacing)
     margin = np.ceil(CONTEXT_LR_VOXELS * work_spacing / np.asarray(grid.spacing) - 1e-6).astype(int)
     lo = np.maximum(np.asarray(start) - margin, 0)
     hi = np.minimum(np.asarray(start) + np.asarray(size) + margin, grid.size)
@@ -230,7 +225,7 @@ def prepare_input(
             "before segmenting"
         )
     input_grid = Grid.from_image(image)
-    target = _sub_grid(input_grid, start, size)  # the input voxels to segment (all, or those the ROI touches)
+    target = input_grid.sub_grid(start, size)  # the input voxels to segment (all, or those the ROI touches)
     out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
     work_lr = geometry.working_lr_grid(input_grid, prep)
     hr_work = geometry.hr_grid(work_lr, scale)

@@ -205,11 +205,7 @@ def drop_small_and_number(
     kept[box] = numbers > 0
     out = sitk.GetImageFromArray(kept)
     out.CopyInformation(mask)
-    labels = sitk.GetImageFromArray(numbers)
-    labels.SetSpacing(mask.GetSpacing())
-    labels.SetDirection(mask.GetDirection())
-    labels.SetOrigin(mask.TransformIndexToPhysicalPoint([int(i) for i in start]))
-    return out, (labels, list(start))
+    return out, (Grid.from_image(mask).sub_grid(start, size).image_from_array(numbers), list(start))
 
 
 def _lps_to_ras(point: np.ndarray) -> np.ndarray:

@@ -102,6 +102,7 @@ def segment_lesions(
 
     threshold = card_threshold(card, threshold)
     report = progress or (lambda stage, fraction: None)
+    warn = warn or (lambda m: None)
     report("preprocess", 0.0)
     prepared = prepare_input(
         image,
@@ -110,7 +111,7 @@ def segment_lesions(
         output_grid,
         batch_size,
         memory_limit,
-        warn or (lambda m: None),
+        warn,
         probabilities,
         overlap,
     )
@@ -142,8 +143,7 @@ def segment_lesions(
         mask = sitk.Cast(probs >= threshold, sitk.sitkUInt8)
         probs = _as_kind(probs, probabilities)
     prepared.lr = predict = None  # the LR input is not needed after prediction
-    fully_connected = fully_connected if number_lesions else None
-    result = _postprocess(mask, probs, prepared, card, fully_connected, warn or (lambda m: None))
+    result = _postprocess(mask, probs, prepared, card, number_lesions, fully_connected, warn)
     report("resample", 1.0)
     return result
 
@@ -153,17 +153,18 @@ def _postprocess(
     probabilities: sitk.Image | None,
     prepared: PreparedInput,
     card: dict,
-    fully_connected: bool | None,
+    number_lesions: bool,
+    fully_connected: bool,
     warn: Callable[[str], None],
 ) -> Segmentation:
-    """Small-component removal (and the lesions' numbers unless `fully_connected` is None), the
-    plausibility check, and the results lifted onto the input's grid."""
+    """Small-component removal (and the lesions' numbers when asked for), the plausibility check, and
+    the results lifted onto the input's grid."""
     min_fraction = float(card.get("postprocess", {}).get("min_component_fraction", 0))
     numbered = None
-    if fully_connected is None:
-        mask = lesions.drop_small_components(mask, min_fraction)
-    else:
+    if number_lesions:
         mask, numbered = lesions.drop_small_and_number(mask, min_fraction, fully_connected)
+    else:
+        mask = lesions.drop_small_components(mask, min_fraction)
     _check_plausible(mask, prepared, card, warn)
     if numbered is not None and prepared.plane is not None:
         numbered = (_lift(numbered[0], prepared), [*numbered[1], 0])

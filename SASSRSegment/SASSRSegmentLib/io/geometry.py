@@ -55,6 +55,13 @@ class Grid:
         offset = np.asarray(point, dtype=float) - np.asarray(self.origin)
         return np.linalg.solve(self.matrix, offset) / np.asarray(self.spacing)
 
+    def sub_grid(self, start, size) -> Grid:
+        """The grid of the index box `start` (x, y[, z]) of `size` voxels: the same voxels, in place."""
+        origin = self.index_to_physical(start)
+        return Grid(
+            tuple(int(n) for n in size), self.spacing, tuple(float(v) for v in origin), self.direction
+        )
+
     def extent_corners(self) -> np.ndarray:
         """The 2**dims physical corners of the grid's extent (voxel edges, not centres)."""
         lo = -0.5 * np.ones(self.dims)
