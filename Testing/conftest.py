@@ -38,6 +38,7 @@ def make_tiny_bundle(folder: Path, spatial_dims: int, image_sr: bool = True) -> 
     prep = {
         "spatial_dims": spatial_dims,
         "scale": 2,
+        "orientation": "LPS" if spatial_dims == 3 else None,
         "channels": ["image"],
         "lr_spacing": [2.0] * 3 if spatial_dims == 3 else None,
         "lr_longer_side": None if spatial_dims == 3 else 24,

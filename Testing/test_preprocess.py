@@ -21,6 +21,7 @@ from SASSRSegmentLib.data.normalization import erode
 from SASSRSegmentLib.data.sampling import Augmentation, PatchSampler, lr_from_hr
 from SASSRSegmentLib.io import geometry
 from SASSRSegmentLib.runtime.errors import UserError
+from SASSRSegmentLib.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,6 +206,31 @@ def test_cache_reuse_and_invalidation(tmp_path):
     cache = build(root, prep3d(normalization={"kind": "ct", "window": [0.0, 300.0]}), folder)
     assert all((folder / n).stat().st_mtime_ns != t for n, t in stamps.items())
     assert cache.prep["normalization"]["kind"] == "ct"
+
+
+def test_3d_cases_are_cached_in_the_training_axis_order_whatever_order_they_are_stored_in(tmp_path):
+    """A case stored as a sagittal acquisition is (with its label) the same cached arrays, on the same
+    grid, as the axial copy of it: the network learns one axis order, the one `segment` gives it."""
+    root = make_dataset(tmp_path / "ds", {"axial": {"lesions": [((4, 5, 9), 3)]}}, shape=(12, 14, 16))
+    for folder, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+        axial = sitk.ReadImage(str(root / folder / f"axial{suffix}.nii.gz"))
+        stored = sitk.Flip(sitk.PermuteAxes(axial, [1, 2, 0]), [True, False, False], flipAboutOrigin=False)
+        assert geometry.orientation(stored) != "LPS"
+        sitk.WriteImage(stored, str(root / folder / f"sagittal{suffix}.nii.gz"))
+    (root / "dataset.json").write_text(
+        json.dumps({**json.loads((root / "dataset.json").read_text()), "numTraining": 2})
+    )
+    cache = build(root, prep3d(orientation=preprocess.TRAINING_ORIENTATION), tmp_path / "cache")
+    axial, sagittal = cache.cases["axial"], cache.cases["sagittal"]
+    assert sagittal["shape"] == axial["shape"]
+    assert cropped_grid(sagittal) == pytest.approx(cropped_grid(axial))
+    np.testing.assert_array_equal(cache.seg("sagittal"), cache.seg("axial"))
+    np.testing.assert_array_equal(cache.image("sagittal"), cache.image("axial"))
+    assert cache.seg("axial").sum() > 0
+    # Every 3D model made from now on records the order; 2D images have none.
+    assert preprocess.make_prep(TrainConfig(), open_dataset(root))["orientation"] == "LPS"
+    flat = make_dataset(tmp_path / "ds2", 1, shape=(16, 16), ending=".png")
+    assert preprocess.make_prep(TrainConfig(), open_dataset(flat))["orientation"] is None
 
 
 def test_cache_folder_is_protected_and_checked(tmp_path):

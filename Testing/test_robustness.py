@@ -59,6 +59,20 @@ def test_the_sample_mask_survives_noise_smoothing_tails_and_rescaling(brain):
     assert warnings == []
 
 
+def test_the_sample_stored_as_a_sagittal_acquisition_gives_the_same_mask(brain):
+    """A sagittal 3D FLAIR is stored with left-right as its slowest axis. Shown to the network in that
+    order, the sample gave 7 mL (Dice 0.16 against the expert) where stored axially it gives 37.5 mL
+    (0.61)."""
+    card, net = brain
+    image = sitk.ReadImage(str(SAMPLE), sitk.sitkFloat32)
+    axial, _ = pipeline.segment_image(image, net, card, probabilities="none")
+    stored = sitk.Flip(sitk.PermuteAxes(image, [1, 2, 0]), [False, True, False], flipAboutOrigin=False)
+    sagittal, _ = pipeline.segment_image(stored, net, card, probabilities="none")
+    assert sagittal.GetSize() == tuple(2 * n for n in stored.GetSize())
+    back = sitk.Resample(sagittal, axial, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(axial))
+
+
 def test_one_whole_volume_window_gives_the_mask_of_training_size_windows(brain, monkeypatch):
     """The speed of one window must not cost the mask: against 48^3 windows at overlap 0.5 (how an
     instance-normalised model has to run), Dice >= 0.98 on the sample."""

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import segment as segment_command
 from SASSRSegmentLib.inference import inputs, lesions, memory, pipeline
-from SASSRSegmentLib.inference.lesions import lesion_table
+from SASSRSegmentLib.inference.lesions import lesion_rows, lesion_table
 from SASSRSegmentLib.inference.windows import window_starts
 from SASSRSegmentLib.io import geometry
-from SASSRSegmentLib.io.geometry import Grid
+from SASSRSegmentLib.io.geometry import Grid, same_grid
 from SASSRSegmentLib.model.bundle import load_bundle
 from SASSRSegmentLib.runtime.errors import UserError
 
@@ -957,3 +957,53 @@ def test_a_low_confidence_mask_is_flagged_in_the_log_and_the_provenance(tmp_path
     args[args.index(str(bundle))] = str(tiny_bundle_3d)
     assert cli.main([*args, "--overwrite"]) == 0
     assert "low confidence" not in capsys.readouterr().err
+
+
+def _stored(image: sitk.Image, order: list[int], flips: list[bool]) -> sitk.Image:
+    """The same voxels in the same places, with the array axes stored in another order and direction."""
+    return sitk.Flip(sitk.PermuteAxes(image, order), flips, flipAboutOrigin=False)
+
+
+class SlowAxisEdge(Interpolator):
+    """The interpolator, plus how much brighter each voxel is than the one 3 voxels before it along
+    the array's slowest axis: a network that, like a trained one, is not blind to the axis order."""
+
+    def forward(self, x):
+        up = self._up(x)
+        before = F.pad(up, (0, 0, 0, 0, 3, 0))[:, :, :-3]
+        return (up + 2 * (up - before) - 0.5) * 40
+
+
+@pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
+def test_a_volume_is_segmented_in_the_models_axis_order_whatever_order_it_is_stored_in(direction):
+    """A sagittal 3D acquisition is stored with the patient's left-right along its slowest axis; the
+    network sees every storage order of one volume as the array it was trained on, and each result
+    lies on its own input's HR grid, voxel for voxel the same physical mask and lesions."""
+    card = _card(3)
+    card["preprocessing"]["orientation"] = "LPS"
+    matrix = np.eye(3) if direction == "axis-aligned" else _rotation(0.3, 0.2)
+    grid = Grid((20, 18, 14), (2.0, 2.0, 2.0), (-17.0, 4.0, 30.0), tuple(matrix.ravel()))
+    axial = ball_image(grid, grid.index_to_physical([8.3, 9.1, 6.2]), 9.0)
+    reference = pipeline.segment_lesions(axial, SlowAxisEdge(), card, CPU, number_lesions=True)
+    rows = lesion_rows(reference.numbered)
+    assert len(rows) == 1
+    for order, flips in [
+        ([1, 2, 0], [False, True, False]),
+        ([0, 2, 1], [True, False, True]),
+        ([2, 0, 1], [False] * 3),
+    ]:
+        stored = _stored(axial, order, flips)
+        result = pipeline.segment_lesions(stored, SlowAxisEdge(), card, CPU, number_lesions=True)
+        expected = geometry.hr_grid(Grid.from_image(stored), 2)
+        assert same_grid(Grid.from_image(result.mask), expected)
+        np.testing.assert_allclose(result.mask.GetDirection(), expected.direction, atol=1e-12)
+        for got, want in [(result.mask, reference.mask), (result.probabilities, reference.probabilities)]:
+            back = sitk.Resample(got, want, sitk.Transform(), sitk.sitkNearestNeighbor)
+            np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(want))
+        labels, _ = lesions.numbered_mask(result.mask, result.numbered)
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(result.mask)
+        )
+        (row,) = lesion_rows(result.numbered)
+        assert row["voxels"] == rows[0]["voxels"]
+        np.testing.assert_allclose(row["centroid_lps_mm"], rows[0]["centroid_lps_mm"], atol=1e-6)

@@ -26,6 +26,9 @@ from .normalization import normalize
 
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = "cache.json"
+# The axis order 3D training cases are stored in (`geometry.orientation`): ITK's identity direction,
+# which is how BraTS, and most nnU-Net datasets read by ITK, already store them.
+TRAINING_ORIENTATION = "LPS"
 OPEN_CASES = 512  # memory maps kept open at once (each holds a file descriptor)
 
 
@@ -47,6 +50,8 @@ def cache_prep_key(prep: dict, crop_margin_lr: int) -> dict:
         "format": CACHE_FORMAT_VERSION,
         "crop_margin_lr": crop_margin_lr,
         **{k: prep.get(k) for k in keep},
+        # Only where set, so that the caches made before it (and 2D ones) stay valid.
+        **({"orientation": prep["orientation"]} if prep.get("orientation") else {}),
     }
 
 
@@ -122,6 +127,9 @@ def process_case(dataset, case, prep: dict, crop_margin_lr: int, folder: Path, k
     from .datasets import read_case
 
     images, mask = read_case(dataset, case)
+    # Stored in the axis order `segment` gives the network (a sagittal case's voxels reordered, not moved).
+    images = [geometry.reorient(image, prep.get("orientation")) for image in images]
+    mask = geometry.reorient(mask, prep.get("orientation"))
     scale = int(prep["scale"])
     source = geometry.Grid.from_image(images[0])
     hr = geometry.training_hr_grid(source, prep)
@@ -450,6 +458,8 @@ def make_prep(options, dataset) -> dict:
     return {
         "spatial_dims": d,
         "scale": scale,
+        # 3D cases are learnt, and inputs segmented, in one axis order whatever order each is stored in.
+        "orientation": TRAINING_ORIENTATION if d == 3 else None,
         "channels": dataset.channels,
         "lr_spacing": lr_spacing,
         "lr_longer_side": lr_longer_side,

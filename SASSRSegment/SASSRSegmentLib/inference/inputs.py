@@ -150,6 +150,9 @@ class PreparedInput:
     # The LR index box (array order) that holds the tissue, with SUPPORT_MARGIN_LR voxels of context;
     # None: predict everywhere. Outside it the normalised input is background (0) and no lesion can be.
     support: tuple[slice, ...] | None = None
+    # The input's own axis order (`geometry.orientation`) where the network saw it reordered to the
+    # card's; None where it saw it as stored. The outputs go back to it.
+    stored_as: str | None = None
 
 
 def _channels(image: sitk.Image) -> list[sitk.Image]:
@@ -203,6 +206,9 @@ def prepare_input(
     prep = card["preprocessing"]
     scale = int(prep["scale"])
     image = check_image(image, card)
+    oriented = geometry.reorient(image, prep.get("orientation"))
+    stored_as = None if oriented is image else geometry.orientation(image)
+    image = oriented
     full = Grid.from_image(image)
     start, size = [0] * full.dims, list(full.size)
     levels = None
@@ -249,7 +255,7 @@ def prepare_input(
         )
     if float(array.min()) == float(array.max()):
         warn("the input image is constant (no contrast): the mask is empty")
-        return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane)
+        return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane, stored_as=stored_as)
     channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels)
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn)
@@ -258,7 +264,9 @@ def prepare_input(
     stride = encoder_stride(card["network"]["features"])
     support = support_box(anywhere, align=stride) if window_invariant(card) else None
     lr = torch.from_numpy(np.stack(channels))
-    return PreparedInput(input_grid, out_grid, hr_work, lr, window, overlap, plane, tissue_ml, support)
+    return PreparedInput(
+        input_grid, out_grid, hr_work, lr, window, overlap, plane, tissue_ml, support, stored_as
+    )
 
 
 def _normalised_channels(image: sitk.Image, work_lr: Grid, spec: dict, levels: list | None) -> tuple:

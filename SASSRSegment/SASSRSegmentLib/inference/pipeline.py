@@ -38,7 +38,24 @@ def _to_output(array: np.ndarray, prepared: PreparedInput) -> sitk.Image:
 
 
 def _lift(image: sitk.Image, prepared: PreparedInput) -> sitk.Image:
-    return prepared.plane.lift(image) if prepared.plane is not None else image
+    """An output of the working frame on the input's own: a single slice's plane, or its axis order."""
+    if prepared.plane is not None:
+        return prepared.plane.lift(image)
+    return geometry.reorient(image, prepared.stored_as)
+
+
+def _lift_numbered(
+    numbered: tuple[sitk.Image, list[int]], mask: sitk.Image, prepared: PreparedInput
+) -> tuple[sitk.Image, list[int]]:
+    """The numbered lesions' box lifted as `_lift` does, with its index offset in the lifted `mask`."""
+    box, offset = numbered
+    if prepared.plane is not None:
+        return prepared.plane.lift(box), [*offset, 0]
+    if prepared.stored_as is None:
+        return numbered
+    box = geometry.reorient(box, prepared.stored_as)
+    start = np.rint(Grid.from_image(mask).physical_to_index(box.GetOrigin()))
+    return box, [int(v) for v in start]
 
 
 def tta_axes(card: dict) -> list[int] | None:
@@ -166,10 +183,11 @@ def _postprocess(
     else:
         mask = lesions.drop_small_components(mask, min_fraction)
     _check_plausible(mask, prepared, card, warn)
-    if numbered is not None and prepared.plane is not None:
-        numbered = (_lift(numbered[0], prepared), [*numbered[1], 0])
+    mask = _lift(mask, prepared)
+    if numbered is not None:
+        numbered = _lift_numbered(numbered, mask, prepared)
     lifted = None if probabilities is None else _lift(probabilities, prepared)
-    return Segmentation(_lift(mask, prepared), lifted, numbered)
+    return Segmentation(mask, lifted, numbered)
 
 
 def _check_plausible(

@@ -305,3 +305,22 @@ def same_grid(a: Grid, b: Grid) -> bool:
         and np.allclose(a.origin, b.origin, atol=1e-4 * min(a.spacing))
         and np.allclose(a.direction, b.direction, atol=1e-6)
     )
+
+
+def orientation(image: sitk.Image) -> str:
+    """Where a 3D image's array axes point, in DICOM letters (x, y, z; "LPS" for the identity
+    direction), the nearest ones for an oblique image."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image: sitk.Image, axes: str | None) -> sitk.Image:
+    """The same voxels in the same places, stored with their array axes permuted and flipped to point as
+    `axes` says (DICOM letters, see `orientation`): no interpolation, and the inverse is `reorient(out,
+    orientation(image))`. `image` itself when it already points so, for None, and for 2D images.
+
+    A network learns the axis order of its training images. The shipped brain model, trained on axial
+    volumes, found 7 mL of the shipped sample's lesion stored as a sagittal 3D acquisition is
+    (left-right the slowest axis; Dice 0.16 against the expert), and 37.5 mL stored axially (0.61)."""
+    if axes is None or image.GetDimension() != 3 or orientation(image) == axes:
+        return image
+    return sitk.DICOMOrient(image, axes)
