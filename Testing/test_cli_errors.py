@@ -267,6 +267,17 @@ def test_cancel_during_one_long_library_call_exits_within_a_second_and_leaves_no
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_worker_that_dies_of_a_bug_exits_with_status_1_and_its_traceback():
+    # Not the user's error: the traceback is the report to file, followed by no second one.
+    from SASSRSegmentLib.commands.runner import run_command
+
+    def run(args):
+        raise ZeroDivisionError("a bug")
+
+    assert run_command(run, None, in_worker=True) == 1
+
+
 # ----------------------------------------------------------------------------------------- in-process
 
 

@@ -211,7 +211,9 @@ def test_cache_reuse_and_invalidation(tmp_path):
 def test_3d_cases_are_cached_in_the_training_axis_order_whatever_order_they_are_stored_in(tmp_path):
     """A case stored as a sagittal acquisition is (with its label) the same cached arrays, on the same
     grid, as the axial copy of it: the network learns one axis order, the one `segment` gives it."""
-    root = make_dataset(tmp_path / "ds", {"axial": {"lesions": [((4, 5, 9), 3)]}}, shape=(12, 14, 16))
+    root = make_dataset(
+        tmp_path / "ds", {"axial": {"lesions": [((4, 5, 9), 3)]}}, shape=(12, 14, 16), spacing=(1.0, 1.0, 3.0)
+    )
     for folder, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
         axial = sitk.ReadImage(str(root / folder / f"axial{suffix}.nii.gz"))
         stored = sitk.Flip(sitk.PermuteAxes(axial, [1, 2, 0]), [True, False, False], flipAboutOrigin=False)
@@ -227,8 +229,10 @@ def test_3d_cases_are_cached_in_the_training_axis_order_whatever_order_they_are_
     np.testing.assert_array_equal(cache.seg("sagittal"), cache.seg("axial"))
     np.testing.assert_array_equal(cache.image("sagittal"), cache.image("axial"))
     assert cache.seg("axial").sum() > 0
-    # Every 3D model made from now on records the order; 2D images have none.
-    assert preprocess.make_prep(TrainConfig(), open_dataset(root))["orientation"] == "LPS"
+    # Every 3D model made from now on records the order, and its default working spacing is the cases'
+    # median in that order (the sagittal copy's 3 mm axis is its y as stored); 2D images have none.
+    prep = preprocess.make_prep(TrainConfig(), open_dataset(root))
+    assert prep["orientation"] == "LPS" and prep["lr_spacing"] == [2.0, 2.0, 6.0]
     flat = make_dataset(tmp_path / "ds2", 1, shape=(16, 16), ending=".png")
     assert preprocess.make_prep(TrainConfig(), open_dataset(flat))["orientation"] is None
 

@@ -324,6 +324,12 @@ def test_thick_slices_and_too_much_tissue_are_said_in_one_line():
     warnings.clear()
     pipeline.segment_image(image, Interpolator(), _mri_card(max_tissue_ml=500), CPU, warn=warnings.append)
     assert warnings == []
+    # Reordered for the network, the thick axis is still named as the file stores it.
+    card = _mri_card(max_tissue_ml=500)
+    card["preprocessing"]["orientation"] = "LPS"
+    sideways = sitk.PermuteAxes(thick, [2, 0, 1])
+    pipeline.segment_image(sideways, Interpolator(), card, CPU, warn=warnings.append)
+    assert len(warnings) == 1 and "6 mm along axis x, 3.0x the model's 2 mm" in warnings[0]
 
 
 def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
@@ -1007,3 +1013,42 @@ def test_a_volume_is_segmented_in_the_models_axis_order_whatever_order_it_is_sto
         (row,) = lesion_rows(result.numbered)
         assert row["voxels"] == rows[0]["voxels"]
         np.testing.assert_allclose(row["centroid_lps_mm"], rows[0]["centroid_lps_mm"], atol=1e-6)
+
+
+def test_equal_lesions_of_a_reordered_input_are_numbered_in_its_own_scan_order():
+    """Two lesions of one voxel: the table's numbers (and the numbered mask's) are those the figure
+    and `numbered_lesions` give the output mask, not the order the network's frame scans them in."""
+    stored = sitk.PermuteAxes(sitk.Image([10, 10, 10], sitk.sitkUInt8), [1, 2, 0])
+    frame = geometry.reorient(stored, "LPS")
+    array = np.zeros((10, 10, 10), np.uint8)
+    array[1, 1, 8] = array[8, 1, 1] = 1  # first in the frame's scan order, then in the stored one's
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(frame)
+    grid = Grid.from_image(frame)
+    prepared = inputs.PreparedInput(grid, grid, grid, None, (10,) * 3, 0.0, None, stored_as="PSL")
+    assert geometry.orientation(stored) == "PSL"
+    result = pipeline._postprocess(mask, None, prepared, {}, True, True, lambda m: None)
+    assert Grid.from_image(result.mask) == Grid.from_image(stored)
+    got, count = lesions.numbered_mask(result.mask, result.numbered)
+    want, _ = lesions.numbered_mask(result.mask, lesions.numbered_lesions(result.mask))
+    assert count == 2
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(want))
+
+
+def test_a_single_slice_stored_slice_axis_first_is_segmented_as_stored(tiny_bundle_3d):
+    """Reordered, a slice stored slice axis first would turn into a 2D image a 3D model does not take."""
+    card, net = load_bundle(tiny_bundle_3d)
+    volume = _head_with_lesion()
+    one = sitk.RegionOfInterest(sitk.PermuteAxes(volume, [2, 1, 0]), [1, 44, 40], [5, 0, 0])
+    mask, _ = pipeline.segment_image(one, net, card, CPU)
+    assert same_grid(Grid.from_image(mask), geometry.hr_grid(Grid.from_image(one), 2))
+
+
+def test_a_figure_of_a_one_volume_4d_file(tmp_path, tiny_bundle_3d):
+    four_d = sitk.JoinSeries([_head_with_lesion()])
+    sitk.WriteImage(four_d, str(tmp_path / "one.nrrd"))
+    status = cli.main(
+        ["segment", str(tmp_path / "one.nrrd"), "-o", str(tmp_path / "one.seg.nrrd"), "--model", str(tiny_bundle_3d),
+         "--figure", str(tmp_path / "one.png"), "--quiet"]
+    )  # fmt: skip
+    assert status == 0 and (tmp_path / "one.png").stat().st_size > 0

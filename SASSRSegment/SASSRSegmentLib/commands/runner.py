@@ -64,4 +64,5 @@ def run_command(run, args: argparse.Namespace, in_worker: bool = False) -> int:
         # Not a normal interpreter exit: the worker may still be inside torch or ITK, whose threads do
         # not survive being torn down under them.
         os._exit(outcome.get("status", 130))
-    return outcome["status"]
+    # No status: the worker died of an error that is not the user's (threading has printed it).
+    return outcome.get("status", 1)

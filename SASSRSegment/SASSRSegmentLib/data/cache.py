@@ -432,6 +432,7 @@ def open_cache(folder: str | Path) -> Cache:
 
 def make_prep(options, dataset) -> dict:
     """The card's "preprocessing" dict from training options (`training.config.TrainConfig`) and a raw dataset."""
+    from ..io import geometry
     from .normalization import choose_normalization
 
     d = dataset.spatial_dims
@@ -440,8 +441,12 @@ def make_prep(options, dataset) -> dict:
     if d == 3:
         if options.lr_spacing:
             lr_spacing = [float(v) for v in options.lr_spacing]
-        else:  # HR working spacing = the data's median spacing
-            median = np.median(np.asarray([c.spacing for c in dataset.cases]), axis=0)
+        else:  # HR working spacing = the data's median spacing, in the axis order the cases are cached in
+            spacings = [
+                geometry.reoriented_spacing(c.spacing, c.direction, TRAINING_ORIENTATION)
+                for c in dataset.cases
+            ]
+            median = np.median(np.asarray(spacings), axis=0)
             lr_spacing = [round(float(v) * scale, 4) for v in median]
         if len(lr_spacing) != 3 or min(lr_spacing) <= 0:
             raise UserError(

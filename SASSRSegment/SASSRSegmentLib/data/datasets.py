@@ -33,6 +33,7 @@ class Case:
     label: Path
     size: tuple[int, ...] = ()  # from the label header, SimpleITK (x, y[, z]) order
     spacing: tuple[float, ...] = ()
+    direction: tuple[float, ...] = ()
 
 
 @dataclass
@@ -284,7 +285,9 @@ def _check_headers(
             diff = _geometry_difference(header, label)
             if diff:
                 problems.append(f"case {case.name}: image {path.name} and its label differ in {diff}")
-        checked.append(replace(case, size=label["size"], spacing=label["spacing"]))
+        checked.append(
+            replace(case, size=label["size"], spacing=label["spacing"], direction=label["direction"])
+        )
     return checked, dims
 
 

@@ -23,6 +23,7 @@ from ..io import geometry, imageio
 from ..io.geometry import Grid
 from ..runtime.fonts import font
 from . import lesions
+from .inputs import drop_singleton_4th
 
 MASK_RGB = (255, 40, 40)
 FILL_ALPHA = 0.3
@@ -112,6 +113,7 @@ def _blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _scalar(image: sitk.Image) -> sitk.Image:
+    image = drop_singleton_4th(image)  # a one-volume 4D file is the 3D volume the mask was made from
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = sitk.VectorIndexSelectionCast(image, 0)
     return sitk.Cast(image, sitk.sitkFloat32)

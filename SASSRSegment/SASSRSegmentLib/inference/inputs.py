@@ -36,13 +36,13 @@ def _single_slice(image: sitk.Image) -> bool:
 def effective_dims(image: sitk.Image) -> int:
     """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else 3; a UserError for
     input that is neither (a time series, 5D)."""
-    image = _drop_singleton_4th(image)
+    image = drop_singleton_4th(image)
     if image.GetDimension() > 3:
         raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
     return 2 if image.GetDimension() == 2 or _single_slice(image) else image.GetDimension()
 
 
-def _drop_singleton_4th(image: sitk.Image) -> sitk.Image:
+def drop_singleton_4th(image: sitk.Image) -> sitk.Image:
     if image.GetDimension() != 4:
         return image
     if image.GetSize()[3] != 1:
@@ -84,7 +84,7 @@ def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
 def check_image(image: sitk.Image, card: dict) -> sitk.Image:
     """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
     dims = effective_dims(image)
-    image = _drop_singleton_4th(image)
+    image = drop_singleton_4th(image)
     model_dims = int(card["preprocessing"]["spatial_dims"])
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
@@ -187,6 +187,15 @@ def _whole_image_levels(image: sitk.Image, prep: dict) -> list | None:
     return [normalization.fit(to_working_grid(ch, work)) for ch in _channels(image)]
 
 
+def _in_model_order(image: sitk.Image, prep: dict) -> tuple[sitk.Image, str | None]:
+    """(the image in the card's axis order, the order it is stored in; None where that is the card's).
+
+    A single slice stays as stored: one stored slice axis first would become, reordered, the 2D proxy
+    of a single-slice volume, which a 3D model does not take."""
+    oriented = geometry.reorient(image, prep.get("orientation") if min(image.GetSize()) > 1 else None)
+    return oriented, (None if oriented is image else geometry.orientation(image))
+
+
 def prepare_input(
     image: sitk.Image,
     card: dict,
@@ -205,10 +214,7 @@ def prepare_input(
 
     prep = card["preprocessing"]
     scale = int(prep["scale"])
-    image = check_image(image, card)
-    oriented = geometry.reorient(image, prep.get("orientation"))
-    stored_as = None if oriented is image else geometry.orientation(image)
-    image = oriented
+    image, stored_as = _in_model_order(check_image(image, card), prep)
     full = Grid.from_image(image)
     start, size = [0] * full.dims, list(full.size)
     levels = None
@@ -258,7 +264,7 @@ def prepare_input(
         return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane, stored_as=stored_as)
     channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels)
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
-    _check_input(input_grid, work_lr, tissue_ml, card, warn)
+    _check_input(input_grid, work_lr, tissue_ml, card, warn, stored_as)
     # Only a window-invariant network gets a box: an instance-normalised one runs on its training
     # patches, which a box smaller than them would shrink.
     stride = encoder_stride(card["network"]["features"])
@@ -319,16 +325,24 @@ COARSE_FACTOR = 1.5
 
 
 def _check_input(
-    grid: Grid, work: Grid, tissue_ml: float | None, card: dict, warn: Callable[[str], None]
+    grid: Grid,
+    work: Grid,
+    tissue_ml: float | None,
+    card: dict,
+    warn: Callable[[str], None],
+    stored_as: str | None = None,
 ) -> None:
     """One-line warnings for inputs unlike the model's training images: much coarser sampling (thick
-    slices), or more tissue than any training image held (e.g. a head that is not skull-stripped)."""
-    coarse = [(i, s / w) for i, (s, w) in enumerate(zip(grid.spacing, work.spacing)) if s / w > COARSE_FACTOR]
+    slices), or more tissue than any training image held (e.g. a head that is not skull-stripped).
+    Axes are named as the input stores them (`stored_as`: the order it was reordered from)."""
+    spacing = geometry.reoriented_spacing(grid.spacing, grid.direction, stored_as)
+    working = geometry.reoriented_spacing(work.spacing, work.direction, stored_as)
+    coarse = [(i, s / w) for i, (s, w) in enumerate(zip(spacing, working)) if s / w > COARSE_FACTOR]
     if coarse:
         axis, factor = max(coarse, key=lambda c: c[1])
         warn(
-            f"the input's voxels are {grid.spacing[axis]:g} mm along axis {'xyz'[axis]}, {factor:.1f}x the model's "
-            f"{work.spacing[axis]:g} mm: what lies between its slices is interpolated, so expect a less accurate mask"
+            f"the input's voxels are {spacing[axis]:g} mm along axis {'xyz'[axis]}, {factor:.1f}x the model's "
+            f"{working[axis]:g} mm: what lies between its slices is interpolated, so expect a less accurate mask"
         )
     checks = card.get("plausibility", {})
     limit = checks.get("max_tissue_ml")

@@ -53,7 +53,7 @@ def _lift_numbered(
         return prepared.plane.lift(box), [*offset, 0]
     if prepared.stored_as is None:
         return numbered
-    box = geometry.reorient(box, prepared.stored_as)
+    box = lesions.in_scan_order(geometry.reorient(box, prepared.stored_as))
     start = np.rint(Grid.from_image(mask).physical_to_index(box.GetOrigin()))
     return box, [int(v) for v in start]
 

@@ -324,3 +324,11 @@ def reorient(image: sitk.Image, axes: str | None) -> sitk.Image:
     if axes is None or image.GetDimension() != 3 or orientation(image) == axes:
         return image
     return sitk.DICOMOrient(image, axes)
+
+
+def reoriented_spacing(spacing, direction, axes: str | None) -> tuple[float, ...]:
+    """The voxel spacing an image of this spacing and direction has after `reorient(image, axes)`."""
+    probe = sitk.Image([1] * len(spacing), sitk.sitkUInt8)
+    probe.SetSpacing([float(s) for s in spacing])
+    probe.SetDirection([float(v) for v in direction])
+    return tuple(reorient(probe, axes).GetSpacing())
