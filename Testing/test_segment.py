@@ -383,6 +383,19 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
     colour = np.stack([grey, grey[::-1], grey], -1)
     with pytest.raises(UserError, match="colour image"):
         pipeline.segment_image(sitk.GetImageFromArray(colour, isVector=True), net, card, CPU)
+    # A yellow caliper mark burned into a greyscale export: read as the brightness a greyscale export has.
+    marked = np.stack([grey] * 3, -1)
+    marked[10, 4:16] = marked[4:16, 10] = (255, 220, 0)
+    warnings = []
+    from_marked, _ = pipeline.segment_image(
+        sitk.GetImageFromArray(marked, isVector=True), net, card, CPU, warn=warnings.append
+    )
+    luma = np.rint(marked @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    from_luma, _ = pipeline.segment_image(sitk.GetImageFromArray(luma), net, card, CPU)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(from_marked), sitk.GetArrayFromImage(from_luma))
+    assert warnings == [
+        "4.8 % of the pixels are coloured (annotations?): the image is read as its brightness (luminance)"
+    ]
 
 
 def test_threshold_and_tta_change_the_result(tiny_bundle_3d):

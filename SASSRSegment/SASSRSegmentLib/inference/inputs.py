@@ -62,18 +62,31 @@ def drop_singleton_4th(image: sitk.Image) -> sitk.Image:
     ).apply(out)
 
 
-def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
+# Coloured pixels on a greyscale scan up to this share are annotations (calipers, text, markers) that
+# exports burn in; more is a colour image (a Doppler overlay, a photograph).
+ANNOTATION_SHARE = 0.05
+
+
+def _match_channels(image: sitk.Image, in_channels: int, warn: Callable[[str], None]) -> sitk.Image:
     components = image.GetNumberOfComponentsPerPixel()
     if components == in_channels:
         return image
     if in_channels == 1 and components in (3, 4):
         # Greyscale saved as RGB(A) is common for ultrasound screenshots: accept it when R = G = B.
         rgb = sitk.GetArrayViewFromImage(image)[..., :3]
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        coloured = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 0] != rgb[..., 2])
+        share = float(coloured.mean())
+        if share == 0:
             return sitk.VectorIndexSelectionCast(image, 0)
+        if share <= ANNOTATION_SHARE:
+            warn(
+                f"{100 * share:.1f} % of the pixels are coloured (annotations?): the image is read as its "
+                "brightness (luminance)"
+            )
+            return _luminance(image, rgb)
         raise UserError(
-            f"the input is a colour image ({components} components) but the model takes greyscale; convert it to "
-            "greyscale first"
+            f"the input is a colour image ({components} components, {100 * share:.0f} % of its pixels coloured) "
+            "but the model takes greyscale; convert it to greyscale first"
         )
     raise UserError(
         f"the input has {components} component(s) per voxel but the model takes {in_channels} channel(s); "
@@ -81,7 +94,17 @@ def _match_channels(image: sitk.Image, in_channels: int) -> sitk.Image:
     )
 
 
-def check_image(image: sitk.Image, card: dict) -> sitk.Image:
+def _luminance(image: sitk.Image, rgb: np.ndarray) -> sitk.Image:
+    """ITU-R BT.601 luma, in the input's 8 bits where it has them: what a greyscale export would store."""
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if rgb.dtype == np.uint8:
+        luma = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+    out = sitk.GetImageFromArray(luma)
+    out.CopyInformation(image)
+    return out
+
+
+def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lambda m: None) -> sitk.Image:
     """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
     dims = effective_dims(image)
     image = drop_singleton_4th(image)
@@ -94,7 +117,7 @@ def check_image(image: sitk.Image, card: dict) -> sitk.Image:
         )
     if any(n == 0 for n in image.GetSize()):
         raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
-    return _match_channels(image, int(card["network"].get("in_channels", 1)))
+    return _match_channels(image, int(card["network"].get("in_channels", 1)), warn)
 
 
 @dataclass(frozen=True)
@@ -214,7 +237,7 @@ def prepare_input(
 
     prep = card["preprocessing"]
     scale = int(prep["scale"])
-    image, stored_as = _in_model_order(check_image(image, card), prep)
+    image, stored_as = _in_model_order(check_image(image, card, warn), prep)
     full = Grid.from_image(image)
     start, size = [0] * full.dims, list(full.size)
     levels = None
