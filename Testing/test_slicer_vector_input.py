@@ -136,11 +136,23 @@ def test_greyscale_saved_as_rgb_is_segmented_as_its_grey_image(pkg, logic, tmp_p
         ), column
 
 
-def test_a_colour_image_is_refused_in_one_line_and_leaves_the_scene_as_it_was(logic, tmp_path):
-    """A screenshot with yellow callipers drawn in: R = G != B there. The Segment button's run (wait=False)
-    ends failed with the reason in plain words, and adds no node and leaves no temporary file."""
+def test_callipers_drawn_in_colour_are_read_as_brightness_with_a_warning(logic, tmp_path):
+    """A screenshot with yellow callipers drawn in: R = G != B on a few pixels. It is segmented as
+    its luminance, and the panel's result says so."""
     rgb = _as_rgb(_b_mode())
     rgb[0, 5, 8:20] = (255, 255, 0)
+    image = _load(tmp_path, "Breast US", rgb)
+    result = _run(logic, image, modelName="tiny-us-2d")
+    assert result.status == "completed", result.message
+    assert result.segmentationNode is not None
+    assert any("coloured (annotations?)" in w and "luminance" in w for w in result.warnings), result.warnings
+
+
+def test_a_colour_image_is_refused_in_one_line_and_leaves_the_scene_as_it_was(logic, tmp_path):
+    """A colour overlay (a Doppler box) over a tenth of the image: the Segment button's run (wait=False)
+    ends failed with the reason in plain words, and adds no node and leaves no temporary file."""
+    rgb = _as_rgb(_b_mode())
+    rgb[0, 4:12, 6:26] = (200, 40, 40)
     image = _load(tmp_path, "Breast US", rgb)
     nodes = _node_ids()
     results = []

@@ -259,9 +259,10 @@ def prepare_input(
             f"the input has {array.size - int(finite.sum())} NaN or infinite voxel(s); replace them (e.g. with 0) "
             "before segmenting"
         )
-    input_grid = Grid.from_image(image)
-    target = input_grid.sub_grid(start, size)  # the input voxels to segment (all, or those the ROI touches)
+    target = Grid.from_image(image).sub_grid(start, size)  # the input voxels to segment (all, or the ROI's)
     out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
+    image = _scan_in_frame(image, array, prep)
+    input_grid = Grid.from_image(image)
     work_lr = geometry.working_lr_grid(input_grid, prep)
     hr_work = geometry.hr_grid(work_lr, scale)
     limit = memory_limit if memory_limit is not None else hostmemory.available_bytes()
@@ -296,6 +297,46 @@ def prepare_input(
     return PreparedInput(
         input_grid, out_grid, hr_work, lr, window, overlap, plane, tissue_ml, support, stored_as
     )
+
+
+# An 8-bit 2D image whose scan fills less than this share of its width or height is framed in black (a
+# screen capture, a scanner's export): its working grid covers the scan only, framed as the training
+# images are. Pixels up to CONTENT_LEVEL are the frame: digital black, give or take compression (at 8,
+# BUSI images darkened by a gamma of 1.6 lost dark tissue to the "frame", 0.747 -> 0.736). Bright
+# pieces under CONTENT_PIECE of the image (text, marks in the frame) are not the scan.
+CONTENT_SHARE = 0.9
+CONTENT_LEVEL = 2
+CONTENT_PIECE = 0.01
+
+
+def content_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """Index start and size (x, y) of the scan inside the black frame of an 8-bit 2D image; None when
+    the scan fills it (at least CONTENT_SHARE of both sides) or nothing in it is bright."""
+    pieces = sitk.ConnectedComponent(sitk.GetImageFromArray((array > CONTENT_LEVEL).astype(np.uint8)), True)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputePerimeterOff()
+    shape.Execute(pieces)
+    boxes = [
+        shape.GetBoundingBox(label)
+        for label in shape.GetLabels()
+        if shape.GetNumberOfPixels(label) >= CONTENT_PIECE * array.size
+    ]
+    if not boxes:
+        return None
+    start = np.min([b[:2] for b in boxes], axis=0)
+    stop = np.max([np.add(b[:2], b[2:]) for b in boxes], axis=0)
+    if np.all(stop - start >= CONTENT_SHARE * np.asarray(array.shape[::-1])):
+        return None
+    return start.tolist(), (stop - start).tolist()
+
+
+def _scan_in_frame(image: sitk.Image, array: np.ndarray, prep: dict) -> sitk.Image:
+    """What the network sees of the input: the scan inside a black frame (`content_box`) for a model
+    that sees whole 8-bit 2D images, else all of it. The output grid stays the whole input's."""
+    if not prep.get("lr_longer_side") or prep["normalization"].get("kind") != "uint8" or array.ndim != 2:
+        return image
+    box = content_box(array)
+    return image if box is None else sitk.RegionOfInterest(image, box[1], box[0])
 
 
 def _normalised_channels(image: sitk.Image, work_lr: Grid, spec: dict, levels: list | None) -> tuple:

@@ -30,10 +30,11 @@ from .memory import PROBABILITY_KINDS
 
 def _to_output(array: np.ndarray, prepared: PreparedInput) -> sitk.Image:
     """An HR-working-grid array on the output grid (resampled linearly unless the grids coincide;
-    smoothed first along axes where the output is coarser, e.g. for --output-grid input)."""
+    smoothed first along axes where the output is coarser, e.g. for --output-grid input). Outside the
+    working grid (the black frame around a scan, `inputs.content_box`) nothing was predicted: 0."""
     image = prepared.hr_work.image_from_array(array)
     if not same_grid(prepared.hr_work, prepared.output_grid):
-        image = geometry.resample(image, prepared.output_grid, "linear", antialias=True)
+        image = geometry.resample(image, prepared.output_grid, "linear", antialias=True, extrapolate=False)
     return image
 
 

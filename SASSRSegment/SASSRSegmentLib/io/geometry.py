@@ -154,13 +154,15 @@ def resample(
     interpolator: str = "linear",
     antialias: bool = True,
     default_value: float = 0.0,
+    extrapolate: bool = True,
 ) -> sitk.Image:
     """Resample `image` onto `grid` (float32 output for linear/bspline).
 
     When the target spacing is coarser than the source's, a Gaussian of standard deviation
     (target - source) / 2 per axis removes what the coarser grid cannot represent (aliasing).
     Outside the input, values are extrapolated from the nearest voxel, so a grid that overshoots
-    the input by a fraction of a voxel sees no artificial dark border.
+    the input by a fraction of a voxel sees no artificial dark border; without `extrapolate`, they
+    are `default_value`.
     """
     if interpolator != "nearest":
         image = sitk.Cast(image, sitk.sitkFloat32)
@@ -183,7 +185,7 @@ def resample(
         grid.direction,
         default_value,
         image.GetPixelID(),
-        True,  # nearest-neighbour extrapolation outside the input
+        extrapolate,  # nearest-neighbour extrapolation outside the input
     )
 
 

@@ -1,0 +1,113 @@
+"""Dice of a 2D 8-bit model against the expert on the card's validation images, each made into the kinds
+of image a clinic exports (docs/models.md, "The ultrasound model on images exported other ways").
+
+    python tools/ultrasound_variants.py MODEL DATASET [OUT.json] [--whole-image]
+
+Each validation image is segmented as it is and as: JPEG at quality 30, half and 1.5 times its size,
+inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), gamma 0.6 and
+1.6, contrast 0.6, multiplicative speckle, flipped left-right. The mask is brought back onto the
+image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
+`--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
+scan inside a black frame.
+"""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SASSRSegment"))
+
+from SASSRSegmentLib.inference import inputs  # noqa: E402
+from SASSRSegmentLib.inference.pipeline import segment_image  # noqa: E402
+from SASSRSegmentLib.model.bundle import load_bundle  # noqa: E402
+from SASSRSegmentLib.runtime.devices import select_device  # noqa: E402
+
+FRAME = 0.25  # of the image's size, on each side
+
+
+def jpeg(array: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+
+
+def resized(array: np.ndarray, shape) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), Image.BILINEAR))
+
+
+def framed(array: np.ndarray) -> np.ndarray:
+    h, w = array.shape
+    return np.pad(array, ((int(h * FRAME),) * 2, (int(w * FRAME),) * 2))
+
+
+def speckle(array: np.ndarray) -> np.ndarray:
+    gain = np.random.default_rng(0).rayleigh(1.0, array.shape) / np.sqrt(np.pi / 2)
+    return np.clip(array * gain, 0, 255).astype(np.uint8)
+
+
+def gamma(g: float):
+    return lambda a: np.clip(255 * (a / 255.0) ** g, 0, 255).astype(np.uint8)
+
+
+def scale(f: float):
+    return lambda a: resized(a, (round(a.shape[0] * f), round(a.shape[1] * f)))
+
+
+VARIANTS = {
+    "as it is": lambda a: a,
+    "JPEG quality 30": lambda a: jpeg(a, 30),
+    "half size": scale(0.5),
+    "1.5 x size": scale(1.5),
+    "black frame": framed,
+    "black frame, JPEG quality 50": lambda a: jpeg(framed(a), 50),
+    "gamma 0.6": gamma(0.6),
+    "gamma 1.6": gamma(1.6),
+    "contrast 0.6": lambda a: (a * 0.6 + 20).astype(np.uint8),
+    "speckle": speckle,
+    "flipped left-right": lambda a: a[:, ::-1].copy(),
+}
+
+
+def on_image(mask: np.ndarray, name: str, shape) -> np.ndarray:
+    """The mask of a variant on the original image's pixels."""
+    if name.startswith("black frame"):
+        top, left = int(shape[0] * FRAME), int(shape[1] * FRAME)
+        size = (shape[0] + 2 * top, shape[1] + 2 * left)
+        return resized(mask, size)[top : top + shape[0], left : left + shape[1]] > 0
+    out = resized(mask, shape) > 0
+    return out[:, ::-1] if name == "flipped left-right" else out
+
+
+def main(model: str, dataset: str, out: str | None, whole_image: bool) -> None:
+    if whole_image:
+        inputs.CONTENT_SHARE = 0.0  # every scan "fills" its image
+    device = select_device("auto")
+    card, net = load_bundle(model, device, for_prediction=True)
+    root = Path(dataset)
+    scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for case in card["training"]["split"]["val"]:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "imagesTr" / f"{case}_0000.png")))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / f"{case}.png"))) > 0
+        for name, make in VARIANTS.items():
+            mask, _ = segment_image(
+                sitk.GetImageFromArray(make(image)), net, card, device, probabilities="none"
+            )
+            got = on_image(sitk.GetArrayFromImage(mask).astype(np.uint8) * 255, name, image.shape)
+            scores[name].append(2.0 * float((got & label).sum()) / max(1, int(got.sum() + label.sum())))
+    for name, values in scores.items():
+        print(f"{name:30s} {np.mean(values):.3f} ({sum(v < 0.1 for v in values)} images under 0.1)")
+    if out:
+        Path(out).write_text(json.dumps(scores))
+
+
+if __name__ == "__main__":
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if len(args) not in (2, 3) or set(flags) - {"--whole-image"}:
+        raise SystemExit(__doc__)
+    main(args[0], args[1], args[2] if len(args) == 3 else None, "--whole-image" in flags)
