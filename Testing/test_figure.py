@@ -142,3 +142,18 @@ def test_lesions_are_numbered_as_in_the_table(fully_connected):
         x_mm = display.physical_to_index(rows[number - 1]["centroid_lps_mm"])[0]
         assert abs(written[number][1] + figure.FONT_PIXELS // 3 - x_mm) < 3
     assert written[1][0] < written[2][0]  # the larger ball's top is higher in the slice
+
+
+def test_an_rgb_image_is_drawn_as_the_brightness_the_network_saw():
+    """A greyscale export with a yellow mark: the figure shows its luminance, not its red channel."""
+    grey = np.random.default_rng(1).integers(20, 200, (30, 40)).astype(np.uint8)
+    rgb = np.stack([grey] * 3, -1)
+    rgb[10, 5:25] = (255, 230, 0)
+    luma = np.rint(rgb @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    mask = sitk.GetImageFromArray((grey > 150).astype(np.uint8))
+    mask.SetSpacing((0.5, 0.5))
+    drawn = []
+    for values, vector in ((rgb, True), (luma, False)):
+        image = sitk.GetImageFromArray(values, isVector=vector)
+        drawn.append(figure.render(image, mask).astype(int))
+    assert np.abs(drawn[0] - drawn[1]).max() <= 1

@@ -23,7 +23,7 @@ from ..io import geometry, imageio
 from ..io.geometry import Grid
 from ..runtime.fonts import font
 from . import lesions
-from .inputs import drop_singleton_4th
+from .inputs import LUMA, drop_singleton_4th
 
 MASK_RGB = (255, 40, 40)
 FILL_ALPHA = 0.3
@@ -113,8 +113,16 @@ def _blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _scalar(image: sitk.Image) -> sitk.Image:
-    image = drop_singleton_4th(image)  # a one-volume 4D file is the 3D volume the mask was made from
-    if image.GetNumberOfComponentsPerPixel() > 1:
+    """The image as the network saw it: one volume of a one-volume 4D file, the luminance of RGB(A)
+    (a greyscale export with coloured marks; see `inputs.check_image`), the first of other channels."""
+    image = drop_singleton_4th(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    if components in (3, 4):
+        luma = sitk.GetArrayViewFromImage(image)[..., :3].astype(np.float32) @ LUMA
+        out = sitk.GetImageFromArray(luma)
+        out.CopyInformation(image)
+        return out
+    if components > 1:
         image = sitk.VectorIndexSelectionCast(image, 0)
     return sitk.Cast(image, sitk.sitkFloat32)
 

@@ -35,7 +35,27 @@ def _to_output(array: np.ndarray, prepared: PreparedInput) -> sitk.Image:
     image = prepared.hr_work.image_from_array(array)
     if not same_grid(prepared.hr_work, prepared.output_grid):
         image = geometry.resample(image, prepared.output_grid, "linear", antialias=True, extrapolate=False)
+        image = _zero_beyond(image, prepared.input_grid)
     return image
+
+
+def _zero_beyond(image: sitk.Image, seen: Grid) -> sitk.Image:
+    """`image` with its voxels beyond the extent of `seen` (the input the network was given) set to 0:
+    the working grid overshoots a scan by up to a working voxel, which a black frame around the scan
+    would otherwise receive (a lesion at the scan's edge spilt 1768 HR pixels into it)."""
+    grid = Grid.from_image(image)
+    corners = [grid.physical_to_index(p) for p in seen.extent_corners()]
+    start = np.maximum(np.ceil(np.min(corners, axis=0) - 1e-6), 0).astype(int)
+    stop = np.minimum(np.floor(np.max(corners, axis=0) + 1e-6) + 1, grid.size).astype(int)
+    if np.all(start == 0) and np.all(stop == grid.size):
+        return image
+    array = sitk.GetArrayFromImage(image)
+    kept = array[tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))].copy()
+    array[...] = 0
+    array[tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))] = kept
+    out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
 
 
 def _lift(image: sitk.Image, prepared: PreparedInput) -> sitk.Image:
