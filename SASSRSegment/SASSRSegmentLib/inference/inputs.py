@@ -76,7 +76,8 @@ def _match_channels(image: sitk.Image, in_channels: int, warn: Callable[[str], N
     if components == in_channels:
         return image
     if in_channels == 1 and components in (3, 4):
-        # Greyscale saved as RGB(A) is common for ultrasound screenshots: accept it when R = G = B.
+        # Greyscale saved as RGB(A) is common for ultrasound screenshots: R = G = B gives its first
+        # channel; nearly so (JPEG) or with a few coloured marks, its luminance.
         rgb = sitk.GetArrayViewFromImage(image)[..., :3]
         brightest = rgb.max(axis=-1)
         spread = brightest.astype(np.float32) - rgb.min(axis=-1)
