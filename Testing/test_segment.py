@@ -443,6 +443,10 @@ def test_memory_check_prices_what_is_kept():
     assert need["none"] < need["uint8"] < need["float32"]
     # Each extra byte per HR voxel shows: 2 for 8-bit probabilities, 8 for float32 ones.
     assert need["float32"] - need["uint8"] == 6 * math.prod(hr.size)
+    # An input reordered to the model's axis order has each output copied back, the largest at a time.
+    for kind, extra in (("none", 1), ("uint8", 1), ("float32", 4)):
+        reordered = memory.estimate_bytes(grid, hr, hr, (24, 24, 24), card, 1, kind, reordered=True)
+        assert reordered - need[kind] == extra * math.prod(hr.size)
     limit = (need["none"] + need["uint8"]) // 2  # enough for the mask alone, not for a lesion table
     mask, _ = pipeline.segment_image(
         image, Interpolator(), card, CPU, memory_limit=limit, probabilities="none"

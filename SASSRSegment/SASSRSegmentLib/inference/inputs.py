@@ -285,8 +285,10 @@ def prepare_input(
     limit = memory_limit if memory_limit is not None else hostmemory.available_bytes()
 
     def bytes_for(window: tuple[int, ...]) -> int:
-        window_hr = tuple(w * scale for w in window)
-        return estimate_bytes(input_grid, out_grid, hr_work, window_hr, card, batch_size, probabilities)
+        hr = tuple(w * scale for w in window)
+        return estimate_bytes(
+            input_grid, out_grid, hr_work, hr, card, batch_size, probabilities, bool(stored_as)
+        )
 
     overlap = default_overlap(card) if overlap is None else overlap
     # Windows are in array order (z, y, x), like the tensor.

@@ -26,6 +26,11 @@ PROBABILITY_KINDS = tuple(_BYTES_PROBABILITIES)
 _BYTES_RESAMPLED_WORK, _BYTES_RESAMPLED_OUT, _BYTES_SLAB = 4, 8, 12
 
 
+# An input reordered to the model's axis order (`geometry.reorient`) has each output copied back into
+# its own order, one at a time: the mask's byte, or the probabilities' when they are larger.
+_BYTES_REORDERED = {"none": 1, "uint8": 1, "float32": 4}
+
+
 # Peak RSS of one window's prediction on CPU, per first-width channel per HR window voxel: 5-6.5 for 3D
 # networks that work at LR up to one-channel logits or sub-pixel children (the baseline, the full network
 # with sub-pixel heads; 48^3 to 120x120x80 LR windows), 19-21 for the 2D full network whose learned
@@ -46,11 +51,14 @@ def estimate_bytes(
     card: dict,
     batch: int,
     probabilities: str = "float32",
+    reordered: bool = False,
 ) -> int:
     """Peak memory of one image's segmentation (an estimate that errs high)."""
     per_output = (
         _BYTES_MASK + _BYTES_PROBABILITIES[probabilities] + (_BYTES_LABELS if probabilities != "none" else 0)
     )
+    if reordered:
+        per_output += _BYTES_REORDERED[probabilities]
     work = 0
     if not same_grid(hr_work, output_grid):
         per_output += _BYTES_RESAMPLED_OUT
