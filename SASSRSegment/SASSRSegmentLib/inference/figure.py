@@ -23,7 +23,7 @@ from ..io import geometry, imageio
 from ..io.geometry import Grid
 from ..runtime.fonts import font
 from . import lesions
-from .inputs import LUMA, drop_singleton_4th
+from .inputs import drop_singleton_4th, luminance
 
 MASK_RGB = (255, 40, 40)
 FILL_ALPHA = 0.3
@@ -118,11 +118,8 @@ def _scalar(image: sitk.Image) -> sitk.Image:
     image = drop_singleton_4th(image)
     components = image.GetNumberOfComponentsPerPixel()
     if components in (3, 4):
-        luma = sitk.GetArrayViewFromImage(image)[..., :3].astype(np.float32) @ LUMA
-        out = sitk.GetImageFromArray(luma)
-        out.CopyInformation(image)
-        return out
-    if components > 1:
+        image = luminance(image)
+    elif components > 1:
         image = sitk.VectorIndexSelectionCast(image, 0)
     return sitk.Cast(image, sitk.sitkFloat32)
 

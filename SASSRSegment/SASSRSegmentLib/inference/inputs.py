@@ -101,7 +101,7 @@ def _match_channels(image: sitk.Image, in_channels: int, warn: Callable[[str], N
                 f"{100 * share:.1f} % of the image's non-black pixels are coloured (annotations?): it is read as "
                 "its brightness (luminance)"
             )
-        return _luminance(image, rgb)
+        return luminance(image)
     raise UserError(
         f"the input has {components} component(s) per voxel but the model takes {in_channels} channel(s); "
         "choose a matching model with --model"
@@ -111,8 +111,10 @@ def _match_channels(image: sitk.Image, in_channels: int, warn: Callable[[str], N
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601: R, G, B weights of brightness
 
 
-def _luminance(image: sitk.Image, rgb: np.ndarray) -> sitk.Image:
-    """Luma (`LUMA`), in the input's 8 bits where it has them: what a greyscale export would store."""
+def luminance(image: sitk.Image) -> sitk.Image:
+    """An RGB(A) image's luma (`LUMA`), in its 8 bits where it has them: what a greyscale export would
+    store."""
+    rgb = sitk.GetArrayViewFromImage(image)[..., :3]
     luma = rgb.astype(np.float32) @ LUMA
     if rgb.dtype == np.uint8:
         luma = np.clip(np.rint(luma), 0, 255).astype(np.uint8)

@@ -49,11 +49,11 @@ def _zero_beyond(image: sitk.Image, seen: Grid) -> sitk.Image:
     stop = np.minimum(np.floor(np.max(corners, axis=0) + 1e-6) + 1, grid.size).astype(int)
     if np.all(start == 0) and np.all(stop == grid.size):
         return image
-    array = sitk.GetArrayFromImage(image)
-    kept = array[tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))].copy()
-    array[...] = 0
-    array[tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))] = kept
-    out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    array = sitk.GetArrayViewFromImage(image)
+    box = tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))
+    kept = np.zeros_like(array)
+    kept[box] = array[box]
+    out = sitk.GetImageFromArray(kept, isVector=image.GetNumberOfComponentsPerPixel() > 1)
     out.CopyInformation(image)
     return out
 
