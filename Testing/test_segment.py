@@ -22,7 +22,7 @@ from SASSRSegmentLib.commands import segment as segment_command
 from SASSRSegmentLib.inference import inputs, lesions, memory, pipeline
 from SASSRSegmentLib.inference.lesions import lesion_rows, lesion_table
 from SASSRSegmentLib.inference.windows import window_starts
-from SASSRSegmentLib.io import geometry
+from SASSRSegmentLib.io import geometry, imageio
 from SASSRSegmentLib.io.geometry import Grid, same_grid
 from SASSRSegmentLib.model.bundle import load_bundle
 from SASSRSegmentLib.runtime.errors import UserError
@@ -419,6 +419,73 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
         match=r"1\d\.\d % of its non-black pixels coloured: over the 5 % burned-in annotations take",
     ):
         pipeline.segment_image(sitk.GetImageFromArray(framed, isVector=True), net, card, CPU)
+
+
+def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
+    """An ultrasound image stored as 16 bits (PNG's x 257), 12 bits, or floats in 0..1 was read as 0..255:
+    BUSI validation 0.748 / 0.655 instead of 0.769, without a word. Each is now brought to 0..255 (and
+    says so); 8-bit values in a wider type, or a resampling's overshoot, are taken as they are."""
+    card = _card(2)
+    card["preprocessing"]["normalization"] = {"kind": "uint8"}
+    grey = np.random.default_rng(8).integers(0, 256, (30, 36)).astype(np.uint8)
+    grey[0, 0] = 255  # the 16-bit PNG's maximum is then 65535
+
+    def probabilities(array, isVector=False):
+        warnings = []
+        image = sitk.GetImageFromArray(array, isVector=isVector)
+        _, probs = pipeline.segment_image(image, Interpolator(), card, CPU, warn=warnings.append)
+        return sitk.GetArrayFromImage(probs), warnings
+
+    reference, none = probabilities(grey)
+    assert none == []
+    same = {
+        "16 bits": grey.astype(np.uint16) * 257,
+        "12 bits": grey.astype(np.uint16) * 16,  # 0..4080
+        "0..1": grey.astype(np.float32) / 255,
+    }
+    for name, array in same.items():
+        got, warnings = probabilities(array)
+        np.testing.assert_allclose(got, reference, atol=1e-4, err_msg=name)
+        assert len(warnings) == 1 and "takes 8-bit images (0..255)" in warnings[0], (name, warnings)
+    assert "(0..65535) are mapped from 0..65535 to 0..255" in probabilities(same["16 bits"])[1][0]
+    assert "(0..1) are multiplied by 255" in probabilities(same["0..1"])[1][0]
+    overshoot = grey.astype(np.float32) * 1.1 - 12  # -12..268.5: a Lanczos resampling's ringing
+    got, warnings = probabilities(overshoot)
+    assert warnings == []
+    np.testing.assert_allclose(got, probabilities(np.clip(overshoot, -50, 300))[0])  # taken as it is
+    assert probabilities(grey.astype(np.uint16))[1] == []
+    # Grey + transparency (a PNG's LA mode, two components in Slicer): the grey is segmented.
+    got, warnings = probabilities(np.stack([grey, np.full_like(grey, 255)], -1), isVector=True)
+    np.testing.assert_array_equal(got, reference)
+    assert warnings == [
+        "the image has 2 components per pixel, read as grey and transparency: the grey one is segmented"
+    ]
+    # Of an MRI, two components are two contrasts: which one the model wants is not guessed.
+    mri = _card(3)
+    volume = sitk.GetImageFromArray(np.zeros((8, 10, 12, 2), np.float32), isVector=True)
+    with pytest.raises(UserError, match="2 component"):
+        pipeline.segment_image(volume, Interpolator(), mri, CPU)
+
+
+def test_a_png_of_grey_and_transparency_is_refused_in_plain_words(tmp_path):
+    """SimpleITK reads no greyscale PNG with an alpha channel; its error named its own source file."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + bytes([100, 255] * 8) for _ in range(6))  # filter 0, (grey, alpha) x 8
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 6, 8, 4, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path = tmp_path / "grey-alpha.png"
+    path.write_bytes(png)
+    with pytest.raises(UserError) as error:
+        imageio.read_image(path)
+    assert str(error.value) == (
+        f"cannot read {path}: its pixel type is one this tool cannot read (a greyscale PNG with "
+        "transparency?); save it as plain greyscale or RGB"
+    )
 
 
 def test_threshold_and_tta_change_the_result(tiny_bundle_3d):

@@ -1,16 +1,18 @@
 """Dice of a 2D 8-bit model against the expert on the card's validation images, each made into the kinds
 of image a clinic exports (docs/models.md, "The ultrasound model on images exported other ways").
 
-    python tools/ultrasound_variants.py MODEL DATASET [OUT.json] [--whole-image]
+    python tools/ultrasound_variants.py MODEL DATASET [OUT.json] [--whole-image] [--only NAME,...]
 
 Each validation image is segmented as it is and as: JPEG at quality 30, half and 1.5 times its size,
 inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), gamma 0.6 and
-1.6, contrast 0.6, multiplicative speckle, flipped left-right. The mask is brought back onto the
+1.6, contrast 0.6, multiplicative speckle, flipped left-right; and its pixels stored as 16 bits
+(x 257, the PNG convention), 12 bits (x 16), float32 0-255 and float32 0-1. The mask is brought back onto the
 image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
 `--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
 scan inside a black frame.
 """
 
+import argparse
 import io
 import json
 import sys
@@ -70,6 +72,11 @@ VARIANTS = {
     "contrast 0.6": lambda a: (a * 0.6 + 20).astype(np.uint8),
     "speckle": speckle,
     "flipped left-right": lambda a: a[:, ::-1].copy(),
+    # The same pixels stored in other types, as conversions and research pipelines store them.
+    "16 bits (x 257)": lambda a: a.astype(np.uint16) * 257,
+    "12 bits (x 16)": lambda a: a.astype(np.uint16) * 16,
+    "float32 0-255": lambda a: a.astype(np.float32),
+    "float32 0-1": lambda a: a.astype(np.float32) / 255,
 }
 
 
@@ -83,17 +90,18 @@ def on_image(mask: np.ndarray, name: str, shape) -> np.ndarray:
     return out[:, ::-1] if name == "flipped left-right" else out
 
 
-def main(model: str, dataset: str, out: str | None, whole_image: bool) -> None:
+def main(model: str, dataset: str, out: str | None, whole_image: bool, only: list[str]) -> None:
+    variants = {name: make for name, make in VARIANTS.items() if not only or name in only}
     if whole_image:
         inputs.CONTENT_SHARE = 0.0  # every scan "fills" its image
     device = select_device("auto")
     card, net = load_bundle(model, device, for_prediction=True)
     root = Path(dataset)
-    scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    scores: dict[str, list[float]] = {name: [] for name in variants}
     for case in card["training"]["split"]["val"]:
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "imagesTr" / f"{case}_0000.png")))
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / f"{case}.png"))) > 0
-        for name, make in VARIANTS.items():
+        for name, make in variants.items():
             mask, _ = segment_image(
                 sitk.GetImageFromArray(make(image)), net, card, device, probabilities="none"
             )
@@ -106,8 +114,16 @@ def main(model: str, dataset: str, out: str | None, whole_image: bool) -> None:
 
 
 if __name__ == "__main__":
-    flags = [a for a in sys.argv[1:] if a.startswith("--")]
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if len(args) not in (2, 3) or set(flags) - {"--whole-image"}:
-        raise SystemExit(__doc__)
-    main(args[0], args[1], args[2] if len(args) == 3 else None, "--whole-image" in flags)
+    parser = argparse.ArgumentParser(usage=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("dataset")
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("--whole-image", action="store_true")
+    parser.add_argument(
+        "--only", type=lambda t: t.split(","), default=[], help="variants by name, comma-separated"
+    )
+    a = parser.parse_args()
+    unknown = set(a.only) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+    main(a.model, a.dataset, a.out, a.whole_image, a.only)

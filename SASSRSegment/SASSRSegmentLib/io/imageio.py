@@ -175,6 +175,12 @@ def _read_problem(exc: RuntimeError) -> str:
             "it is not an image in a format this tool reads (NRRD, NIfTI, MetaImage, PNG, JPEG, TIFF, BMP, "
             "DICOM); was it renamed, or is it another kind of file?"
         )
+    if "Unknown PixelType" in text:
+        # SimpleITK maps no pixel type to a PNG of grey + transparency (2 components).
+        return (
+            "its pixel type is one this tool cannot read (a greyscale PNG with transparency?); save it as plain "
+            "greyscale or RGB"
+        )
     return "the file is truncated or corrupt (its header names more data than the file holds, or bad data)"
 
 
