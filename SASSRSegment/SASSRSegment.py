@@ -13,6 +13,7 @@ in plain Python, and Testing/test_slicer_core.py runs the Logic on Slicer's core
 slicer-core wheel) with small stand-ins for the application.
 """
 
+import hashlib
 import logging
 import sys
 import time
@@ -77,6 +78,8 @@ def registerSampleData():
             fileNames=[SAMPLE_PATH.name],
             nodeNames=["BraTS FLAIR 2mm"],
             thumbnailFileName=str(ICON_PATH),
+            # Sample Data reuses a cached file of the same name unless a checksum says it changed.
+            checksums=["SHA256:" + hashlib.sha256(SAMPLE_PATH.read_bytes()).hexdigest()],
         )
     except (TypeError, AttributeError) as exc:  # an older or newer Sample Data API must not break the module
         logging.warning("SASSRSegment: could not register the sample: %s", exc)

@@ -822,6 +822,23 @@ def test_successful_pytorch_install_is_reported(mod, logic, monkeypatch):
     assert logic.ensureTorch() is False
 
 
+def test_an_older_pytorch_another_extension_installed_is_named_in_one_line(mod, logic, monkeypatch):
+    """The engine needs torch 2.1 or newer; an older one already in Slicer's Python is said, not run."""
+    import importlib.metadata
+
+    versions = {"torch": "2.0.1+cu118"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions.get(name) or real(name))
+    with pytest.raises(RuntimeError) as raised:
+        logic.ensureTorch()
+    assert str(raised.value) == (
+        "PyTorch 2.0 is installed, but this module needs 2.1 or newer: update it in the PyTorch Utils module, "
+        "restart Slicer, then retry."
+    )
+    versions["torch"] = "2.13.0"
+    assert logic.ensureTorch() is False
+
+
 # ------------------------------------------------------------------------------- console batch use
 
 

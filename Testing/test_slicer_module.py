@@ -189,6 +189,22 @@ def test_the_module_file_gives_the_console_api(mod):
     assert paths.MODULE_DIR == MODULE_DIR and paths.SAMPLE_PATH.is_file()
 
 
+def test_the_sample_is_registered_with_its_checksum(mod, monkeypatch):
+    """Sample Data reuses a cached file of the same name unless a checksum says it changed: without one, a
+    release with a new sample would keep showing users the old one."""
+    import hashlib
+    import types
+
+    registered = []
+    logic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kw: registered.append(kw))
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=logic))
+    mod.registerSampleData()
+    (source,) = registered
+    digest = hashlib.sha256(paths.SAMPLE_PATH.read_bytes()).hexdigest()
+    assert source["checksums"] == [f"SHA256:{digest}"] and source["fileNames"] == [paths.SAMPLE_PATH.name]
+    assert source["uris"] == [paths.SAMPLE_PATH.as_uri()]
+
+
 def _imported_modules(tree):
     """The modules an AST imports: top-level names, ".name" for a file of its own package, and ".." for
     anything imported from above its package."""

@@ -27,7 +27,20 @@ from .segmentation import (
 )
 from .slicerapi import ScriptedLoadableModuleLogic, _, slicer
 
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_MINIMUM = (2, 1)
+TORCH_REQUIREMENT = ">={}.{}".format(*TORCH_MINIMUM)
+
+
+def _installedTorchVersion():
+    """(major, minor) of the torch Slicer's Python has installed, None when its version is not known."""
+    import importlib.metadata
+    import re
+
+    try:
+        match = re.match(r"(\d+)\.(\d+)", importlib.metadata.version("torch"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _volumeSpatialDims(volumeNode):
@@ -61,6 +74,16 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         if self.installingTorch:
             raise RuntimeError(_("PyTorch is being installed: wait for the installation to finish."))
         if importlib.util.find_spec("torch") is not None:
+            # Another extension may have installed an older torch; the engine would then fail in ways
+            # that do not name the cause.
+            version = _installedTorchVersion()
+            if version is not None and version < TORCH_MINIMUM:
+                raise RuntimeError(
+                    _(
+                        "PyTorch {found} is installed, but this module needs {needed} or newer: update it in the "
+                        "PyTorch Utils module, restart Slicer, then retry."
+                    ).format(found="{}.{}".format(*version), needed="{}.{}".format(*TORCH_MINIMUM))
+                )
             return False
         try:
             import PyTorchUtils

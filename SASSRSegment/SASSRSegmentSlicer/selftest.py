@@ -82,7 +82,13 @@ class SelfTest(ScriptedLoadableModuleTest):
         nodesBefore = _sceneNodeIds()
         results = []
         job = SASSRSegmentLogic().segmentVolume(volume, device="cpu", wait=False, onFinished=results.append)
-        self.delayDisplay("Running; cancelling in a second", 1000)
+        self.delayDisplay("Running; cancelling in a second")
+        # Not delayDisplay's own wait: under Reload and Test it waits the application's message delay
+        # instead, which can cancel before the engine has started and leave cancelling a run untested.
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            slicer.app.processEvents()
+            time.sleep(0.05)
         job.cancel()
         deadline = time.monotonic() + 60
         while not results and time.monotonic() < deadline:
