@@ -26,7 +26,7 @@ from SASSRSegmentLib.data import cache as preprocess
 from SASSRSegmentLib.data import degrade, normalization
 from SASSRSegmentLib.data.datasets import open_dataset
 from SASSRSegmentLib.data.sampling import lr_from_hr
-from SASSRSegmentLib.model.bundle import load_bundle, save_bundle
+from SASSRSegmentLib.model.bundle import load_bundle, read_card, save_bundle
 from SASSRSegmentLib.runtime.errors import UserError
 from SASSRSegmentLib.training import build, config, curves, trainer
 
@@ -671,6 +671,49 @@ def test_a_weight_average_is_validated_shipped_and_resumed(tiny_cache, tmp_path)
     # The bundle holds the average (as fp16), not the step's weights.
     shipped = torch.load(output / "model.pt", weights_only=True)
     assert torch.equal(shipped[key], best["average"]["weights"][key].half())
+
+
+def test_a_network_learns_its_teachers_mean_probabilities_too(tiny_cache, tmp_path):
+    """`teachers`: trained bundles whose averaged probabilities on each LR batch are a second target
+    (binary cross-entropy, `loss_kd`); the card names them with their checksums."""
+    from SASSRSegmentLib.training import teachers
+
+    common = ("--dataset", str(tiny_cache), "--workers", "0", "--max-steps", "2")
+    first = tmp_path / "teacher"
+    assert run_train(*common, "--output", str(first), "--config", str(tiny_config(tmp_path))) == 0
+    config = json.loads(tiny_config(tmp_path).read_text()) | {"teachers": [str(first)], "loss_kd": 0.5}
+    output = tmp_path / "student"
+    assert (
+        run_train(*common, "--output", str(output), "--config", str(write_json(tmp_path / "kd.json", config)))
+        == 0
+    )
+    kd = [float(r["kd"]) for r in read_log(output) if r["kd"] != ""]
+    assert len(kd) == 2 and all(0 < v < 2 for v in kd)
+    card, _ = load_bundle(output, torch.device("cpu"))
+    assert card["training"]["teachers"] == [
+        {"model": str(first), "name": card["name"], "weights_sha256": read_card(first)["weights_sha256"]}
+    ]
+    # What the teachers give is the mean of their sigmoids, and the loss is BCE against it.
+    prep = read_card(first)["preprocessing"]
+    taught = teachers.Teachers([str(first), str(output)], prep, torch.device("cpu"))
+    lr = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = (torch.sigmoid(taught.nets[0](lr)) + torch.sigmoid(taught.nets[1](lr))) / 2
+    torch.testing.assert_close(taught(lr), expected, atol=2e-2, rtol=0)  # bf16 where the CPU has it
+    logits = torch.randn(2, 1, 32, 32)
+    target = taught(lr)
+    manual = -(
+        target * torch.nn.functional.logsigmoid(logits)
+        + (1 - target) * torch.nn.functional.logsigmoid(-logits)
+    )
+    torch.testing.assert_close(teachers.distillation_loss(logits, target), manual.mean())
+    # A teacher that sees other inputs is refused before any step.
+    other = dict(prep, scale=4)
+    with pytest.raises(UserError, match=r"^teacher .*: its scale differ"):
+        teachers.Teachers([str(first)], other, torch.device("cpu"))
+    with pytest.raises(UserError, match="loss_kd must be >= 0"):
+        run_train(*common, "--output", str(tmp_path / "bad"), "--config",
+                  str(write_json(tmp_path / "bad.json", config | {"loss_kd": -1.0})))  # fmt: skip
 
 
 class BrightVoxels(torch.nn.Module):

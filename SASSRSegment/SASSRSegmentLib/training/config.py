@@ -76,6 +76,9 @@ class TrainConfig:
     loss_fa: float = LossWeights.fa
     loss_sa: float = LossWeights.sa
     rec_background_weight: float = LossWeights.background_weight
+    # distillation (teachers.py): bundles (names or folders) whose mean probabilities are also learnt
+    teachers: list[str] = field(default_factory=list)
+    loss_kd: float = 1.0
     # optimisation
     max_steps: int = 10000
     max_minutes: Optional[float] = None
@@ -174,6 +177,8 @@ class TrainConfig:
             p.append(
                 f'normalization kind must be "mri", "ct" or "uint8", got {self.normalization.get("kind")!r}'
             )
+        if self.loss_kd < 0:
+            p.append(f"loss_kd must be >= 0, got {self.loss_kd}")
         if self.workers < 0:
             p.append(f"workers must be >= 0, got {self.workers}")
         if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:

@@ -14,7 +14,7 @@ import torch
 from ..io.files import atomic_write_bytes
 from ..runtime.errors import UserError
 
-CSV_COLUMNS = ["step", "time_s", "lr", "loss", "seg", "rec", "fa", "sa", "steps_per_s", "val_dice"]
+CSV_COLUMNS = ["step", "time_s", "lr", "loss", "seg", "rec", "fa", "sa", "kd", "steps_per_s", "val_dice"]
 
 
 def atomic_torch_save(obj, path: Path) -> None:

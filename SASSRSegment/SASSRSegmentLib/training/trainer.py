@@ -29,6 +29,7 @@ from .config import ABLATIONS, CLI_OVERRIDES, TrainConfig, config_from_dict, loa
 from .curves import write_plot
 from .runtime import Runtime, amp_settings, hardware, memory_format, use_channels_last
 from .state import CsvLog, StopFlag, atomic_torch_save, check_output, rng_state, set_rng_state
+from .teachers import Teachers, distillation_loss
 from .validation import validate
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -217,6 +218,9 @@ class Trainer:
             else:
                 self.init = initialise_from(self.net, args.init) if args.init else None
         self.loss_fn = build_loss(cfg, self.ablation)
+        self.teachers = (
+            Teachers(cfg.teachers, self.prep, device) if cfg.teachers and cfg.loss_kd > 0 else None
+        )
         self.amp_dtype, needs_scaler = amp_settings(cfg, device)
         self.channels_last = use_channels_last(cfg, device, self.prep["spatial_dims"])
         self.precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
@@ -376,9 +380,14 @@ class Trainer:
         hr_mask = hr_mask.to(device, non_blocking=True)
         lr = made[0].to(device, non_blocking=True) if made else lr_from_hr(hr_image, self.prep["scale"])
         lr = lr.contiguous(memory_format=self.fmt)
+        taught = self.teachers(lr) if self.teachers is not None else None
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = self.model(lr)
             loss, terms = self.loss_fn(out, hr_mask, hr_image)
+            if taught is not None:
+                kd = distillation_loss(out.mask, taught)
+                loss = loss + self.cfg.loss_kd * kd
+                terms["kd"] = float(kd.detach())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -503,6 +512,7 @@ class Trainer:
             "ablation": self.ablation,
             "config": asdict(self.cfg),
             "initialised_from": self.init,
+            "teachers": self.teachers.sources if self.teachers is not None else [],
         }
 
 
