@@ -442,6 +442,7 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
         "16 bits": grey.astype(np.uint16) * 257,
         "12 bits": grey.astype(np.uint16) * 16,  # 0..4080
         "0..1": grey.astype(np.float32) / 255,
+        "standardised": (grey.astype(np.float32) - 120) / 70,  # 0..255 -> -1.71..1.93
     }
     for name, array in same.items():
         got, warnings = probabilities(array)
@@ -449,6 +450,10 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
         assert len(warnings) == 1 and "takes 8-bit images (0..255)" in warnings[0], (name, warnings)
     assert "(0..65535) are mapped from 0..65535 to 0..255" in probabilities(same["16 bits"])[1][0]
     assert "(0..1) are multiplied by 255" in probabilities(same["0..1"])[1][0]
+    assert (
+        "(-1.71429..1.92857) are mapped from -1.71429..1.92857 to 0..255"
+        in probabilities(same["standardised"])[1][0]
+    )
     overshoot = grey.astype(np.float32) * 1.1 - 12  # -12..268.5: a Lanczos resampling's ringing
     got, warnings = probabilities(overshoot)
     assert warnings == []

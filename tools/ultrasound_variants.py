@@ -6,7 +6,7 @@ of image a clinic exports (docs/models.md, "The ultrasound model on images expor
 Each validation image is segmented as it is and as: JPEG at quality 30, half and 1.5 times its size,
 inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), gamma 0.6 and
 1.6, contrast 0.6, multiplicative speckle, flipped left-right; and its pixels stored as 16 bits
-(x 257, the PNG convention), 12 bits (x 16), float32 0-255 and float32 0-1. The mask is brought back onto the
+(x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1 and z-scored. The mask is brought back onto the
 image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
 `--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
 scan inside a black frame.
@@ -77,6 +77,7 @@ VARIANTS = {
     "12 bits (x 16)": lambda a: a.astype(np.uint16) * 16,
     "float32 0-255": lambda a: a.astype(np.float32),
     "float32 0-1": lambda a: a.astype(np.float32) / 255,
+    "float32 z-scored": lambda a: (a - a.mean(dtype=np.float64)).astype(np.float32) / a.std(),
 }
 
 

@@ -74,6 +74,9 @@ CHROMA = 48
 # -39..294), with room to spare.
 EIGHT_BIT_SLACK = 64.0
 UNIT_SLACK = 0.25
+# A float image whose values span less than this is not in 8-bit units (BUSI images span 207-255 of
+# them; standardised to zero mean and unit deviation, under 10) and is mapped onto 0..255.
+EIGHT_BIT_SPAN = 64.0
 
 
 def _match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) -> sitk.Image:
@@ -157,15 +160,18 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
 def _in_8_bit_range(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
     """An image for a model of 8-bit images with its values where the model's training images had them,
     0..255: 8-bit values stored in another type as they are (a float32 resampling may overshoot a
-    little); 0..1 floats times 255; anything wider scaled from 0 (or its minimum, when negative) to its
-    maximum, which gives 16-bit PNG's value / 257 exactly. Before, such images were read as 0..255 and the
-    masks were silently worse (BUSI validation: 0.748 at 16 bits, 0.655 at 0..1, against 0.769)."""
+    little); 0..1 floats times 255; anything wider, or floats spanning too little to be 8-bit values
+    (standardised ones), scaled from 0 (or its minimum, when negative) to its maximum, which gives 16-bit
+    PNG's value / 257 exactly. Before, such images were read as 0..255 and the masks were silently worse
+    (BUSI validation: 0.748 at 16 bits, 0.655 at 0..1, 0.584 standardised, against 0.769)."""
     if image.GetPixelID() == sitk.sitkUInt8 or image.GetNumberOfComponentsPerPixel() != 1:
         return image
     array = sitk.GetArrayViewFromImage(image)
     low, high = float(array.min()), float(array.max())
-    unit = array.dtype.kind == "f" and low >= -UNIT_SLACK and high <= 1 + UNIT_SLACK
-    if not unit and low >= -EIGHT_BIT_SLACK and high <= 255 + EIGHT_BIT_SLACK:
+    floating = array.dtype.kind == "f"
+    unit = floating and low >= -UNIT_SLACK and high <= 1 + UNIT_SLACK
+    narrow = floating and high - low < EIGHT_BIT_SPAN  # standardised, not 8-bit values
+    if not unit and not narrow and low >= -EIGHT_BIT_SLACK and high <= 255 + EIGHT_BIT_SLACK:
         return image
     floor = 0.0 if unit else min(low, 0.0)
     factor = 255.0 if unit else 255.0 / (high - floor)
