@@ -5,7 +5,7 @@ of image a clinic exports (docs/models.md, "The ultrasound model on images expor
 
 Each validation image is segmented as it is and as: JPEG at quality 30, half and 1.5 times its size,
 inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), gamma 0.6 and
-1.6, contrast 0.6, multiplicative speckle, flipped left-right; and its pixels stored as 16 bits
+1.6, contrast 0.6, multiplicative speckle, flipped left-right, transposed, upside down; and its pixels stored as 16 bits
 (x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1 and z-scored. The mask is brought back onto the
 image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
 `--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
@@ -72,6 +72,8 @@ VARIANTS = {
     "contrast 0.6": lambda a: (a * 0.6 + 20).astype(np.uint8),
     "speckle": speckle,
     "flipped left-right": lambda a: a[:, ::-1].copy(),
+    "transposed": lambda a: a.T.copy(),
+    "upside down": lambda a: a[::-1].copy(),
     # The same pixels stored in other types, as conversions and research pipelines store them.
     "16 bits (x 257)": lambda a: a.astype(np.uint16) * 257,
     "12 bits (x 16)": lambda a: a.astype(np.uint16) * 16,
@@ -87,7 +89,11 @@ def on_image(mask: np.ndarray, name: str, shape) -> np.ndarray:
         top, left = int(shape[0] * FRAME), int(shape[1] * FRAME)
         size = (shape[0] + 2 * top, shape[1] + 2 * left)
         return resized(mask, size)[top : top + shape[0], left : left + shape[1]] > 0
+    if name == "transposed":
+        return resized(mask, shape[::-1]).T > 0
     out = resized(mask, shape) > 0
+    if name == "upside down":
+        return out[::-1]
     return out[:, ::-1] if name == "flipped left-right" else out
 
 
