@@ -325,10 +325,10 @@ def _two_d_for_3d(tmp_path):
     ], "2D image but"
 
 
-def _nan(tmp_path):
+def _infinite(tmp_path):
     array = np.random.default_rng(0).random((6, 8, 10)).astype(np.float32)
-    array[0, 0, 0] = np.nan
-    return [_volume(tmp_path / "i.nrrd", array)], "NaN or infinite"
+    array[0, 0, 0] = np.inf
+    return [_volume(tmp_path / "i.nrrd", array)], "1 infinite voxel(s)"
 
 
 def _too_large(tmp_path):
@@ -380,7 +380,7 @@ def _png_for_a_volume(tmp_path):
         _four_d,
         _empty_folder,
         _two_d_for_3d,
-        _nan,
+        _infinite,
         _too_large,
         _unwritable,
         _bad_threshold,

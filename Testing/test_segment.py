@@ -357,9 +357,16 @@ def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
     volume = np.random.default_rng(2).random((6, 8, 8)).astype(np.float32)
     bad = volume.copy()
     bad[1, 2, 3] = np.nan
-    bad[2, 2, 3] = np.inf
-    with pytest.raises(UserError, match="2 NaN or infinite"):
+    bad[2, 2, 3] = bad[3, 2, 3] = -np.inf
+    with pytest.raises(
+        UserError, match=r"^the input has 2 infinite voxel\(s\); replace them before segmenting$"
+    ):
         pipeline.segment_image(sitk.GetImageFromArray(bad), net3, card3, CPU)
+    with pytest.raises(UserError, match="every voxel of the input is NaN"):
+        pipeline.segment_image(sitk.GetImageFromArray(volume * np.nan), net3, card3, CPU)
+    channels = np.stack([volume, volume * np.nan], -1)
+    with pytest.raises(UserError, match=r"NaN \(in a channel, or in all\)"):
+        pipeline.segment_image(sitk.GetImageFromArray(channels, isVector=True), net3, card3, CPU)
     with pytest.raises(UserError, match="2D image but .* 3D model"):
         pipeline.segment_image(sitk.GetImageFromArray(volume[0]), net3, card3, CPU)
     with pytest.raises(UserError, match="3D volume but .* 2D model"):
@@ -419,6 +426,37 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
         match=r"1\d\.\d % of its non-black pixels coloured: over the 5 % burned-in annotations take",
     ):
         pipeline.segment_image(sitk.GetImageFromArray(framed, isVector=True), net, card, CPU)
+
+
+def grid_like(image: sitk.Image, array: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def test_nan_outside_the_scan_is_its_background():
+    """Some tools fill what lies outside a mask or a field of view with NaN (no data). That was refused;
+    it is now read as the image's lowest value, the background, with a warning: the same mask as the
+    scan with that value as its background."""
+    head = _head_with_lesion()
+    array = sitk.GetArrayFromImage(head)
+    background = array == array.min()
+    with_nan = np.where(background, np.nan, array).astype(np.float32)
+    image = grid_like(head, with_nan)
+    card = _mri_card()
+    warnings = []
+    mask, probs = pipeline.segment_image(image, Interpolator(), card, CPU, warn=warnings.append)
+    lowest = float(np.nanmin(with_nan))  # the background's own value is unknown where it is NaN
+    plain = grid_like(head, np.where(background, lowest, array).astype(np.float32))
+    plain_mask, plain_probs = pipeline.segment_image(plain, Interpolator(), card, CPU)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(plain_mask))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(probs), sitk.GetArrayFromImage(plain_probs), atol=1e-6)
+    share = 100 * background.mean()
+    assert warnings == [
+        f"{int(background.sum())} voxel(s) ({share:.1f} %) are NaN (no data): read as the image's lowest value "
+        f"({lowest:g})"
+    ]
+    assert sitk.GetArrayFromImage(mask).any()
 
 
 def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():

@@ -151,10 +151,38 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
         )
     if any(n == 0 for n in image.GetSize()):
         raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
-    image = _match_channels(image, card, warn)
+    image = _match_channels(_no_data_as_lowest(image, warn), card, warn)
     if card["preprocessing"]["normalization"].get("kind") == "uint8":
         image = _in_8_bit_range(image, warn)
     return image
+
+
+def _no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
+    """NaN voxels (no data: some tools fill what lies outside a mask or a field of view with it) as each
+    channel's lowest value, the background of a scan, with a warning; infinite ones are refused."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind != "f":
+        return image
+    infinite = int(np.count_nonzero(np.isinf(array)))
+    if infinite:
+        raise UserError(f"the input has {infinite} infinite voxel(s); replace them before segmenting")
+    missing = np.isnan(array)
+    count = int(np.count_nonzero(missing))
+    if not count:
+        return image
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    channels = array.shape[-1] if vector else 1
+    if missing.reshape(-1, channels).all(axis=0).any():
+        raise UserError("every voxel of the input is NaN (in a channel, or in all): it holds no image")
+    lowest = np.nanmin(array.reshape(-1, channels), axis=0)
+    filled = np.where(missing, lowest if vector else lowest[0], array)
+    warn(
+        f"{count} voxel(s) ({100 * count / missing.size:.1f} %) are NaN (no data): read as the image's lowest "
+        f"value ({', '.join(f'{v:g}' for v in lowest)})"
+    )
+    out = sitk.GetImageFromArray(filled.astype(array.dtype, copy=False), isVector=vector)
+    out.CopyInformation(image)
+    return out
 
 
 def _in_8_bit_range(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
@@ -315,12 +343,6 @@ def prepare_input(
         image = plane.proxy(image)
         start, size = start[:2], size[:2]
     array = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise UserError(
-            f"the input has {array.size - int(finite.sum())} NaN or infinite voxel(s); replace them (e.g. with 0) "
-            "before segmenting"
-        )
     target = Grid.from_image(image).sub_grid(start, size)  # the input voxels to segment (all, or the ROI's)
     out_grid = geometry.hr_grid(target, scale) if output_grid == "hr" else target
     image = _scan_in_frame(image, array, prep)
