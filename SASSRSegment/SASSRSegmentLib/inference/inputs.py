@@ -161,15 +161,13 @@ def _no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.I
     """NaN voxels (no data: some tools fill what lies outside a mask or a field of view with it) as each
     channel's lowest value, the background of a scan, with a warning; infinite ones are refused."""
     array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind != "f":
+    if array.dtype.kind != "f" or np.isfinite(array).all():
         return image
     infinite = int(np.count_nonzero(np.isinf(array)))
     if infinite:
         raise UserError(f"the input has {infinite} infinite voxel(s); replace them before segmenting")
     missing = np.isnan(array)
     count = int(np.count_nonzero(missing))
-    if not count:
-        return image
     vector = image.GetNumberOfComponentsPerPixel() > 1
     channels = array.shape[-1] if vector else 1
     if missing.reshape(-1, channels).all(axis=0).any():
