@@ -371,6 +371,8 @@ def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
         pipeline.segment_image(sitk.GetImageFromArray(volume[0]), net3, card3, CPU)
     with pytest.raises(UserError, match="3D volume but .* 2D model"):
         pipeline.segment_image(sitk.GetImageFromArray(volume), net2, card2, CPU)
+    with pytest.raises(UserError, match=r"one slice stored across its x axis \(size \(1, 8, 6\)\)"):
+        pipeline.segment_image(sitk.GetImageFromArray(volume[:, :, :1]), net2, card2, CPU)
     four_d = sitk.JoinSeries([sitk.GetImageFromArray(volume)] * 2)
     with pytest.raises(UserError, match="4D"):
         pipeline.segment_image(four_d, net3, card3, CPU)

@@ -145,6 +145,14 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
     model_dims = int(card["preprocessing"]["spatial_dims"])
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
+        size = image.GetSize()
+        if model_dims == 2 and 1 in size[:2]:
+            # One slice stored across x or y (a (1, H, W) array saved as a volume): not a 3D volume.
+            raise UserError(
+                f"the input is one slice stored across its {'xy'[size.index(1)]} axis (size {tuple(size)}); "
+                f"model {card.get('name', '?')!r} takes a 2D image, or a slice stored as (width, height, 1): "
+                "save it that way"
+            )
         raise UserError(
             f"the input is {what} but model {card.get('name', '?')!r} is a {model_dims}D model; "
             f"choose a {dims}D model with --model (see `models`)"
