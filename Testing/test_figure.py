@@ -157,3 +157,17 @@ def test_an_rgb_image_is_drawn_as_the_brightness_the_network_saw():
         image = sitk.GetImageFromArray(values, isVector=vector)
         drawn.append(figure.render(image, mask).astype(int))
     assert np.abs(drawn[0] - drawn[1]).max() <= 1
+
+
+def test_nan_outside_the_scan_is_drawn_as_its_background():
+    """NaN voxels (no data) are segmented as the image's lowest value; drawn as NaN they made the display
+    range NaN and the whole figure black."""
+    grey = np.random.default_rng(2).integers(20, 200, (30, 40)).astype(np.float32)
+    with_nan = grey.copy()
+    with_nan[:6] = np.nan
+    filled = np.where(np.isnan(with_nan), np.nanmin(with_nan), with_nan)
+    mask = sitk.GetImageFromArray((grey > 150).astype(np.uint8))
+    mask.SetSpacing((0.5, 0.5))
+    drawn = [figure.render(sitk.GetImageFromArray(values), mask).astype(int) for values in (with_nan, filled)]
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    assert drawn[0].std() > 10  # not one colour

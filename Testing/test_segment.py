@@ -480,24 +480,35 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
     assert none == []
     same = {
         "16 bits": grey.astype(np.uint16) * 257,
-        "12 bits": grey.astype(np.uint16) * 16,  # 0..4080
+        "12 bits": np.rint(grey * (4095 / 255)).astype(np.uint16),  # 0..4095
         "0..1": grey.astype(np.float32) / 255,
         "standardised": (grey.astype(np.float32) - 120) / 70,  # 0..255 -> -1.71..1.93
     }
     for name, array in same.items():
         got, warnings = probabilities(array)
-        np.testing.assert_allclose(got, reference, atol=1e-4, err_msg=name)
+        # 12 bits hold each 8-bit value to within 1/32 of a level; this stand-in's slope is 40 per unit.
+        np.testing.assert_allclose(got, reference, atol=2e-3 if name == "12 bits" else 1e-4, err_msg=name)
         assert len(warnings) == 1 and "takes 8-bit images (0..255)" in warnings[0], (name, warnings)
-    assert "(0..65535) are mapped from 0..65535 to 0..255" in probabilities(same["16 bits"])[1][0]
+    assert "(0..65535) are read as 16-bit values (divided by 257)" in probabilities(same["16 bits"])[1][0]
+    # A dark 16-bit image stays as dark: its bit depth, not its maximum, sets the scale.
+    dark, _ = probabilities((grey // 2).astype(np.uint16) * 257)
+    np.testing.assert_allclose(dark, probabilities(grey // 2)[0], atol=1e-4)
     assert "(0..1) are multiplied by 255" in probabilities(same["0..1"])[1][0]
     assert (
         "(-1.71429..1.92857) are mapped from -1.71429..1.92857 to 0..255"
         in probabilities(same["standardised"])[1][0]
     )
-    overshoot = grey.astype(np.float32) * 1.1 - 12  # -12..268.5: a Lanczos resampling's ringing
-    got, warnings = probabilities(overshoot)
-    assert warnings == []
-    np.testing.assert_allclose(got, probabilities(np.clip(overshoot, -50, 300))[0])  # taken as it is
+    negative = grey.astype(np.int16) * 8 - 1000  # -1000..1040: no 8-bit units
+    assert "mapped from -1000..1040 to 0..255" in probabilities(negative)[1][0]
+    np.testing.assert_allclose(probabilities(negative)[0], reference, atol=1e-4)
+    # A constant image below zero says so, as any constant image does (it divided by zero).
+    assert probabilities(np.full((30, 36), -5.0, np.float32))[1] == [
+        "the input image is constant (no contrast): the mask is empty"
+    ]
+    overshoot = grey.astype(np.float32) * 1.3 - 90  # -90..241.5: k-space truncation's ringing
+    assert probabilities(overshoot)[1] == []
+    image = sitk.GetImageFromArray(overshoot)
+    assert inputs._in_8_bit_range(image, print) is image  # taken as it is
     assert probabilities(grey.astype(np.uint16))[1] == []
     # Grey + transparency (a PNG's LA mode, two components in Slicer): the grey is segmented.
     got, warnings = probabilities(np.stack([grey, np.full_like(grey, 255)], -1), isVector=True)
@@ -1187,13 +1198,21 @@ def test_equal_lesions_of_a_reordered_input_are_numbered_in_its_own_scan_order()
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(want))
 
 
-def test_a_single_slice_stored_slice_axis_first_is_segmented_as_stored(tiny_bundle_3d):
-    """Reordered, a slice stored slice axis first would turn into a 2D image a 3D model does not take."""
+def test_a_single_slice_stored_slice_axis_first_is_one_slice_whatever_the_model(
+    tiny_bundle_3d, tiny_bundle_2d
+):
+    """One slice stored across x is a 2D image, not a volume one voxel thick: a 3D model refuses it as it
+    refuses any 2D image, the default model for it is the 2D one, and that one says how to store it (a
+    2D model sees the image in the order it was trained on, and across x that order is not known)."""
     card, net = load_bundle(tiny_bundle_3d)
     volume = _head_with_lesion()
     one = sitk.RegionOfInterest(sitk.PermuteAxes(volume, [2, 1, 0]), [1, 44, 40], [5, 0, 0])
-    mask, _ = pipeline.segment_image(one, net, card, CPU)
-    assert same_grid(Grid.from_image(mask), geometry.hr_grid(Grid.from_image(one), 2))
+    assert inputs.effective_dims(one) == 2
+    with pytest.raises(UserError, match="2D image but .* 3D model"):
+        pipeline.segment_image(one, net, card, CPU)
+    card2, net2 = load_bundle(tiny_bundle_2d)
+    with pytest.raises(UserError, match=r"one slice stored across its x axis \(size \(1, 44, 40\)\)"):
+        pipeline.segment_image(one, net2, card2, CPU)
 
 
 def test_a_figure_of_a_one_volume_4d_file(tmp_path, tiny_bundle_3d):

@@ -707,10 +707,21 @@ def test_a_network_learns_its_teachers_mean_probabilities_too(tiny_cache, tmp_pa
         + (1 - target) * torch.nn.functional.logsigmoid(-logits)
     )
     torch.testing.assert_close(teachers.distillation_loss(logits, target), manual.mean())
-    # A teacher that sees other inputs is refused before any step.
-    other = dict(prep, scale=4)
-    with pytest.raises(UserError, match=r"^teacher .*: its scale differ"):
-        teachers.Teachers([str(first)], other, torch.device("cpu"))
+    # A teacher that sees other inputs, or cannot run on the patches, is refused before any step.
+    with pytest.raises(UserError, match=r"^teacher .*: its scale, lr_longer_side differ"):
+        teachers.Teachers([str(first)], dict(prep, scale=4, lr_longer_side=32), torch.device("cpu"))
+    with pytest.raises(
+        UserError, match=r"^teacher .* cannot run on the training patches \(2 x 2 LR voxels\)"
+    ):
+        teachers.Teachers([str(first)], dict(prep, patch_size_lr=[2, 2]), torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^teacher nowhere: unknown model 'nowhere'"):
+        teachers.Teachers(["nowhere"], prep, torch.device("cpu"))
+    # A teacher folder is relative to its config file, and kept absolute for a resumed run.
+    (tmp_path / "configs").mkdir()
+    relative = write_json(
+        tmp_path / "configs" / "kd.json", {"teachers": ["../teacher", "breast-ultrasound-2d"]}
+    )
+    assert trainer.load_config(relative).teachers == [str(first.resolve()), "breast-ultrasound-2d"]
     with pytest.raises(UserError, match="loss_kd must be >= 0"):
         run_train(*common, "--output", str(tmp_path / "bad"), "--config",
                   str(write_json(tmp_path / "bad.json", config | {"loss_kd": -1.0})))  # fmt: skip

@@ -23,7 +23,7 @@ from ..io import geometry, imageio
 from ..io.geometry import Grid
 from ..runtime.fonts import font
 from . import lesions
-from .inputs import drop_singleton_4th, luminance
+from .inputs import drop_singleton_4th, luminance, no_data_as_lowest
 
 MASK_RGB = (255, 40, 40)
 FILL_ALPHA = 0.3
@@ -115,7 +115,8 @@ def _blend(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def _scalar(image: sitk.Image) -> sitk.Image:
     """The image as the network saw it: one volume of a one-volume 4D file, the luminance of RGB(A)
     (a greyscale export with coloured marks; see `inputs.check_image`), the first of other channels."""
-    image = drop_singleton_4th(image)
+    # NaN voxels as the network saw them: its lowest value (NaN would turn the whole display black).
+    image = no_data_as_lowest(drop_singleton_4th(image), lambda message: None)
     components = image.GetNumberOfComponentsPerPixel()
     if components in (3, 4):
         image = luminance(image)

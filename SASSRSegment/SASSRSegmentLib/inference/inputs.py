@@ -34,12 +34,13 @@ def _single_slice(image: sitk.Image) -> bool:
 
 
 def effective_dims(image: sitk.Image) -> int:
-    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image), else 3; a UserError for
-    input that is neither (a time series, 5D)."""
+    """2 for 2D images and single-slice volumes (how Slicer holds a 2D image; also one slice stored
+    across x or y, which `check_image` explains), else 3; a UserError for input that is neither (a time
+    series, 5D)."""
     image = drop_singleton_4th(image)
     if image.GetDimension() > 3:
         raise UserError(f"the input is {image.GetDimension()}D; only 2D images and 3D volumes are supported")
-    return 2 if image.GetDimension() == 2 or _single_slice(image) else image.GetDimension()
+    return 2 if image.GetDimension() == 2 or 1 in image.GetSize() else image.GetDimension()
 
 
 def drop_singleton_4th(image: sitk.Image) -> sitk.Image:
@@ -69,9 +70,9 @@ def drop_singleton_4th(image: sitk.Image) -> sitk.Image:
 # of it at any difference, 3.3 % at 32, 2.0 % at 64; a Doppler overlay keeps 11.6 % at 64).
 ANNOTATION_SHARE = 0.05
 CHROMA = 48
-# How far past 0..255 (or 0..1) an 8-bit image's values may lie and still be read as that range: the
-# ringing of a resampling (on 13 BUSI images made 2x coarser: Lanczos -29..274, k-space truncation
-# -39..294), with room to spare.
+# How far above 255 (or past 0..1) an 8-bit image's values may lie and still be read as that range: the
+# ringing of a resampling (BUSI images made 2x coarser: Lanczos up to 281, k-space truncation 294),
+# with room to spare. Below 0, ringing reaches -97 (k-space): down to -255 is taken as 8-bit units.
 EIGHT_BIT_SLACK = 64.0
 UNIT_SLACK = 0.25
 # A float image whose values span less than this is not in 8-bit units (BUSI images span 207-255 of
@@ -143,29 +144,30 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
     dims = effective_dims(image)
     image = drop_singleton_4th(image)
     model_dims = int(card["preprocessing"]["spatial_dims"])
+    size = image.GetSize()
+    if dims == model_dims == 2 and len(size) == 3 and size[2] != 1:
+        # One slice stored across x or y (a (1, H, W) array saved as a volume): which of its axes is the
+        # image's width is not known, and the model is not blind to it.
+        raise UserError(
+            f"the input is one slice stored across its {'xy'[size.index(1)]} axis (size {tuple(size)}); "
+            f"model {card.get('name', '?')!r} takes a 2D image, or a slice stored as (width, height, 1): "
+            "save it that way"
+        )
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
-        size = image.GetSize()
-        if model_dims == 2 and 1 in size[:2]:
-            # One slice stored across x or y (a (1, H, W) array saved as a volume): not a 3D volume.
-            raise UserError(
-                f"the input is one slice stored across its {'xy'[size.index(1)]} axis (size {tuple(size)}); "
-                f"model {card.get('name', '?')!r} takes a 2D image, or a slice stored as (width, height, 1): "
-                "save it that way"
-            )
         raise UserError(
             f"the input is {what} but model {card.get('name', '?')!r} is a {model_dims}D model; "
             f"choose a {dims}D model with --model (see `models`)"
         )
     if any(n == 0 for n in image.GetSize()):
         raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
-    image = _match_channels(_no_data_as_lowest(image, warn), card, warn)
+    image = _match_channels(no_data_as_lowest(image, warn), card, warn)
     if card["preprocessing"]["normalization"].get("kind") == "uint8":
         image = _in_8_bit_range(image, warn)
     return image
 
 
-def _no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
+def no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
     """NaN voxels (no data: some tools fill what lies outside a mask or a field of view with it) as each
     channel's lowest value, the background of a scan, with a warning; infinite ones are refused."""
     array = sitk.GetArrayViewFromImage(image)
@@ -175,15 +177,16 @@ def _no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.I
     if infinite:
         raise UserError(f"the input has {infinite} infinite voxel(s); replace them before segmenting")
     missing = np.isnan(array)
-    count = int(np.count_nonzero(missing))
     vector = image.GetNumberOfComponentsPerPixel() > 1
     channels = array.shape[-1] if vector else 1
+    count = int(np.count_nonzero(missing.any(axis=-1) if vector else missing))
+    voxels = array.size // channels
     if missing.reshape(-1, channels).all(axis=0).any():
         raise UserError("every voxel of the input is NaN (in a channel, or in all): it holds no image")
     lowest = np.nanmin(array.reshape(-1, channels), axis=0)
     filled = np.where(missing, lowest if vector else lowest[0], array)
     warn(
-        f"{count} voxel(s) ({100 * count / missing.size:.1f} %) are NaN (no data): read as the image's lowest "
+        f"{count} voxel(s) ({100 * count / voxels:.1f} %) are NaN (no data): read as the image's lowest "
         f"value ({', '.join(f'{v:g}' for v in lowest)})"
     )
     out = sitk.GetImageFromArray(filled.astype(array.dtype, copy=False), isVector=vector)
@@ -193,25 +196,39 @@ def _no_data_as_lowest(image: sitk.Image, warn: Callable[[str], None]) -> sitk.I
 
 def _in_8_bit_range(image: sitk.Image, warn: Callable[[str], None]) -> sitk.Image:
     """An image for a model of 8-bit images with its values where the model's training images had them,
-    0..255: 8-bit values stored in another type as they are (a float32 resampling may overshoot a
-    little); 0..1 floats times 255; anything wider, or floats spanning too little to be 8-bit values
-    (standardised ones), scaled from 0 (or its minimum, when negative) to its maximum, which gives 16-bit
-    PNG's value / 257 exactly. Before, such images were read as 0..255 and the masks were silently worse
-    (BUSI validation: 0.748 at 16 bits, 0.655 at 0..1, 0.584 standardised, against 0.769)."""
+    0..255. Before, every type was read as 0..255 and the masks were silently worse (BUSI validation:
+    0.748 at 16 bits, 0.655 at 0..1, 0.584 standardised, against 0.769). Now, with a warning:
+    - 8-bit values stored in another type, give or take a resampling's ringing, stay as they are;
+    - 0..1 floats are multiplied by 255;
+    - non-negative integers wider than 8 bits are scaled by their bit depth, 12 or 16 (a 16-bit PNG's
+      value / 257);
+    - anything else, and floats spanning too little to be 8-bit values (standardised ones), is mapped
+      from 0 (or its minimum, when negative) to its maximum."""
     if image.GetPixelID() == sitk.sitkUInt8 or image.GetNumberOfComponentsPerPixel() != 1:
         return image
     array = sitk.GetArrayViewFromImage(image)
     low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return image  # constant: `prepare_input` says so and gives an empty mask
     floating = array.dtype.kind == "f"
     unit = floating and low >= -UNIT_SLACK and high <= 1 + UNIT_SLACK
     narrow = floating and high - low < EIGHT_BIT_SPAN  # standardised, not 8-bit values
-    if not unit and not narrow and low >= -EIGHT_BIT_SLACK and high <= 255 + EIGHT_BIT_SLACK:
+    if not unit and not narrow and low >= -255 and high <= 255 + EIGHT_BIT_SLACK:
         return image
-    floor = 0.0 if unit else min(low, 0.0)
-    factor = 255.0 if unit else 255.0 / (high - floor)
-    how = "multiplied by 255" if unit else f"mapped from {floor:.6g}..{high:.6g} to 0..255"
+    if unit:
+        floor, top, how = 0.0, 1.0, "multiplied by 255"
+    elif not floating and low >= 0:
+        # The common depths (12-bit DICOM, 16-bit PNG), so that a dark image stays dark; its maximum
+        # alone would brighten it.
+        bits = 12 if high < 2**12 else 16 if high < 2**16 else math.ceil(math.log2(high + 1))
+        floor, top = 0.0, float(2**bits - 1)
+        how = f"read as {bits}-bit values (divided by {top / 255:.6g})"
+    else:
+        floor, top = min(low, 0.0), high
+        how = f"mapped from {floor:.6g}..{high:.6g} to 0..255"
     warn(f"the model takes 8-bit images (0..255); this image's values ({low:.6g}..{high:.6g}) are {how}")
-    out = sitk.GetImageFromArray((array.astype(np.float32) - np.float32(floor)) * np.float32(factor))
+    factor = np.float32(255.0 / (top - floor))
+    out = sitk.GetImageFromArray((array.astype(np.float32) - np.float32(floor)) * factor)
     out.CopyInformation(image)
     return out
 

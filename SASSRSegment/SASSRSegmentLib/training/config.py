@@ -257,6 +257,14 @@ def config_from_dict(values: dict, where: str = "config") -> TrainConfig:
     return cfg
 
 
+def _teacher_path(teacher: str, folder: Path) -> str:
+    from ..model.bundle import bundled_models
+
+    if teacher in bundled_models() or Path(teacher).expanduser().is_absolute():
+        return teacher
+    return str((folder / teacher).resolve())
+
+
 def load_config(path: str | Path | None = None, group_file: str | Path | None = None) -> TrainConfig:
     """Defaults, overridden by a JSON config file; `explicit` lists the keys the file set."""
     values: dict = {}
@@ -281,5 +289,9 @@ def load_config(path: str | Path | None = None, group_file: str | Path | None = 
         cfg.groups = cfg.groups + read_groups(group_file)
     if path and cfg.split_file and not Path(cfg.split_file).is_absolute():
         cfg.split_file = str(Path(path).parent / cfg.split_file)  # relative to the config file
+    if path:
+        # A teacher folder is relative to the config file too, and kept absolute, so that a resumed
+        # run finds it from anywhere; a bundled model's name stays a name.
+        cfg.teachers = [_teacher_path(t, Path(path).parent) for t in cfg.teachers]
     cfg.explicit = set(values)  # type: ignore[attr-defined]
     return cfg
