@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import segment as segment_command
-from SASSRSegmentLib.inference import inputs, lesions, memory, pipeline
+from SASSRSegmentLib.inference import inputs, lesions, memory, noise, pipeline
 from SASSRSegmentLib.inference.lesions import lesion_rows, lesion_table
 from SASSRSegmentLib.inference.windows import window_starts
 from SASSRSegmentLib.io import geometry, imageio
@@ -459,6 +459,46 @@ def test_nan_outside_the_scan_is_its_background():
         f"({lowest:g})"
     ]
     assert sitk.GetArrayFromImage(mask).any()
+
+
+def test_noise_is_measured_against_the_tissues_range_whatever_its_units():
+    rng = np.random.default_rng(4)
+    z, y, x = np.mgrid[:40, :48, :44].astype(np.float32)
+    tissue = (z - 20) ** 2 + (y - 24) ** 2 + (x - 22) ** 2 < 18**2
+    smooth = np.where(tissue, 100 + 2.5 * x, 0).astype(np.float32)  # tissue 100..210
+    for sd in (1.0, 5.0, 10.0):
+        noisy = smooth + rng.normal(0, sd, smooth.shape).astype(np.float32)
+        spread = np.subtract(*np.percentile(noisy[tissue], [99, 1]))
+        assert noise.relative_noise(noisy, tissue) == pytest.approx(sd / spread, rel=0.1), sd
+        assert noise.relative_noise(3 * noisy - 50, tissue) == pytest.approx(
+            noise.relative_noise(noisy, tissue), rel=1e-4
+        )
+    assert noise.relative_noise(smooth, tissue) < 0.01
+
+
+def test_a_scan_noisier_than_training_is_smoothed_first_and_says_so():
+    """Rician noise of 5 / 8 / 10 % of the range took the brain model's validation Dice from 0.818 to
+    0.776 / 0.617 / 0.558; smoothed by 0.7 voxel first, 0.824 / 0.817 / 0.789. A clean scan is not
+    touched: its mask is the one it had."""
+    head = _head_with_lesion()
+    array = sitk.GetArrayFromImage(head)
+    card = _mri_card()
+    clean_warnings = []
+    pipeline.segment_image(head, Interpolator(), card, CPU, warn=clean_warnings.append)
+    assert not any("noisy" in w for w in clean_warnings)
+    noisy = array + np.random.default_rng(6).normal(0, 25, array.shape).astype(np.float32) * (array > 0)
+    warnings = []
+    _, got = pipeline.segment_image(grid_like(head, noisy), Interpolator(), card, CPU, warn=warnings.append)
+    (said,) = [w for w in warnings if "noisy" in w]
+    assert said.startswith("the scan is noisy (noise about ") and "smoothed by 0.7 voxel" in said
+    # The same as smoothing it by hand first (the smoothed scan is no longer noisy enough to be again).
+    smoothed = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(noisy), 0.7))
+    by_hand = []
+    _, want = pipeline.segment_image(
+        grid_like(head, smoothed), Interpolator(), card, CPU, warn=by_hand.append
+    )
+    assert not any("noisy" in w for w in by_hand)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want), atol=1e-6)
 
 
 def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():

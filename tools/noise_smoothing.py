@@ -1,6 +1,7 @@
 """Dice of a 3D model on its validation cases under heavier Rician noise than `evaluate`'s rician-2pct,
-and with each LR input smoothed before segmenting (docs/models.md, "Noise is the limit not yet
-handled").
+and with each LR input smoothed before segmenting (docs/models.md, "Noise was the limit not yet
+handled"). `segment` smooths a scan noisier than clean ones itself (inference/noise.py), so since then
+the noisy rows at --sigma 0 show what it gives.
 
     python tools/noise_smoothing.py MODEL DATASET [--noise 5,10] [--sigma 0,0.5,0.7] [--inputs block,...]
 

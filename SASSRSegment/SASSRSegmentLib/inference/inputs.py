@@ -15,6 +15,7 @@ from ..io import geometry
 from ..io.geometry import Grid
 from ..runtime import hostmemory
 from ..runtime.errors import UserError
+from . import noise
 from .memory import (
     LARGE_WINDOW_EXTRA_BYTES,
     choose_window,
@@ -395,7 +396,7 @@ def prepare_input(
     if float(array.min()) == float(array.max()):
         warn("the input image is constant (no contrast): the mask is empty")
         return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane, stored_as=stored_as)
-    channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels)
+    channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels, warn)
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0
     _check_input(input_grid, work_lr, tissue_ml, card, warn, stored_as)
     # Only a window-invariant network gets a box: an instance-normalised one runs on its training
@@ -448,14 +449,28 @@ def _scan_in_frame(image: sitk.Image, array: np.ndarray, prep: dict) -> sitk.Ima
     return image if box is None else sitk.RegionOfInterest(image, box[1], box[0])
 
 
-def _normalised_channels(image: sitk.Image, work_lr: Grid, spec: dict, levels: list | None) -> tuple:
+def _normalised_channels(
+    image: sitk.Image, work_lr: Grid, spec: dict, levels: list | None, warn: Callable[[str], None]
+) -> tuple:
     """(each channel normalised on the working grid, the first channel's tissue, the union of every
-    channel's tissue); the tissue masks are None for kinds that trace none (8-bit, CT)."""
+    channel's tissue); the tissue masks are None for kinds that trace none (8-bit, CT). A channel noisier
+    than clean scans are (`noise.relative_noise`) is smoothed on the working grid first, with a warning."""
     channels, tissue, anywhere = [], None, None
     for c, channel in enumerate(_channels(image)):
-        values, traced = normalization.normalize_and_trace(
-            to_working_grid(channel, work_lr), spec, levels[c] if levels else None
-        )
+        working = to_working_grid(channel, work_lr)
+        level = levels[c] if levels else None
+        values, traced = normalization.normalize_and_trace(working, spec, level)
+        amount = noise.relative_noise(values, traced) if traced is not None else 0.0
+        if amount > noise.NOISE_LIMIT:
+            warn(
+                f"the scan is noisy (noise about {100 * amount:.0f} % of its tissue's range, more than the model's "
+                f"training scans showed): it is smoothed by {noise.SMOOTHING_VOXELS:g} voxel before segmenting"
+            )
+            # On a unit-spaced copy: sigma in working voxels, whatever their size.
+            smoothed = sitk.SmoothingRecursiveGaussian(
+                sitk.GetImageFromArray(working), noise.SMOOTHING_VOXELS
+            )
+            values, traced = normalization.normalize_and_trace(sitk.GetArrayFromImage(smoothed), spec, level)
         channels.append(values)
         tissue = traced if tissue is None else tissue
         # Where any channel has tissue, the network has input to see (a channel that traces none has no
