@@ -786,7 +786,12 @@ def test_tta_flips_only_the_axes_the_model_was_trained_to_flip():
 
 
 def _write_volume(path, seed=0, size=(10, 12, 8)):
-    array = (np.random.default_rng(seed).random(size[::-1]) * 100).astype(np.int16)
+    # A smooth scene with a little noise: pure noise is (rightly) flagged as a noisy scan.
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(size[::-1], dtype=np.float32)
+    centre = rng.uniform(2, 6, 3)
+    blob = np.exp(-((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) / 8)
+    array = (4 * x + 3 * y + 2 * z + 60 * blob + rng.normal(0, 0.5, blob.shape)).astype(np.int16)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((1.5, 1.5, 2.5))
     image.SetOrigin((-10.0, 20.0, 5.0))
