@@ -491,6 +491,16 @@ def test_a_scan_noisier_than_training_is_smoothed_first_and_says_so():
     _, got = pipeline.segment_image(grid_like(head, noisy), Interpolator(), card, CPU, warn=warnings.append)
     (said,) = [w for w in warnings if "noisy" in w]
     assert said.startswith("the scan is noisy (noise about ") and "smoothed by 0.7 voxel" in said
+    # An ROI around the lesion is smoothed as the whole scan is, and normalised as it is: the same mask.
+    lesion = np.asarray([26, 25, 20]) * 2.0 * [-1, -1, 1]
+    box = [v for c in lesion for v in (c - 12.0, c + 12.0)]
+    roi_mask, _ = pipeline.segment_image(grid_like(head, noisy), Interpolator(), card, CPU, roi=box)
+    full_mask, _ = pipeline.segment_image(grid_like(head, noisy), Interpolator(), card, CPU)
+    full, roi = Grid.from_image(full_mask), Grid.from_image(roi_mask)
+    i0 = np.round(full.physical_to_index(roi.origin)).astype(int)
+    crop = sitk.GetArrayFromImage(full_mask)[tuple(slice(a, a + n) for a, n in zip(i0[::-1], roi.size[::-1]))]
+    assert sitk.GetArrayFromImage(roi_mask).sum() > 1000
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(roi_mask), crop)
     # The same as smoothing it by hand first (the smoothed scan is no longer noisy enough to be again).
     smoothed = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(noisy), 0.7))
     by_hand = []

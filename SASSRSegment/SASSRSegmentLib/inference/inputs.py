@@ -313,15 +313,24 @@ def to_working_grid(channel: sitk.Image, work: Grid) -> np.ndarray:
 
 
 def _whole_image_levels(image: sitk.Image, prep: dict) -> list | None:
-    """Each channel's normalisation levels measured on the whole image (None: the kind needs none).
+    """Each channel's (normalisation levels, noise) measured on the whole image (None: the kind needs
+    none); where the noise has a channel smoothed (`noise.py`), the smoothed channel's levels.
 
-    An ROI is normalised with these, so a crop's intensities are exactly the whole scan's."""
+    An ROI is normalised with these, so a crop's intensities, and whether it is smoothed, are exactly
+    the whole scan's."""
     if prep["normalization"].get("kind") != "mri":
         return None
     if _single_slice(image):
         image = _Plane(Grid.from_image(image)).proxy(image)
     work = geometry.working_lr_grid(Grid.from_image(image), prep)
-    return [normalization.fit(to_working_grid(ch, work)) for ch in _channels(image)]
+    measured = []
+    for channel in _channels(image):
+        working = to_working_grid(channel, work)
+        values, traced = normalization.normalize_and_trace(working, prep["normalization"])
+        amount = noise.relative_noise(values, traced) if traced is not None else 0.0
+        smooth = amount > noise.NOISE_LIMIT
+        measured.append((normalization.fit(noise.smoothed(working) if smooth else working), amount))
+    return measured
 
 
 def _in_model_order(image: sitk.Image, prep: dict) -> tuple[sitk.Image, str | None]:
@@ -458,19 +467,21 @@ def _normalised_channels(
     channels, tissue, anywhere = [], None, None
     for c, channel in enumerate(_channels(image)):
         working = to_working_grid(channel, work_lr)
-        level = levels[c] if levels else None
-        values, traced = normalization.normalize_and_trace(working, spec, level)
-        amount = noise.relative_noise(values, traced) if traced is not None else 0.0
+        values = traced = None
+        if levels:  # an ROI: the whole scan's levels and noise
+            level, amount = levels[c]
+        else:
+            level = None
+            values, traced = normalization.normalize_and_trace(working, spec)
+            amount = noise.relative_noise(values, traced) if traced is not None else 0.0
         if amount > noise.NOISE_LIMIT:
             warn(
                 f"the scan is noisy (noise about {100 * amount:.0f} % of its tissue's range, more than the model's "
                 f"training scans showed): it is smoothed by {noise.SMOOTHING_VOXELS:g} voxel before segmenting"
             )
-            # On a unit-spaced copy: sigma in working voxels, whatever their size.
-            smoothed = sitk.SmoothingRecursiveGaussian(
-                sitk.GetImageFromArray(working), noise.SMOOTHING_VOXELS
-            )
-            values, traced = normalization.normalize_and_trace(sitk.GetArrayFromImage(smoothed), spec, level)
+            working, values = noise.smoothed(working), None
+        if values is None:
+            values, traced = normalization.normalize_and_trace(working, spec, level)
         channels.append(values)
         tissue = traced if tissue is None else tissue
         # Where any channel has tissue, the network has input to see (a channel that traces none has no

@@ -11,6 +11,7 @@ lies beyond what clean inputs show is smoothed.
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 
 from ..data.normalization import erode
 
@@ -41,3 +42,10 @@ def relative_noise(values: np.ndarray, tissue: np.ndarray) -> float:
     spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
     low, high = np.percentile(values[tissue], [1, 99])
     return spread / float(high - low) if high > low else 0.0
+
+
+def smoothed(array: np.ndarray) -> np.ndarray:
+    """`array` smoothed by a Gaussian of SMOOTHING_VOXELS voxels (on a unit-spaced copy, so in voxels
+    whatever their size)."""
+    image = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(array), SMOOTHING_VOXELS)
+    return sitk.GetArrayFromImage(image)
