@@ -23,26 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SASSRSegment"))
 
 from SASSRSegmentLib.data import datasets, lowres  # noqa: E402
 from SASSRSegmentLib.evaluation.scoring import ScoringOptions, score_cases  # noqa: E402
-from SASSRSegmentLib.io import geometry  # noqa: E402
 from SASSRSegmentLib.model.bundle import load_bundle  # noqa: E402
 from SASSRSegmentLib.runtime.devices import select_device  # noqa: E402
 from SASSRSegmentLib.runtime.progress import Progress  # noqa: E402
-
-
-def rician(percent: float):
-    """The block average with Rician noise of `percent` of its range (as lowres's rician-2pct)."""
-
-    def make(hr: sitk.Image, scale: int, rng: np.random.Generator) -> sitk.Image:
-        lr = geometry.make_lr_image(sitk.Cast(hr, sitk.sitkFloat32), scale)
-        array = sitk.GetArrayFromImage(lr)
-        low = float(array.min())
-        sd = percent / 100 * (float(array.max()) - low)
-        noisy = low + np.hypot(array - low + rng.normal(0, sd, array.shape), rng.normal(0, sd, array.shape))
-        out = sitk.GetImageFromArray(noisy.astype(np.float32))
-        out.CopyInformation(lr)
-        return out
-
-    return make
 
 
 def smoothed(make, sigma: float):
@@ -65,7 +48,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=numbers, default=[0.0], help="smoothing, LR voxels")
     parser.add_argument("--inputs", default="", help="evaluate's generators too, comma-separated")
     args = parser.parse_args()
-    makers = {f"rician-{p:g}pct": rician(p) for p in args.noise}
+    makers = {f"rician-{p:g}pct": lowres.rician(p) for p in args.noise}
     makers |= {name: lowres.GENERATORS[name][0] for name in args.inputs.split(",") if name}
     names = []
     for name, make in makers.items():

@@ -85,20 +85,22 @@ class SelfTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Running; cancelling in a second")
         # Not delayDisplay's own wait: under Reload and Test it waits the application's message delay
         # instead, which can cancel before the engine has started and leave cancelling a run untested.
-        started = time.monotonic()
-        while time.monotonic() - started < 1.0:
-            slicer.app.processEvents()
-            time.sleep(0.05)
+        _processEvents(1.0)
         job.cancel()
-        deadline = time.monotonic() + 60
-        while not results and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
+        _processEvents(60, until=lambda: results)
         self.assertEqual(len(results), 1, "the cancelled job did not finish")
         self.assertEqual(results[0].status, "cancelled")
         self.assertEqual(_sceneNodeIds(), nodesBefore)
         self.assertFalse(job.tempDir.exists(), "temporary files left behind")
         self.delayDisplay("Cancel left the scene and the disk clean")
+
+
+def _processEvents(seconds, until=lambda: False):
+    """Keep the application (and the job's output readers) running for `seconds`, or until `until()`."""
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.05)
 
 
 def _sceneNodeIds():

@@ -164,17 +164,24 @@ def _sitk_generator(interpolator: int) -> Callable:
     return make
 
 
-def _rician(hr: sitk.Image, scale: int, rng: np.random.Generator) -> sitk.Image:
-    def one(channel: sitk.Image) -> sitk.Image:
-        lr = geometry.make_lr_image(sitk.Cast(channel, sitk.sitkFloat32), scale)
-        array = sitk.GetArrayFromImage(lr)
-        low = float(array.min())
-        sd = 0.02 * (float(array.max()) - low)
-        noisy = low + np.hypot(array - low + rng.normal(0, sd, array.shape), rng.normal(0, sd, array.shape))
-        out = Grid.from_image(lr).image_from_array(noisy.astype(np.float32))
-        return _like_source(out, channel)
+def rician(percent: float) -> Callable:
+    """The generator of block averages with Rician noise of `percent` of each channel's range."""
 
-    return _per_channel(hr, one)
+    def make(hr: sitk.Image, scale: int, rng: np.random.Generator) -> sitk.Image:
+        def one(channel: sitk.Image) -> sitk.Image:
+            lr = geometry.make_lr_image(sitk.Cast(channel, sitk.sitkFloat32), scale)
+            array = sitk.GetArrayFromImage(lr)
+            low = float(array.min())
+            sd = percent / 100 * (float(array.max()) - low)
+            noisy = low + np.hypot(
+                array - low + rng.normal(0, sd, array.shape), rng.normal(0, sd, array.shape)
+            )
+            out = Grid.from_image(lr).image_from_array(noisy.astype(np.float32))
+            return _like_source(out, channel)
+
+        return _per_channel(hr, one)
+
+    return make
 
 
 # name -> (generator(hr_image, scale, rng) -> LR image, dimensions it applies to)
@@ -186,7 +193,7 @@ GENERATORS: dict[str, tuple[Callable, tuple[int, ...]]] = {
     "decimate": (_matrix_generator("decimate"), (2, 3)),
     "lanczos": (_matrix_generator("lanczos"), (2, 3)),
     "thick-slice-5mm": (_matrix_generator("thick"), (3,)),
-    "rician-2pct": (_rician, (2, 3)),
+    "rician-2pct": (rician(2), (2, 3)),
     "hr": (lambda hr, scale, rng: hr, (2, 3)),
 }
 

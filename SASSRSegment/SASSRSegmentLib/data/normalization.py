@@ -220,6 +220,14 @@ def normalize_and_trace(
     raise ValueError(f"unknown normalisation kind {kind!r}; expected one of {KINDS}")
 
 
+def fit_and_normalize(array: np.ndarray) -> tuple[Levels | None, np.ndarray, np.ndarray | None]:
+    """(the "mri" levels, the normalised array, its tissue mask) from one fit: what `fit` and
+    `normalize_and_trace` give, without fitting twice."""
+    data = np.asarray(array, dtype=np.float32)
+    levels, mask = _fit(data)
+    return (levels, *_normalize_mri(data, levels, mask))
+
+
 def normalize(array: np.ndarray, spec: dict, levels: Levels | None = None) -> np.ndarray:
     """Normalise one channel (any dims) as `spec` says; returns float32. Constant images give zeros.
 

@@ -160,8 +160,8 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
             f"the input is {what} but model {card.get('name', '?')!r} is a {model_dims}D model; "
             f"choose a {dims}D model with --model (see `models`)"
         )
-    if any(n == 0 for n in image.GetSize()):
-        raise UserError(f"the input is empty (size {tuple(image.GetSize())})")
+    if any(n == 0 for n in size):
+        raise UserError(f"the input is empty (size {tuple(size)})")
     image = _match_channels(no_data_as_lowest(image, warn), card, warn)
     if card["preprocessing"]["normalization"].get("kind") == "uint8":
         image = _in_8_bit_range(image, warn)
@@ -326,19 +326,18 @@ def _whole_image_levels(image: sitk.Image, prep: dict) -> list | None:
     measured = []
     for channel in _channels(image):
         working = to_working_grid(channel, work)
-        values, traced = normalization.normalize_and_trace(working, prep["normalization"])
-        amount = noise.relative_noise(values, traced) if traced is not None else 0.0
-        smooth = amount > noise.NOISE_LIMIT
-        measured.append((normalization.fit(noise.smoothed(working) if smooth else working), amount))
+        levels, values, traced = normalization.fit_and_normalize(working)
+        amount = noise.relative_noise(values, traced)
+        if amount > noise.NOISE_LIMIT:
+            levels = normalization.fit(noise.smoothed(working))
+        measured.append((levels, amount))
     return measured
 
 
 def _in_model_order(image: sitk.Image, prep: dict) -> tuple[sitk.Image, str | None]:
     """(the image in the card's axis order, the order it is stored in; None where that is the card's).
-
-    A single slice stays as stored: one stored slice axis first would become, reordered, the 2D proxy
-    of a single-slice volume, which a 3D model does not take."""
-    oriented = geometry.reorient(image, prep.get("orientation") if min(image.GetSize()) > 1 else None)
+    A single slice, whatever axis it lies across, never gets here with a 3D card (`check_image`)."""
+    oriented = geometry.reorient(image, prep.get("orientation"))
     return oriented, (None if oriented is image else geometry.orientation(image))
 
 
@@ -473,7 +472,7 @@ def _normalised_channels(
         else:
             level = None
             values, traced = normalization.normalize_and_trace(working, spec)
-            amount = noise.relative_noise(values, traced) if traced is not None else 0.0
+            amount = noise.relative_noise(values, traced)
         if amount > noise.NOISE_LIMIT:
             warn(
                 f"the scan is noisy (noise about {100 * amount:.0f} % of its tissue's range, more than the model's "

@@ -22,11 +22,14 @@ NOISE_LIMIT = 0.065
 SMOOTHING_VOXELS = 0.7
 
 
-def relative_noise(values: np.ndarray, tissue: np.ndarray) -> float:
+def relative_noise(values: np.ndarray, tissue: np.ndarray | None) -> float:
     """The noise's standard deviation over the tissue's intensity range (its 1st to 99th percentile),
     from the finest-scale residual inside the eroded tissue: each voxel minus the mean of its face
     neighbours, scaled so that white noise keeps its deviation, then a median absolute deviation,
-    which the tissue's edges and lesions do not move. Unchanged by any linear map of the values."""
+    which the tissue's edges and lesions do not move. Unchanged by any linear map of the values.
+    0 without a tissue mask (kinds that trace none, an image without contrast)."""
+    if tissue is None:
+        return 0.0
     inner = erode(tissue)[(slice(1, -1),) * values.ndim]
     if inner.sum() < 100:
         return 0.0
