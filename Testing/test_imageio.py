@@ -19,19 +19,20 @@ def _volume(size=(6, 5, 4), spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0))
     return image
 
 
-def _write_dicom_series(volume: sitk.Image, folder) -> None:
-    """One file per slice with the tags GDCM groups a series by (SimpleITK's documented recipe)."""
+def _write_dicom_series(volume: sitk.Image, folder, slices=None, modality="MR") -> None:
+    """One file per slice with the tags GDCM groups a series by (SimpleITK's documented recipe);
+    `slices` (z indices, repeats allowed) writes some slices only, or some twice."""
     folder.mkdir()
     uid = "1.2.826.0.1.3680043.2.1125.1.12345"
     direction = volume.GetDirection()
-    for z in range(volume.GetDepth()):
+    for k, z in enumerate(range(volume.GetDepth()) if slices is None else slices):
         slab = volume[:, :, z]
         position = volume.TransformIndexToPhysicalPoint((0, 0, z))
         tags = {
-            "0008|0060": "MR",
+            "0008|0060": modality,
             "0020|000d": uid + ".1",
             "0020|000e": uid + ".2",
-            "0020|0013": str(z + 1),
+            "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.4f}" for v in position),
             "0020|0037": "\\".join(
                 f"{v:.6f}"
@@ -45,7 +46,7 @@ def _write_dicom_series(volume: sitk.Image, folder) -> None:
             slab.SetMetaData(key, value)
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slab)
 
 

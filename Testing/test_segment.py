@@ -1020,6 +1020,28 @@ def test_cli_batch_folder_reports_a_bad_file_and_continues(tmp_path, tiny_bundle
     assert {r["case"] for r in rows} <= {"a", "c"} and rows[0].keys() >= {"case", "id", "volume_mm3"}
 
 
+def test_a_batch_skips_the_tools_own_earlier_outputs_beside_their_inputs(tmp_path, tiny_bundle_3d, capsys):
+    # `segment scans -o scans` leaves a_mask.nrrd beside a.nrrd; a later run on the folder segmented
+    # that mask as a scan, without a word.
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _write_volume(scans / "a.nrrd", 1)
+    _write_volume(scans / "b_mask.nrrd", 2)  # a scan of the user's that only looks like an output
+    model = ["--model", str(tiny_bundle_3d), "--quiet"]
+    assert cli.main(["segment", str(scans), "-o", str(scans), *model]) == 0
+    assert sorted(p.name for p in scans.iterdir()) == [
+        "a.nrrd",
+        "a_mask.nrrd",
+        "b_mask.nrrd",
+        "b_mask_mask.nrrd",
+    ]
+    capsys.readouterr()
+    assert cli.main(["segment", str(scans), "-o", str(tmp_path / "out"), *model]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == "warning: skipped 2 earlier output(s) of this tool: a_mask.nrrd, b_mask_mask.nrrd"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.nrrd", "b_mask_mask.nrrd"]
+
+
 def test_cli_several_files_need_a_folder_and_format_applies(tmp_path, tiny_bundle_3d):
     _write_volume(tmp_path / "a.nrrd", 1)
     _write_volume(tmp_path / "b.nrrd", 2)

@@ -190,6 +190,29 @@ def _plan(args: argparse.Namespace, items: list[imageio.InputItem], batch: bool)
     return jobs
 
 
+def _without_earlier_outputs(items: list[imageio.InputItem], inputs: list[str]) -> list[imageio.InputItem]:
+    """A folder's images less this tool's own earlier outputs in it (`a_mask.nrrd` beside `a.nrrd`, left
+    by `segment folder -o folder`): segmenting a mask as a scan gives nonsense without a word."""
+    folders = {Path(p).resolve() for p in inputs if Path(p).is_dir()}
+    in_folder = [i for i in items if i.series_id is None and i.path.parent.resolve() in folders]
+    names = {(i.path.parent.resolve(), i.name) for i in in_folder}
+    skipped = {
+        i
+        for i in in_folder
+        for suffix in (MASK_SUFFIX, PROB_SUFFIX, SR_SUFFIX)
+        if i.name.endswith(suffix) and (i.path.parent.resolve(), i.name[: -len(suffix)]) in names
+    }
+    if skipped:
+        shown = _names(sorted(i.path.name for i in skipped))
+        print(
+            f"warning: skipped {len(skipped)} earlier output(s) of this tool: {shown}",
+            file=sys.stderr,
+            flush=True,
+        )
+    # An output always lies beside its input, so something is left.
+    return [i for i in items if i not in skipped]
+
+
 def _demo(args: argparse.Namespace) -> None:
     """Point the arguments at the bundled sample, the bundled 3D model and files in the -o folder."""
     from ..model.bundle import MODELS_DIR, bundled_models, read_card
@@ -300,10 +323,15 @@ class _Session:
         def report(stage: str, fraction: float) -> None:
             self.progress.update(stage, fraction, where)
 
-        report("read", 0.0)
-        image = imageio.read_image(job.item)
-        card, net = self.models.get(effective_dims(image))
         warnings: list[str] = []
+
+        def warn(message: str) -> None:
+            warnings.append(message)
+            self.warn(f"{job.item.name}: {message}" if self.batch else message)
+
+        report("read", 0.0)
+        image = imageio.read_image(job.item, warn)
+        card, net = self.models.get(effective_dims(image))
         self._check_formats(job, image, card, net)
         common = dict(
             roi=args.roi, output_grid=args.output_grid, overlap=args.overlap, memory_limit=self.memory_limit
@@ -317,7 +345,7 @@ class _Session:
             threshold=args.threshold,
             batch_size=self.batch_size,
             progress=report,
-            warn=lambda m: (warnings.append(m), self.warn(f"{job.item.name}: {m}" if self.batch else m)),
+            warn=warn,
             # The table's mean probabilities need 8-bit ones only; without either, memory stays at a
             # few bytes per HR voxel.
             probabilities="float32" if job.probabilities else ("uint8" if args.lesion_table else "none"),
@@ -335,8 +363,7 @@ class _Session:
         rows = lesions.lesion_rows(result.numbered, probabilities, diameters=bool(args.lesion_table))
         confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
         if confidence:
-            warnings.append(confidence)
-            self.warn(f"{job.item.name}: {confidence}" if self.batch else confidence)
+            warn(confidence)
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
         written, names = mask, ("lesion",)
         if args.numbered_lesions:
@@ -366,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise UserError("give at least one input image (or --demo)")
     items, batch = imageio.find_inputs(args.inputs)
+    items = _without_earlier_outputs(items, args.inputs)
     jobs = _plan(args, items, batch)
     session = _Session(args, batch)
     table: list[dict] = []

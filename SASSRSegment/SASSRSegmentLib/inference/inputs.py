@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..data import normalization
-from ..io import geometry
+from ..io import geometry, headers
 from ..io.geometry import Grid
 from ..runtime import hostmemory
 from ..runtime.errors import UserError
@@ -143,6 +143,7 @@ def luminance(image: sitk.Image) -> sitk.Image:
 def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lambda m: None) -> sitk.Image:
     """The image in a form the model takes (squeezed, channel-matched), or a UserError saying why not."""
     dims = effective_dims(image)
+    headers.check_modality(image, card, dims)
     image = drop_singleton_4th(image)
     model_dims = int(card["preprocessing"]["spatial_dims"])
     size = image.GetSize()

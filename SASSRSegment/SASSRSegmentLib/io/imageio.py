@@ -11,13 +11,14 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from ..runtime.errors import UserError
+from . import headers
 
 # Longest first so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 IMAGE_EXTENSIONS = (
@@ -140,8 +141,11 @@ def _one_line(exc: Exception) -> str:
     return text[:200]
 
 
-def read_image(item: InputItem | str | os.PathLike) -> sitk.Image:
-    """Read one image file or DICOM series; UserError (one line) when that is impossible."""
+def read_image(
+    item: InputItem | str | os.PathLike, warn: Callable[[str], None] = lambda m: None
+) -> sitk.Image:
+    """Read one image file or DICOM series; UserError (one line) when that is impossible or would be
+    wrong (a series with missing or repeated slices); `warn` hears what the header questions."""
     if not isinstance(item, InputItem):
         path = Path(item)
         if path.is_dir():
@@ -153,18 +157,31 @@ def read_image(item: InputItem | str | os.PathLike) -> sitk.Image:
             item = InputItem(path, None, split_extension(path)[0])
     try:
         if item.series_id is not None:
-            with _quiet_itk():
-                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item.path), item.series_id)
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            return reader.Execute()
+            return _read_series(item)
         if not item.path.is_file():
             raise UserError(f"input {item.path} does not exist")
         if item.path.stat().st_size == 0:
             raise UserError(f"input {item.path} is empty (0 bytes)")
-        return sitk.ReadImage(str(item.path))
+        with _quiet_itk():
+            image = sitk.ReadImage(str(item.path))
     except RuntimeError as exc:
         raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
+    headers.check_nifti_positions(image, warn)
+    return image
+
+
+def _read_series(item: InputItem) -> sitk.Image:
+    # ITK's complaint about uneven slices goes to stderr only; check_slice_positions says it in words.
+    with _quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item.path), item.series_id)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        image = reader.Execute()
+    headers.check_slice_positions(reader, str(item))
+    if reader.HasMetaDataKey(0, headers.MODALITY_TAG):
+        image.SetMetaData(headers.MODALITY_TAG, reader.GetMetaData(0, headers.MODALITY_TAG))
+    return image
 
 
 def _read_problem(exc: RuntimeError) -> str:
@@ -180,6 +197,11 @@ def _read_problem(exc: RuntimeError) -> str:
         return (
             "its pixel type is one this tool cannot read (a greyscale PNG with transparency?); save it as plain "
             "greyscale or RGB"
+        )
+    if "orthonormal" in text:
+        return (
+            "its orientation is sheared or scaled, not a rotation (a gantry-tilted CT converted to NIfTI?), "
+            "which ITK cannot place; resample it onto a regular grid first"
         )
     return "the file is truncated or corrupt (its header names more data than the file holds, or bad data)"
 

@@ -1,0 +1,114 @@
+"""What headers say that ITK's reading does not check: a series' slice positions, the DICOM modality
+against the model's, a NIfTI's second position; and a sheared NIfTI's error in words."""
+
+import struct
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_imageio import _volume, _write_dicom_series
+
+from SASSRSegmentLib import cli
+from SASSRSegmentLib.inference.inputs import check_image
+from SASSRSegmentLib.io import imageio
+from SASSRSegmentLib.runtime.errors import UserError
+
+MRI_CARD = {
+    "name": "brain",
+    "modality": "MRI FLAIR",
+    "network": {"in_channels": 1},
+    "preprocessing": {"spatial_dims": 3, "channels": ["FLAIR"], "normalization": {"kind": "mri"}},
+}
+US_CARD = {
+    "name": "breast",
+    "modality": "ultrasound (B-mode, breast)",
+    "network": {"in_channels": 1},
+    "preprocessing": {"spatial_dims": 2, "channels": ["ultrasound"], "normalization": {"kind": "uint8"}},
+}
+
+
+def test_a_complete_series_reads_at_its_slice_positions(tmp_path):
+    volume = _volume(size=(6, 5, 5), spacing=(0.8, 0.9, 2.0))
+    _write_dicom_series(volume, tmp_path / "s")
+    image = imageio.read_image(tmp_path / "s")
+    np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.9, 2.0), atol=1e-4)
+    assert image.GetMetaData("0008|0060") == "MR"
+
+
+def test_a_series_with_a_repeated_slice_is_refused(tmp_path):
+    # ITK stacked it evenly: the helper's 2 mm brain series with one slice twice read at 1.04 mm.
+    volume = _volume(size=(6, 5, 5), spacing=(0.8, 0.9, 2.0))
+    _write_dicom_series(volume, tmp_path / "s", slices=[0, 1, 2, 2, 3, 4])
+    with pytest.raises(UserError, match="1 of its 6 slices lies where another slice lies"):
+        imageio.read_image(tmp_path / "s")
+
+
+def test_a_series_with_a_missing_slice_is_refused(tmp_path, capfd):
+    volume = _volume(size=(6, 5, 6), spacing=(0.8, 0.9, 2.0))
+    _write_dicom_series(volume, tmp_path / "s", slices=[0, 1, 2, 4, 5])
+    with pytest.raises(
+        UserError, match=r"2 mm apart, but 4 mm apart between slices 3 and 4 \(a slice missing\?\)"
+    ):
+        imageio.read_image(tmp_path / "s")
+    assert "itkImageSeriesReader" not in capfd.readouterr().err  # ITK's own warning is not shown
+
+
+def test_modality_against_the_model(tmp_path):
+    volume = _volume(size=(6, 5, 3))
+    _write_dicom_series(volume, tmp_path / "mr")
+    one_slice = imageio.read_image(tmp_path / "mr" / "slice001.dcm")
+    with pytest.raises(UserError, match=r"DICOM MR image \(one slice of a series\? give the series' folder"):
+        check_image(one_slice, US_CARD)
+    cine = sitk.JoinSeries([sitk.Cast(volume[:, :, 0], sitk.sitkUInt8)] * 4)
+    cine.SetMetaData("0008|0060", "US")
+    with pytest.raises(UserError, match=r"DICOM ultrasound image \(a multi-frame cine\?"):
+        check_image(cine, MRI_CARD)
+    # A matching modality, an unstated one (a user's own card) or a file without one goes on.
+    series = imageio.read_image(tmp_path / "mr")
+    assert check_image(series, MRI_CARD).GetSize() == series.GetSize()
+    assert check_image(series, {**MRI_CARD, "modality": ""}).GetSize() == series.GetSize()
+    plain = _volume(size=(6, 5, 3))
+    assert check_image(plain, MRI_CARD).GetSize() == plain.GetSize()
+
+
+def _nifti_with_sform(tmp_path, name, edit):
+    """The volume as NIfTI, its header's sform rows (floats at bytes 280-327) and codes then edited."""
+    path = tmp_path / name
+    sitk.WriteImage(_volume(size=(6, 5, 4), spacing=(2.0, 2.0, 2.0)), str(path))
+    raw = bytearray(path.read_bytes())
+    rows = [list(struct.unpack_from("<4f", raw, 280 + 16 * r)) for r in range(3)]
+    codes = edit(rows)
+    for r, row in enumerate(rows):
+        struct.pack_into("<4f", raw, 280 + 16 * r, *row)
+    struct.pack_into("<hh", raw, 252, *codes)  # qform_code, sform_code
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path):
+    def shifted(rows):
+        rows[0][3] += 30.0
+        return 1, 2
+
+    heard = []
+    image = imageio.read_image(_nifti_with_sform(tmp_path, "shifted.nii", shifted), heard.append)
+    assert len(heard) == 1 and "30 mm apart (qform and sform)" in heard[0]
+    np.testing.assert_allclose(image.GetOrigin(), (10.0, -20.0, 30.0))  # ITK's reading, by the qform
+    heard.clear()
+    imageio.read_image(_nifti_with_sform(tmp_path, "same.nii", lambda rows: (1, 1)), heard.append)
+    assert heard == []
+
+
+def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):
+    def sheared(rows):
+        rows[0][1] = 0.6
+        return 0, 1
+
+    path = _nifti_with_sform(tmp_path, "sheared.nii", sheared)
+    assert cli.main(["segment", str(path), "-o", str(tmp_path / "m.nrrd"), "--quiet"]) == 2
+    err = capfd.readouterr().err.strip()  # ITK's own warning would reach the process's stderr
+    assert err.endswith(
+        "its orientation is sheared or scaled, not a rotation (a gantry-tilted CT converted to "
+        "NIfTI?), which ITK cannot place; resample it onto a regular grid first"
+    )
+    assert len(err.splitlines()) == 1 and not (tmp_path / "m.nrrd").exists()
