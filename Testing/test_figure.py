@@ -89,6 +89,17 @@ def test_legend_reports_lesions_and_resolutions():
     assert empty[0] == "no lesion found" and len(empty) == 2
 
 
+def test_a_single_slice_volume_is_drawn_with_its_lesion_area():
+    image = sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 255, (1, 24, 32)).astype(np.uint8))
+    array = np.zeros((1, 48, 64), np.uint8)
+    array[0, 10:20, 20:30] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.5, 1.0))
+    rows = lesions.lesion_table(mask, diameters=False)
+    assert figure._legend(rows, mask, image, figure.FigureInfo())[0] == "1 lesion, 25 mm2 in total"
+    assert figure.render(image, mask).ndim == 3
+
+
 @pytest.mark.parametrize("flip", [1, -1])
 def test_markers_follow_a_flipped_axis(flip):
     image, mask = _case(np.diag([float(flip), 1.0, 1.0]))

@@ -86,6 +86,21 @@ def test_2d_table_reports_area():
     assert row["longest_diameter_mm"] == pytest.approx(math.hypot(9 * 0.5, 3 * 0.25))
 
 
+def test_a_single_slice_volume_reports_area_under_its_header():
+    # A DICOM ultrasound frame reads as a one-slice volume: its table gave a blank area_mm2 and a
+    # "volume" of area x slice thickness, and its figure failed on the missing area.
+    array = np.zeros((1, 20, 30), np.uint8)
+    array[0, 5:9, 10:20] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.25, 3.0))
+    (row,) = lesion_table(mask)
+    assert row["area_mm2"] == pytest.approx(40 * 0.5 * 0.25)
+    assert not {"volume_ml", "volume_mm3"} & set(row)
+    header = lesions.table_columns(2, planar=True)
+    assert format_table([row], ".csv", columns=header).splitlines()[0] == ",".join(header)
+    assert header[:2] == ["id", "area_mm2"] and "centroid_ras_z_mm" in header
+
+
 def test_diameters_are_computed_only_when_asked():
     mask = _spheres([GRID.index_to_physical([30, 25, 12]), GRID.index_to_physical([10, 12, 8])], [3.0, 2.0])
     full, light = lesion_table(mask), lesion_table(mask, diameters=False)

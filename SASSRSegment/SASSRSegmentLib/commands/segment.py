@@ -360,7 +360,9 @@ class _Session:
         report("write", 0.0)
         threshold = card_threshold(card, args.threshold)
         # Labelled once, for the table and the numbered mask (the probabilities lie on the mask's grid).
-        rows = lesions.lesion_rows(result.numbered, probabilities, diameters=bool(args.lesion_table))
+        rows = lesions.lesion_rows(
+            result.numbered, probabilities, diameters=bool(args.lesion_table), planar=lesions.is_planar(mask)
+        )
         confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
         if confidence:
             warn(confidence)
@@ -454,7 +456,8 @@ def _names(names: list[str]) -> str:
 
 
 def _columns(record: dict) -> list[str]:
-    return lesions.table_columns(int(record["spatial_dims"]))
+    planar = record["spatial_dims"] == 2 and len(record["mask_spacing_mm"]) == 3
+    return lesions.table_columns(int(record["spatial_dims"]), planar=planar)
 
 
 def _finish_batch(args: argparse.Namespace, table: list[dict], records: list[dict]) -> None:

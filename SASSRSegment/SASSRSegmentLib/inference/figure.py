@@ -195,10 +195,9 @@ def _spacing_text(image: sitk.Image) -> str:
 
 
 def _legend(rows: list[dict], mask: sitk.Image, image: sitk.Image, info: FigureInfo) -> list[str]:
-    volumetric = mask.GetDimension() == 3 and mask.GetSize()[2] > 1
     key, amount = (
         ("volume_mm3", lambda v: f"{v / 1000:.1f} mL")
-        if volumetric
+        if mask.GetDimension() == 3 and not lesions.is_planar(mask)
         else ("area_mm2", lambda v: f"{v:.0f} mm2")
     )
     if rows:
@@ -223,7 +222,7 @@ def render(image: sitk.Image, mask: sitk.Image, info: FigureInfo | None = None) 
     image = _scalar(image)
     display = _display_grid(Grid.from_image(mask))
     numbered = lesions.numbered_lesions(mask, info.fully_connected)
-    rows = lesions.lesion_rows(numbered, diameters=False)
+    rows = lesions.lesion_rows(numbered, diameters=False, planar=lesions.is_planar(mask))
     if rows:
         centre = np.round(display.physical_to_index(rows[0]["centroid_lps_mm"])).astype(int)
         centre = np.clip(centre, 0, np.asarray(display.size) - 1)

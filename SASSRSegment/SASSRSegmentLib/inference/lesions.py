@@ -306,16 +306,24 @@ def lesion_table(
     """
     if probabilities is not None and not _same_grid(mask, probabilities):
         raise ValueError("probabilities must lie on the mask's grid")
-    return lesion_rows(numbered_lesions(mask, fully_connected), probabilities, diameters=diameters)
+    numbered = numbered_lesions(mask, fully_connected)
+    return lesion_rows(numbered, probabilities, diameters=diameters, planar=is_planar(mask))
+
+
+def is_planar(mask: sitk.Image) -> bool:
+    """A 2D image held as a single-slice volume (a DICOM ultrasound frame, Slicer's 2D images): its
+    lesions have areas, not volumes."""
+    return mask.GetDimension() == 3 and mask.GetSize()[2] == 1
 
 
 def lesion_rows(
     numbered: tuple[sitk.Image, list[int]] | None,
     probabilities: sitk.Image | None = None,
     diameters: bool = True,
+    planar: bool = False,
 ) -> list[dict]:
     """`lesion_table`'s rows from a mask's `numbered_lesions` (for callers that need those too: the
-    lesions are then labelled once); `probabilities` on the mask's grid."""
+    lesions are then labelled once); `probabilities` on the mask's grid; `planar`: `is_planar(mask)`."""
     if numbered is None:
         return []
     labels, offset = numbered
@@ -342,7 +350,10 @@ def lesion_rows(
         centroid = np.asarray(shape.GetCentroid(label))
         physical_size = float(shape.GetPhysicalSize(label))
         row: dict = {"id": label}
-        row.update({"volume_ml": physical_size / 1000.0} if d == 3 else {"area_mm2": physical_size})
+        if d == 3 and not planar:
+            row["volume_ml"] = physical_size / 1000.0
+        else:
+            row["area_mm2"] = physical_size / (grid.spacing[2] if planar else 1.0)
         if diameters:
             box_slices = tuple(slice(a, a + n) for a, n in zip(box[:d][::-1], box[d:][::-1]))
             found = measure.diameters(label_array[box_slices] == label, grid, tuple(box[:d]))
@@ -353,7 +364,7 @@ def lesion_rows(
         if stats is not None:
             row["mean_probability"] = float(stats.GetMean(label)) / probability_unit
         row["voxels"] = int(shape.GetNumberOfPixels(label))
-        if d == 3:
+        if d == 3 and not planar:
             row["volume_mm3"] = physical_size
         row.update(
             {
@@ -408,10 +419,11 @@ def _flatten(row: dict) -> dict:
     return flat
 
 
-def table_columns(dims: int, probabilities: bool = True) -> list[str]:
-    """The CSV header of a `dims`-D lesion table (the same whether or not there are lesions)."""
-    box = sitk.Image([3] * dims, sitk.sitkUInt8)
-    box[(1,) * dims] = 1
+def table_columns(dims: int, probabilities: bool = True, planar: bool = False) -> list[str]:
+    """The CSV header of a `dims`-D lesion table (the same whether or not there are lesions); `planar`:
+    of a single-slice volume."""
+    box = sitk.Image([3, 3, 1] if planar else [3] * dims, sitk.sitkUInt8)
+    box[(1, 1, 0) if planar else (1,) * dims] = 1
     probability = sitk.Cast(box, sitk.sitkFloat32) if probabilities else None
     return list(_flatten(lesion_table(box, probability)[0]))
 
