@@ -263,3 +263,21 @@ def test_low_confidence_is_flagged_by_the_voxel_weighted_mean_probability():
     assert lesions.low_confidence(weak, None) is None  # the card asks for no check
     assert lesions.low_confidence([{"voxels": 10}], 0.75) is None  # no probabilities were computed
     assert lesions.low_confidence([], 0.75) is None
+
+
+def test_a_batch_provenance_keeps_per_input_what_its_inputs_do_not_share():
+    from SASSRSegmentLib.inference import provenance
+
+    base = {"software": "s", "threshold": 0.5, "created_utc": "t", "warnings": []}
+    records = [
+        {**base, "input": "brain.nrrd", "model": "brain-3d", "spatial_dims": 3},
+        {**base, "input": "us.png", "model": "breast-2d", "spatial_dims": 2, "warnings": ["w"]},
+    ]
+    meta = provenance.shared(records)
+    assert meta["threshold"] == 0.5 and "model" not in meta
+    assert meta["per_input"] == {
+        "brain.nrrd": {"model": "brain-3d", "spatial_dims": 3},
+        "us.png": {"model": "breast-2d", "spatial_dims": 2},
+    }
+    assert meta["warnings"] == {"us.png": ["w"]}
+    assert "per_input" not in provenance.shared(records[:1])

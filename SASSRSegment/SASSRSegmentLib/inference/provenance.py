@@ -37,8 +37,13 @@ def record(
 
 
 def shared(records: list[dict]) -> dict:
-    """The fields every record of a batch agrees on, plus each input's warnings."""
+    """The fields every record of a batch agrees on; those they do not (e.g. a folder of 2D and 3D
+    images, segmented by two models) and each input's warnings, per input."""
     keys = [k for k in records[0] if k not in ("input", "warnings", "created_utc")]
     common = {k: records[0][k] for k in keys if all(r.get(k) == records[0][k] for r in records)}
-    warned = {r["input"]: r["warnings"] for r in records if r["warnings"]}
-    return {**common, "created_utc": records[-1]["created_utc"], "warnings": warned}
+    differing = [k for k in keys if k not in common]
+    out = {**common, "created_utc": records[-1]["created_utc"]}
+    if differing:
+        out["per_input"] = {r["input"]: {k: r.get(k) for k in differing} for r in records}
+    out["warnings"] = {r["input"]: r["warnings"] for r in records if r["warnings"]}
+    return out
