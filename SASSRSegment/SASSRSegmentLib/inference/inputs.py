@@ -15,7 +15,7 @@ from ..io import geometry, headers
 from ..io.geometry import Grid
 from ..runtime import hostmemory
 from ..runtime.errors import UserError
-from . import noise
+from . import noise, padding
 from .memory import (
     LARGE_WINDOW_EXTRA_BYTES,
     choose_window,
@@ -164,8 +164,11 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
     if any(n == 0 for n in size):
         raise UserError(f"the input is empty (size {tuple(size)})")
     image = _match_channels(no_data_as_lowest(image, warn), card, warn)
-    if card["preprocessing"]["normalization"].get("kind") == "uint8":
+    kind = card["preprocessing"]["normalization"].get("kind")
+    if kind == "uint8":
         image = _in_8_bit_range(image, warn)
+    elif kind == "mri":
+        image = padding.padding_as_background(image, warn)
     return image
 
 
