@@ -129,6 +129,26 @@ def test_evaluate_scores_the_validation_cases_like_segment(dataset, model, tmp_p
     assert cli.main(args) == 2  # exists, no --overwrite
 
 
+def test_labels_stored_as_255_count_in_evaluate_as_in_training(dataset, model, tmp_path):
+    # Training reads every value > 0 as lesion; the card had recorded the values dataset.json declares
+    # ([1]), so `evaluate` of a model trained on 0/255 masks found no reference lesion (Dice 0, recall nan).
+    from SASSRSegmentLib.data.cache import make_prep
+    from SASSRSegmentLib.data.datasets import open_dataset
+    from SASSRSegmentLib.training.config import TrainConfig
+
+    for path in (dataset / "labelsTr").iterdir():
+        sitk.WriteImage(sitk.ReadImage(str(path)) * 255, str(path))
+    prep = make_prep(TrainConfig(), open_dataset(dataset))
+    assert prep["labels"] is None
+    card = json.loads((model / "model.json").read_text())
+    card["preprocessing"]["labels"] = prep["labels"]
+    (model / "model.json").write_text(json.dumps(card))
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--json", str(out)]
+    assert cli.main([*args, "--baseline-interpolation", "--progress", "quiet"]) == 0
+    assert json.loads(out.read_text())["baseline"]["summary"]["mean"]["dice"] > 0.8
+
+
 def test_evaluate_errors(dataset, model, tiny_bundle_2d, tiny_bundle_3d, capsys):
     base = ["evaluate", "--dataset", str(dataset), "--progress", "quiet"]
     assert cli.main([*base, "--model", str(tiny_bundle_3d)]) == 2

@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SASSRSegmentLib.io import imageio
+from SASSRSegmentLib.io.files import plain_permissions
 from SASSRSegmentLib.runtime.errors import UserError
 
 
@@ -115,7 +116,20 @@ def test_write_is_atomic_and_never_clobbers(tmp_path):
         imageio.write_image(sitk.Image(4, 4, sitk.sitkFloat64), tmp_path / "float.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nrrd"]
     mode = target.stat().st_mode & 0o777
-    assert mode == 0o666 & ~imageio._umask()
+    assert mode == plain_permissions()
+
+
+def test_atomic_writes_give_files_the_permissions_of_a_plain_open(tmp_path):
+    # Bundles, caches and checkpoints came out 0600 (mkstemp's), unreadable by colleagues or by Slicer
+    # running as another user.
+    from SASSRSegmentLib.io.files import atomic_write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "model.json", b"{}")
+        assert (tmp_path / "model.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
 
 
 def test_png_refuses_volumes_and_seg_nrrd_names_the_segment(tmp_path):

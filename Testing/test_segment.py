@@ -1020,6 +1020,32 @@ def test_cli_batch_folder_reports_a_bad_file_and_continues(tmp_path, tiny_bundle
     assert {r["case"] for r in rows} <= {"a", "c"} and rows[0].keys() >= {"case", "id", "volume_mm3"}
 
 
+def test_a_model_whose_weights_are_not_numbers_is_refused(tmp_path, tiny_bundle_3d, capsys):
+    # A diverged training's bundle gave NaN probabilities, thresholded to "0 lesion(s)" without a word.
+    from conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "broken", 3)
+    state = torch.load(bundle / "model.pt", weights_only=True)
+    state = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, bundle / "model.pt")
+    card = json.loads((bundle / "model.json").read_text())
+    card.pop("weights_sha256")  # a hand-made bundle without a checksum is loaded as it is
+    (bundle / "model.json").write_text(json.dumps(card))
+    _write_volume(tmp_path / "in.nrrd")
+    args = [
+        "segment",
+        str(tmp_path / "in.nrrd"),
+        "-o",
+        str(tmp_path / "m.nrrd"),
+        "--model",
+        str(bundle),
+        "--quiet",
+    ]
+    assert cli.main(args) == 2
+    assert "the model's output is not a number: its weights are broken" in capsys.readouterr().err
+    assert not (tmp_path / "m.nrrd").exists()
+
+
 def test_a_batch_skips_the_tools_own_earlier_outputs_beside_their_inputs(tmp_path, tiny_bundle_3d, capsys):
     # `segment scans -o scans` leaves a_mask.nrrd beside a.nrrd; a later run on the folder segmented
     # that mask as a scan, without a word.

@@ -29,6 +29,7 @@ from SASSRSegmentLib.data.sampling import lr_from_hr
 from SASSRSegmentLib.model.bundle import load_bundle, read_card, save_bundle
 from SASSRSegmentLib.runtime.errors import UserError
 from SASSRSegmentLib.training import build, config, curves, trainer
+from SASSRSegmentLib.training import state as training_state
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -423,6 +424,16 @@ def test_resume_continues_the_run(real_run, tmp_path):
         )
     with pytest.raises(UserError, match="has no checkpoint_last.pt"):
         run_train("--dataset", str(output / "cache"), "--output", str(tmp_path / "empty"), "--resume")
+    # A run stopped before its first checkpoint left its log alone: --resume says to start it again,
+    # and a new run may (before, neither was accepted).
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(output / "log.csv", stopped / "log.csv")
+    with pytest.raises(
+        UserError, match="stopped before its first checkpoint: start it again without --resume"
+    ):
+        run_train("--dataset", str(output / "cache"), "--output", str(stopped), "--resume")
+    assert training_state.check_output(stopped, resume=False) is None and not any(stopped.iterdir())
     before = torch.load(output / "checkpoint_last.pt", weights_only=False)
     code = run_train(
         "--dataset",
@@ -611,6 +622,51 @@ def test_options_checked_against_the_data(tiny_cache, tmp_path):
     assert "has 3 axes; the data is 2D" in message and "flip_axes [2] must be axes 0..1" in message
     assert "rot90 needs a square patch" in error({"patch_size_lr": [16, 8], "rot90": True})
     assert "loss_rec must be > 0" in error({"loss_rec": 0.0})
+
+
+def test_a_diverged_run_stops_with_an_error_and_writes_no_bundle(tiny_cache, tmp_path):
+    # It had ended "done: 30 steps", and its bundle gave NaN probabilities and no lesion without a word.
+    config = json.loads(tiny_config(tmp_path).read_text()) | {"learning_rate": 1e6, "amp": "off"}
+    output = tmp_path / "run"
+    with pytest.raises(
+        UserError, match="training diverged: the loss or its gradient has not been a number since"
+    ):
+        run_train(
+            "--dataset", str(tiny_cache), "--output", str(output), "--config",
+            str(write_json(tmp_path / "hot.json", config)), "--max-steps", "60", "--workers", "0",
+        )  # fmt: skip
+    assert not (output / "model.pt").exists()
+    assert len(read_log(output)) < 60 - trainer.DIVERGED_STEPS  # stopped once it had diverged
+
+
+def test_a_resumed_run_must_see_the_data_it_started_on(tiny_cache, tmp_path):
+    output = tmp_path / "run"
+    base = ["--output", str(output), "--workers", "0"]
+    config = ["--config", str(tiny_config(tmp_path))]
+    assert run_train("--dataset", str(tiny_cache), *base, *config, "--max-steps", "2") == 0
+    with pytest.raises(UserError, match="--init starts a new run; --resume continues the run"):
+        run_train("--dataset", str(tiny_cache), *base, "--resume", "--max-steps", "3", "--init", str(output))
+    # The same images preprocessed at another size (`preprocess` rebuilds a cache in place).
+    source = open_dataset(tiny_cache.parent / "us")
+    prep = dict(preprocess.open_cache(tiny_cache).prep, lr_longer_side=20, patch_size_lr=[20, 20])
+    rebuilt = preprocess.build_cache(source, prep, tmp_path / "rebuilt", workers=1)
+    with pytest.raises(
+        UserError, match=r"preprocessed differently from the run being resumed \(lr_longer_side 16 vs 20\)"
+    ):
+        run_train("--dataset", str(rebuilt), *base, "--resume", "--max-steps", "3")
+    # Another dataset: a traceback (KeyError) before.
+    others = make_dataset(
+        tmp_path / "others",
+        {"x0": {"shape": (24, 32), "lesions": [((12, 8), 3)]}},
+        channels=("ultrasound",),
+        ending=".png",
+    )
+    other = preprocess.build_cache(
+        open_dataset(others), preprocess.open_cache(tiny_cache).prep, tmp_path / "oc", workers=1
+    )
+    with pytest.raises(UserError, match=r"lacks 6 case\(s\) of the run being resumed \(us"):
+        run_train("--dataset", str(other), *base, "--resume", "--max-steps", "3")
+    assert run_train("--dataset", str(tiny_cache), *base, "--resume", "--max-steps", "3") == 0
 
 
 def test_curves_leave_out_skipped_steps_and_label_the_axes():

@@ -456,10 +456,6 @@ def make_prep(options, dataset) -> dict:
         lr_longer_side = int(options.lr_longer_side or 160)
         if lr_longer_side < 8:
             raise UserError(f"lr_longer_side must be at least 8, got {lr_longer_side}")
-    if dataset.lesion_values is not None:
-        labels = dataset.lesion_values
-    else:
-        labels = sorted({v for vs in _declared(dataset.meta).values() for v in vs if v > 0}) or None
     return {
         "spatial_dims": d,
         "scale": scale,
@@ -470,14 +466,10 @@ def make_prep(options, dataset) -> dict:
         "lr_longer_side": lr_longer_side,
         "normalization": dict(options.normalization or choose_normalization(dataset.meta)),
         "patch_size_lr": options.patch_size(d, lr_longer_side),
-        "labels": labels,
+        # None: every value > 0, as training reads them; `evaluate` reads the labels by the same rule (the
+        # values dataset.json declares had stood here, and a 0/255 mask then scored as empty).
+        "labels": dataset.lesion_values,
     }
-
-
-def _declared(meta: dict) -> dict[str, list[int]]:
-    from .datasets import declared_label_values
-
-    return declared_label_values(meta)
 
 
 def prepare(options, dataset_dir: str | Path, cache_dir: str | Path, progress: Progress) -> Path:

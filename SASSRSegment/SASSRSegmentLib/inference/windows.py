@@ -10,6 +10,7 @@ import torch
 
 from ..model.network import SASRNet
 from ..runtime.devices import autocast
+from ..runtime.errors import UserError
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -227,6 +228,12 @@ def sliding_window_predict(
                 y = torch.flip(y, axes) if axes else y
                 pred = y if pred is None else pred + y
             pred = (pred / len(flips)).cpu()
+            if not bool(torch.isfinite(pred).all()):
+                # NaN probabilities threshold to an empty mask: "no lesion", said of broken weights.
+                raise UserError(
+                    "the model's output is not a number: its weights are broken (from a training run that "
+                    "diverged?); use another model"
+                )
             for st, p in zip(chunk, pred):
                 blender.add(tuple(s * scale for s in st), p)
             if progress is not None:

@@ -20,6 +20,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def plain_permissions() -> int:
+    """The mode a plain open() gives a new file (0666 less the umask). mkstemp makes files private
+    (0600): a bundle, cache or checkpoint written so could not be read by colleagues, or by Slicer
+    running as another user."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call `write(binary_file)` on a temporary file beside `path`, then rename it to `path`.
 
@@ -30,6 +39,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, plain_permissions())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

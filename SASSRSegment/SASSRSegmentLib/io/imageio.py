@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from ..runtime.errors import UserError
 from . import headers
+from .files import plain_permissions
 
 # Longest first so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 IMAGE_EXTENSIONS = (
@@ -242,12 +243,6 @@ def ensure_writable_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 class Staging:
     """Outputs that appear together or not at all.
 
@@ -284,8 +279,7 @@ class Staging:
         """Move every staged file into place; returns the outputs."""
         with self._lock, _signals_held():
             for tmp, path in self._staged:
-                # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-                os.chmod(tmp, 0o666 & ~_umask())
+                os.chmod(tmp, plain_permissions())
                 os.replace(tmp, path)
             done, self._staged, self._created = [path for _, path in self._staged], [], []
         return done

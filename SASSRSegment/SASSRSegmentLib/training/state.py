@@ -83,17 +83,30 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# What a run writes before its first checkpoint.
+UNRESUMABLE = ("log.csv", "curves.png")
+
+
 def check_output(output: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to mix a new run into an old one."""
     last = output / "checkpoint_last.pt"
     if resume:
         if not last.is_file():
-            raise UserError(f"--resume: {output} has no checkpoint_last.pt to continue from")
+            stopped = " (its run stopped before its first checkpoint: start it again without --resume)"
+            raise UserError(
+                f"--resume: {output} has no checkpoint_last.pt to continue from"
+                + (stopped if (output / "log.csv").is_file() else "")
+            )
         return last
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a folder")
-    if output.is_dir() and any(p.name != "cache" for p in output.iterdir()):
+    held = [p for p in output.iterdir() if p.name != "cache"] if output.is_dir() else []
+    if any(p.name not in UNRESUMABLE for p in held):
         raise UserError(
             f"--output {output} already holds files; pass --resume to continue that run or choose a new folder"
         )
+    # A run stopped before its first checkpoint (a second Ctrl-C during the first) left only its log:
+    # nothing to resume, so a new run takes its place instead of leaving a folder neither accepts.
+    for path in held:
+        path.unlink()
     return None

@@ -44,6 +44,11 @@ from .validation import validate
 # ----------------------------------------------------------------------------------------------- train
 
 
+# This many steps running that could not be applied (loss or gradient not a number) is a diverged run,
+# not fp16's scaler finding its scale (it skips a handful of steps at the start).
+DIVERGED_STEPS = 25
+
+
 def open_training_cache(args, cfg: TrainConfig, runtime: Runtime, progress: Progress):
     """The cache to train from: `--dataset` itself when it is a cache, else built from the raw dataset."""
     from ..data.cache import is_cache, open_cache
@@ -93,6 +98,12 @@ def resolve_config(args, output: Path, checkpoint: dict | None) -> tuple[TrainCo
     """(config, ablation) of the run: the checkpoint's when resuming (a --config or --ablation given as
     well must agree with it), else --config's; then the command line's overrides, checked."""
     if checkpoint is not None:
+        for option in ("init", "warm_start"):
+            if getattr(args, option, None):
+                raise UserError(
+                    f"--{option.replace('_', '-')} starts a new run; --resume continues the run in {output} "
+                    "from its checkpoint: drop one of them"
+                )
         cfg = config_from_dict(checkpoint["config"], f"config saved in {output / 'checkpoint_last.pt'}")
         if args.config:
             given = asdict(load_config(args.config, args.group_file))
@@ -119,6 +130,30 @@ def resolve_config(args, output: Path, checkpoint: dict | None) -> tuple[TrainCo
 
     fail(cfg.problems(), "the options")
     return cfg, ablation
+
+
+def check_resumed_data(checkpoint: dict, cache, dataset: str) -> None:
+    """A resumed run must see the data it started on: a cache rebuilt with other settings went on
+    silently (and the card then described settings 150 of its 152 steps never saw), another dataset
+    failed with a traceback."""
+    saved = {k: v for k, v in checkpoint["prep"].items() if k != "patch_size_lr"}
+    differ = [
+        f"{k} {json.dumps(v)} vs {json.dumps(cache.prep.get(k))}"
+        for k, v in saved.items()
+        if cache.prep.get(k) != v
+    ]
+    if differ:
+        raise UserError(
+            f"--dataset {dataset} was preprocessed differently from the run being resumed "
+            f"({'; '.join(differ)}); resume with the data it was trained on"
+        )
+    split = checkpoint["split"]
+    missing = sorted((set(split["train"]) | set(split["val"])) - set(cache.names))
+    if missing:
+        raise UserError(
+            f"--dataset {dataset} lacks {len(missing)} case(s) of the run being resumed "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); resume with the data it was trained on"
+        )
 
 
 def check_against_data(cfg: TrainConfig, prep: dict, ablation: str) -> list[int]:
@@ -191,6 +226,8 @@ class Trainer:
         self.prep = prep = dict(self.cache.prep)
         prep["patch_size_lr"] = cfg.patch_size(prep["spatial_dims"], prep.get("lr_longer_side"))
         flip_axes = check_against_data(cfg, prep, ablation)
+        if checkpoint:
+            check_resumed_data(checkpoint, self.cache, args.dataset)
         self.split = checkpoint["split"] if checkpoint else choose_split(cfg, self.cache, args.split_file)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -337,12 +374,20 @@ class Trainer:
         self.progress.log(self._describe())
         window = _Window()
         last_save = time.monotonic()
+        skipped = 0
         self.model.train()
         with StopFlag() as stop:
             while self.step < cfg.max_steps:
                 terms = self._optimise(next(stream))
                 self.step += 1
+                skipped = 0 if terms.pop("applied") else skipped + 1
                 window.add(terms)
+                if skipped >= DIVERGED_STEPS:
+                    raise UserError(
+                        f"training diverged: the loss or its gradient has not been a number since step "
+                        f"{self.step - skipped + 1}; lower learning_rate (now {cfg.learning_rate:g}) and "
+                        "start again (no bundle written)"
+                    )
                 stopped, timed_out, save_due = self._flags(stop, last_save)
                 self._show(terms, window.speed())
                 last_step = self.step >= cfg.max_steps or timed_out
@@ -395,13 +440,15 @@ class Trainer:
         # A non-finite loss or gradient (a bf16 overflow, a degenerate batch) is not applied: one such
         # step would turn every weight into NaN for the rest of the run. (fp16's scaler skips these
         # steps itself.)
-        if self.scaler.is_enabled() or bool(torch.isfinite(norm) and torch.isfinite(loss.detach())):
+        finite = bool(torch.isfinite(norm) and torch.isfinite(loss.detach()))
+        if self.scaler.is_enabled() or finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.average is not None:
             self.average.update(self.net)
         terms["loss"] = float(loss.detach())
+        terms["applied"] = finite
         return terms
 
     def _flags(self, stop: StopFlag, last_save: float) -> tuple[bool, bool, bool]:
@@ -481,7 +528,13 @@ class Trainer:
                 self.save("checkpoint_best.pt", collective=False, resumable=False)
             best_state = torch.load(output / "checkpoint_best.pt", map_location="cpu", weights_only=False)
             average = best_state.get("average")
-            self.net.load_state_dict(best_state["model"] if average is None else average["weights"])
+            weights = best_state["model"] if average is None else average["weights"]
+            if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+                raise UserError(
+                    f"the weights of step {best_state['step']} hold values that are not numbers (training "
+                    "diverged); lower learning_rate and start again (no bundle written)"
+                )
+            self.net.load_state_dict(weights)
             validation = dict(best_state.get("best_validation") or {}, step=best_state["step"])
             write_bundle(
                 output, self.net, self.cfg, self.prep, self._provenance(best_state, wall), validation
