@@ -112,3 +112,20 @@ def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):
         "NIfTI?), which ITK cannot place; resample it onto a regular grid first"
     )
     assert len(err.splitlines()) == 1 and not (tmp_path / "m.nrrd").exists()
+
+
+def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsys):
+    volume = _volume(size=(6, 5, 3))
+    _write_dicom_series(volume, tmp_path / "exam")
+    second = tmp_path / "second"
+    _write_dicom_series(volume, second)
+    for path in second.iterdir():  # the same images as another series of the exam
+        image = sitk.ReadImage(str(path))
+        image.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.999")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(tmp_path / "exam" / f"b{path.name}"))
+        writer.Execute(image)
+    assert cli.main(["segment", str(tmp_path / "exam"), "-o", str(tmp_path / "m.nrrd"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: several inputs (2: ") and "(series " in err and "-o must be a folder" in err

@@ -154,7 +154,11 @@ def _plan(args: argparse.Namespace, items: list[imageio.InputItem], batch: bool)
     if not args.output:
         raise UserError("give the output with -o (a file for one input, a folder for several)")
     if batch and not _is_folder_target(args.output):
-        raise UserError(f"several inputs: -o must be a folder, not {args.output}")
+        # Named, since a folder can hold several DICOM series where one was meant.
+        raise UserError(
+            f"several inputs ({len(items)}: {_names([str(i) for i in items])}): -o must be a folder, "
+            f"not {args.output}"
+        )
     extras = {"probabilities": PROB_SUFFIX, "sr_image": SR_SUFFIX}
     if batch:
         for key in extras:
