@@ -130,7 +130,7 @@ def test_geometry_mismatch(tmp_path):
     message = problems_of(root)
     assert "case case1: image case1_0000.nii.gz and its label differ in origin" in message
     assert "case case0: image case0_0000.nii.gz and its label differ in spacing" in message
-    assert "2 problem(s)" in message
+    assert "2 problems" in message
 
 
 def test_empty_folder(tmp_path):
@@ -192,7 +192,7 @@ def test_all_problems_reported_together(tmp_path):
     (root / "imagesTr" / "case1_0000.nii.gz").write_bytes(b"garbage")
     write_image(root / "labelsTr" / "case2.nii.gz", np.zeros((12, 16, 14), np.uint8))
     lines = problems_of(root).splitlines()
-    assert lines[0].endswith("has 3 problem(s):") and len(lines) == 4
+    assert lines[0].endswith(": 3 problems:") and len(lines) == 4
 
 
 def test_dataset_json_errors(tmp_path):

@@ -75,6 +75,10 @@ def test_choose_normalization_from_channel_names():
     assert choose_normalization({"channel_names": {"0": "FLAIR"}}) == {"kind": "mri"}
     assert choose_normalization({"channel_names": {"0": "ultrasound"}}) == {"kind": "uint8"}
     assert choose_normalization({"channel_names": {"0": "CT"}})["kind"] == "ct"
+    # Whole words only: "us" in "mouse" had made a mouse FLAIR 8-bit.
+    assert choose_normalization({"channel_names": {"0": "FLAIR (mouse)"}}) == {"kind": "mri"}
+    assert choose_normalization({"channel_names": {"0": "US B-mode"}}) == {"kind": "uint8"}
+    assert choose_normalization({"channel_names": {"0": "Dermoscopy"}}) == {"kind": "uint8"}
 
 
 def test_an_roi_normalised_with_the_whole_volume_levels_matches_the_whole_volume():

@@ -29,6 +29,7 @@ from SASSRSegmentLib.data.sampling import lr_from_hr
 from SASSRSegmentLib.model.bundle import load_bundle, read_card, save_bundle
 from SASSRSegmentLib.runtime.errors import UserError
 from SASSRSegmentLib.training import build, config, curves, trainer
+from SASSRSegmentLib.training import config as training_config
 from SASSRSegmentLib.training import state as training_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -461,6 +462,18 @@ def test_resume_continues_the_run(real_run, tmp_path):
 # -------------------------------------------------------------------------- subprocesses, tiny data
 
 
+TINY_2D_PREP = {
+    "spatial_dims": 2,
+    "scale": 2,
+    "channels": ["ultrasound"],
+    "lr_spacing": None,
+    "lr_longer_side": 16,
+    "normalization": {"kind": "uint8"},
+    "patch_size_lr": [16, 16],
+    "labels": [1],
+}
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
     """Six 2D 8-bit images with one or two blobs each, preprocessed to a 32-pixel HR grid."""
@@ -470,17 +483,7 @@ def tiny_cache(tmp_path_factory) -> Path:
         for i in range(6)
     }
     root = make_dataset(base / "us", cases, channels=("ultrasound",), ending=".png")
-    prep = {
-        "spatial_dims": 2,
-        "scale": 2,
-        "channels": ["ultrasound"],
-        "lr_spacing": None,
-        "lr_longer_side": 16,
-        "normalization": {"kind": "uint8"},
-        "patch_size_lr": [16, 16],
-        "labels": [1],
-    }
-    return preprocess.build_cache(open_dataset(root), prep, base / "cache", workers=1)
+    return preprocess.build_cache(open_dataset(root), TINY_2D_PREP, base / "cache", workers=1)
 
 
 def tiny_config(folder: Path) -> Path:
@@ -777,7 +780,7 @@ def test_a_network_learns_its_teachers_mean_probabilities_too(tiny_cache, tmp_pa
     relative = write_json(
         tmp_path / "configs" / "kd.json", {"teachers": ["../teacher", "breast-ultrasound-2d"]}
     )
-    assert trainer.load_config(relative).teachers == [str(first.resolve()), "breast-ultrasound-2d"]
+    assert training_config.load_config(relative).teachers == [str(first.resolve()), "breast-ultrasound-2d"]
     with pytest.raises(UserError, match="loss_kd must be >= 0"):
         run_train(*common, "--output", str(tmp_path / "bad"), "--config",
                   str(write_json(tmp_path / "bad.json", config | {"loss_kd": -1.0})))  # fmt: skip

@@ -38,7 +38,7 @@ from SASSRSegmentLib.model.losses import dice_bce_loss  # noqa: E402
 from SASSRSegmentLib.training.build import lr_lambda  # noqa: E402
 from SASSRSegmentLib.training.config import load_config  # noqa: E402
 from SASSRSegmentLib.training.runtime import amp_settings  # noqa: E402
-from SASSRSegmentLib.training.trainer import check_against_data, choose_split, make_sampler  # noqa: E402
+from SASSRSegmentLib.training.setup import check_against_data, choose_split, make_sampler  # noqa: E402
 
 CHANNELS = (16, 32, 64, 128)
 SAVE_EVERY_S = 300

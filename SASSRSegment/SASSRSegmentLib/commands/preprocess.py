@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data.cache import prepare
+from ..data.datasets import check_group_file, open_dataset
 from ..runtime.progress import Progress
 
 
@@ -27,5 +29,15 @@ def run(args: argparse.Namespace) -> int:
     options = load_config(args.config, group_file=args.group_file)
     if args.workers is not None:
         options.workers = max(1, args.workers)
-    prepare(options, args.dataset, args.output, Progress(args.progress))
+    if args.group_file:
+        check_group_file(args.group_file, [case.name for case in open_dataset(args.dataset).cases])
+    output = Path(args.output)
+    created = not output.exists()
+    try:
+        prepare(options, args.dataset, output, Progress(args.progress))
+    except BaseException:
+        # An empty folder left by a failed first run would look like a cache made of nothing.
+        if created and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+        raise
     return 0

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ..runtime.progress import Progress
 from ..training.config import ABLATIONS
-from ..training.runtime import setup_runtime
+from ..training.runtime import Runtime, setup_runtime
 from ..training.trainer import Trainer
 
 
@@ -58,13 +58,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", choices=("bar", "json", "quiet"), default="bar")
 
 
+def case_names(dataset: Path) -> list[str]:
+    """The cases of a cache folder or of a raw dataset (validated: its problems are reported here)."""
+    from ..data.cache import is_cache, open_cache
+    from ..data.datasets import open_dataset
+
+    if is_cache(dataset):
+        return open_cache(dataset).names
+    return [case.name for case in open_dataset(dataset).cases]
+
+
+def set_up(args: argparse.Namespace, output: Path, runtime: Runtime, progress: Progress) -> Trainer:
+    """The Trainer; a refused setup (a bad split, options the data rules out) leaves no empty run folder."""
+    fresh = [folder for folder in (output / "cache", output) if not folder.exists()]
+    try:
+        return Trainer(args, output, runtime, progress)
+    except BaseException:
+        if runtime.main:  # the rank that made them
+            for folder in fresh:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.group_file:
+        from ..data.datasets import check_group_file
+
+        check_group_file(args.group_file, case_names(Path(args.dataset)))
     progress = Progress(args.progress)
     runtime = setup_runtime(args.device)
     if not runtime.main:
         progress = Progress("quiet")
     try:
-        return Trainer(args, Path(args.output), runtime, progress).train()
+        return set_up(args, Path(args.output), runtime, progress).train()
     finally:
         if runtime.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

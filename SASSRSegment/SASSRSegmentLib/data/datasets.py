@@ -64,7 +64,9 @@ def fail(problems: Sequence[str], what: str) -> None:
     shown = list(problems[:MAX_LISTED_PROBLEMS])
     if len(problems) > len(shown):
         shown.append(f"... and {len(problems) - len(shown)} more")
-    raise UserError(f"{what} has {len(problems)} problem(s):\n  " + "\n  ".join(shown))
+    # "what: N problems" reads right whether `what` is singular ("dataset X") or plural ("the options").
+    noun = "problem" if len(problems) == 1 else "problems"
+    raise UserError(f"{what}: {len(problems)} {noun}:\n  " + "\n  ".join(shown))
 
 
 def read_dataset_json(root: Path) -> dict:
@@ -85,8 +87,23 @@ def read_dataset_json(root: Path) -> dict:
     ending = meta.get("file_ending")
     if not isinstance(ending, str) or not ending.startswith("."):
         problems.append('dataset.json: "file_ending" must be a file extension such as ".nii.gz" or ".png"')
+    if "labels" in meta and not _label_map_ok(meta["labels"]):
+        problems.append(
+            'dataset.json: "labels" must map each label name to its value, e.g. {"background": 0, "lesion": 1}'
+        )
     fail(problems, str(path))
     return meta
+
+
+def _label_map_ok(labels) -> bool:
+    """nnU-Net v2 "labels": name -> integer value, or name -> list of values (region-based training)."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return isinstance(labels, dict) and all(
+        is_int(v) or (isinstance(v, list) and v and all(map(is_int, v))) for v in labels.values()
+    )
 
 
 def declared_label_values(meta: dict) -> dict[str, list[int]]:
@@ -148,14 +165,20 @@ def _header(path: Path) -> dict:
     }
 
 
+def _plain(values: Sequence[float]) -> str:
+    """Numbers as a user writes them, (1, 2.5, 3): numpy's reprs (np.float64(1.0)) mean nothing to them."""
+    # Four decimals show every difference the tolerances below report; + 0.0 turns -0 into 0.
+    return "(" + ", ".join(f"{round(float(v), 4) + 0.0:.4f}".rstrip("0").rstrip(".") for v in values) + ")"
+
+
 def _geometry_difference(a: dict, b: dict) -> str | None:
     if a["size"] != b["size"]:
         return f"size {a['size']} vs {b['size']}"
     sa, sb = np.asarray(a["spacing"]), np.asarray(b["spacing"])
     if not np.allclose(sa, sb, rtol=SPACING_RTOL, atol=0):
-        return f"spacing {tuple(np.round(sa, 4))} vs {tuple(np.round(sb, 4))}"
+        return f"spacing {_plain(sa)} vs {_plain(sb)}"
     if not np.allclose(a["origin"], b["origin"], rtol=0, atol=ORIGIN_ATOL_VOXELS * sa.min()):
-        return f"origin {tuple(np.round(a['origin'], 3))} vs {tuple(np.round(b['origin'], 3))}"
+        return f"origin {_plain(a['origin'])} vs {_plain(b['origin'])}"
     if not np.allclose(a["direction"], b["direction"], rtol=0, atol=DIRECTION_ATOL):
         return "direction cosines differ"
     return None
@@ -332,6 +355,17 @@ def read_groups(path: str | Path) -> list[list[str]]:
     return groups
 
 
+def check_group_file(path: str | Path, names: Sequence[str]) -> None:
+    """Refuse a group file naming cases the dataset lacks: a misspelt name silently leaves its patient's
+    cases free to straddle the split (a config's `groups`, written for a whole dataset, may name cases
+    that a subset of it lacks)."""
+    unknown = sorted({n for group in read_groups(path) for n in group} - set(names))
+    if unknown:
+        raise UserError(
+            f"group file {path}: {len(unknown)} case(s) not in the dataset: {', '.join(unknown[:10])}"
+        )
+
+
 def check_groups(groups, where: str = "groups") -> None:
     if not isinstance(groups, list) or not all(
         isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups
@@ -426,4 +460,6 @@ def read_split_file(
     fail(problems, f"split file {path}")
     if not train:
         raise UserError(f"split file {path}: the training side is empty")
+    if not val:
+        raise UserError(f"split file {path}: the validation side is empty; list at least one validation case")
     return {"train": sorted(train), "val": sorted(val)}

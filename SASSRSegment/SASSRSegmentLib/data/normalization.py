@@ -23,6 +23,7 @@ kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,9 +240,14 @@ def normalize(array: np.ndarray, spec: dict, levels: Levels | None = None) -> np
 
 def choose_normalization(dataset_json: dict) -> dict:
     """Pick a normalisation from an nnU-Net dataset.json's channel names (first channel)."""
-    names = " ".join(str(v) for v in dataset_json.get("channel_names", {}).values()).lower()
-    if "ct" in names.split() or names.strip() == "ct":
+    # Whole words: "us" inside "FLAIR (mouse)" had picked the 8-bit normalisation.
+    words = set(
+        re.findall(r"[a-z0-9]+", " ".join(map(str, dataset_json.get("channel_names", {}).values())).lower())
+    )
+    if "ct" in words:
         return {"kind": "ct", "window": [-1000.0, 400.0]}
-    if any(k in names for k in ("ultrasound", "us", "rgb", "photo", "dermoscop", "endoscop")):
+    if words & {"ultrasound", "us", "rgb"} or any(
+        w.startswith(("photo", "dermoscop", "endoscop")) for w in words
+    ):
         return {"kind": "uint8"}
     return {"kind": "mri"}

@@ -10,6 +10,7 @@ overlays it in any viewer. Writing is the command's (commands/segment.py).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -316,7 +317,16 @@ def super_resolve_image(
 
 def card_threshold(card: dict, threshold: float | None = None) -> float:
     """`threshold` when given, else the model card's (0.5 when it has none)."""
-    return float(card.get("threshold", 0.5) if threshold is None else threshold)
+    if threshold is not None:
+        return float(threshold)
+    value = card.get("threshold", 0.5)
+    # A hand-edited card: a word or a value outside (0, 1) would fail deep inside, or find nothing.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise UserError(
+            f"model {card.get('name', '(unnamed)')}: threshold {json.dumps(value)} in its model.json "
+            "must be a number between 0 and 1"
+        )
+    return float(value)
 
 
 def to_8_bit(image: sitk.Image, factor: float) -> sitk.Image:

@@ -159,6 +159,25 @@ def _predictor(net: SASRNet, output: str, in_channels: int) -> tuple[int, Callab
     raise ValueError(f"output must be 'mask' or 'image', got {output!r}")
 
 
+def _flip_averaged(predict: Callable, batch: torch.Tensor, flips: list, device, amp: bool) -> torch.Tensor:
+    """The prediction for `batch` averaged over `flips`, on the CPU."""
+    pred = None
+    for axes in flips:
+        x = torch.flip(batch, axes) if axes else batch
+        with autocast(device, amp):
+            y = predict(x)
+        y = torch.flip(y, axes) if axes else y
+        pred = y if pred is None else pred + y
+    pred = (pred / len(flips)).cpu()
+    if not bool(torch.isfinite(pred).all()):
+        # NaN probabilities threshold to an empty mask: "no lesion", said of broken weights.
+        raise UserError(
+            "the model's output is not a number: its weights are broken (from a training run that "
+            "diverged?); use another model"
+        )
+    return pred
+
+
 @torch.no_grad()
 def sliding_window_predict(
     net: SASRNet,
@@ -219,21 +238,7 @@ def sliding_window_predict(
     try:
         for b in range(0, len(starts), batch_size):
             chunk = starts[b : b + batch_size]
-            batch = _window_batch(lr, chunk, window, device)
-            pred = None
-            for axes in flips:
-                x = torch.flip(batch, axes) if axes else batch
-                with autocast(device, amp):
-                    y = predict(x)
-                y = torch.flip(y, axes) if axes else y
-                pred = y if pred is None else pred + y
-            pred = (pred / len(flips)).cpu()
-            if not bool(torch.isfinite(pred).all()):
-                # NaN probabilities threshold to an empty mask: "no lesion", said of broken weights.
-                raise UserError(
-                    "the model's output is not a number: its weights are broken (from a training run that "
-                    "diverged?); use another model"
-                )
+            pred = _flip_averaged(predict, _window_batch(lr, chunk, window, device), flips, device, amp)
             for st, p in zip(chunk, pred):
                 blender.add(tuple(s * scale for s in st), p)
             if progress is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,8 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
 
 
 CLI_OVERRIDES = ("max_steps", "max_minutes", "batch_size", "workers", "val_every", "seed")
+# numpy's and torch's seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -134,6 +137,16 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Value checks beyond types (dimension-dependent ones happen once the data is known)."""
+        p = [
+            f"{f.name} must be finite, got {json.dumps(getattr(self, f.name))}"
+            for f in fields(self)
+            if not _finite(getattr(self, f.name))
+        ]
+        if p:
+            return p  # NaN fails or passes the range checks by accident
+        return self._range_problems() + self._choice_problems()
+
+    def _range_problems(self) -> list[str]:
         p = []
         if self.scale not in (2, 4):
             p.append(f"scale must be 2 or 4, got {self.scale}")
@@ -152,14 +165,13 @@ class TrainConfig:
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 p.append(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 < self.threshold < 1.0:
+            p.append(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        for key in ("seed", "split_seed"):
+            if not 0 <= getattr(self, key) <= MAX_SEED:
+                p.append(f"{key} must be between 0 and {MAX_SEED}, got {getattr(self, key)}")
         if not 0.0 <= self.val_fraction < 1.0:
             p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.schedule not in ("cosine", "poly"):
-            p.append(f'schedule must be "cosine" or "poly", got {self.schedule!r}')
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            p.append(f'amp must be "auto", "off", "bf16" or "fp16", got {self.amp!r}')
-        if self.channels_last not in ("auto", "on", "off"):
-            p.append(f'channels_last must be "auto", "on" or "off", got {self.channels_last!r}')
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             p.append("learning_rate must be > 0, weight_decay and warmup_steps >= 0")
         if len(self.features) < 2 or min(self.features) < 1:
@@ -173,24 +185,35 @@ class TrainConfig:
             value = getattr(self, key)
             if len(value) != 2 or value[0] > value[1] or value[0] <= 0:
                 p.append(f"{key} must be [low, high] with 0 < low <= high, got {value}")
-        if self.normalization is not None and self.normalization.get("kind") not in ("mri", "ct", "uint8"):
-            p.append(
-                f'normalization kind must be "mri", "ct" or "uint8", got {self.normalization.get("kind")!r}'
-            )
         if self.loss_kd < 0:
             p.append(f"loss_kd must be >= 0, got {self.loss_kd}")
         if self.workers < 0:
             p.append(f"workers must be >= 0, got {self.workers}")
-        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
-            p.append(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        for key in ("max_minutes", "checkpoint_minutes"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                p.append(f"{key} must be > 0, got {getattr(self, key)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             p.append(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.hr_head not in HR_HEADS:
-            p.append(f"hr_head must be one of {', '.join(map(json.dumps, HR_HEADS))}, got {self.hr_head!r}")
         if self.hr_channels < 1:
             p.append(f"hr_channels must be >= 1, got {self.hr_channels}")
         if not 0.0 < self.sr_width <= 1.0:
             p.append(f"sr_width must be in (0, 1], got {self.sr_width}")
+        return p
+
+    def _choice_problems(self) -> list[str]:
+        p = []
+        if self.schedule not in ("cosine", "poly"):
+            p.append(f'schedule must be "cosine" or "poly", got {self.schedule!r}')
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            p.append(f'amp must be "auto", "off", "bf16" or "fp16", got {self.amp!r}')
+        if self.channels_last not in ("auto", "on", "off"):
+            p.append(f'channels_last must be "auto", "on" or "off", got {self.channels_last!r}')
+        if self.normalization is not None and self.normalization.get("kind") not in ("mri", "ct", "uint8"):
+            p.append(
+                f'normalization kind must be "mri", "ct" or "uint8", got {self.normalization.get("kind")!r}'
+            )
+        if self.hr_head not in HR_HEADS:
+            p.append(f"hr_head must be one of {', '.join(map(json.dumps, HR_HEADS))}, got {self.hr_head!r}")
         if self.degradation not in DEGRADATIONS:
             p.append(
                 f"degradation must be one of {', '.join(map(json.dumps, DEGRADATIONS))}, got {self.degradation!r}"
@@ -202,6 +225,18 @@ class TrainConfig:
                 f"got {self.val_lr_inputs}"
             )
         return p
+
+
+def _finite(value) -> bool:
+    """Whether every number in a config value (nested lists and dicts too) is finite: JSON readers
+    accept NaN and Infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
 
 
 def _type_ok(value, hint) -> bool:
