@@ -33,6 +33,14 @@ def test_a_frame_unlike_the_background_becomes_it():
     assert len(heard) == 1 and f"a frame of {frame.sum()} voxel(s) of constant value 0" in heard[0]
 
 
+def test_a_frame_darker_than_a_noisy_background_becomes_it():
+    # Zero padding below a scan's noise floor: the normaliser's background would be the frame's 0 and
+    # the noise, 0.5 up a 0..3 range, would count as tissue.
+    padded = sitk.ConstantPad(_scan(0.5, noise=0.05), [4] * 3, [4] * 3, 0.0)
+    out = sitk.GetArrayFromImage(padding_as_background(padded, lambda m: None))
+    assert abs(float(out[0, 0, 0]) - 0.5) < 0.02 and np.all(out[:4] == out[0, 0, 0])
+
+
 def test_no_frame_or_a_frame_that_is_the_background_changes_nothing():
     heard = []
     for image in (
@@ -40,6 +48,8 @@ def test_no_frame_or_a_frame_that_is_the_background_changes_nothing():
         sitk.ConstantPad(_scan(0.0), [4] * 3, [4] * 3, 0.0),  # padded with its own background
         sitk.ConstantPad(_scan(0.0, noise=0.05), [4] * 3, [4] * 3, 0.0),  # a noisy one, nearly
         _scan(0.3, noise=0.05),  # noise: no value fills the border
+        # A patch inside the body padded to size: the frame is its only background.
+        sitk.ConstantPad(sitk.RegionOfInterest(_scan(-3.5), [8, 8, 8], [8, 8, 8]), [4] * 3, [4] * 3, 0.0),
     ):
         assert padding_as_background(image, heard.append) is image
     assert heard == []

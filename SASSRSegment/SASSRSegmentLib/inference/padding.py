@@ -14,6 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from ..data.normalization import BORDER_IS_TISSUE
+
 # The border's most common value must hold this share of it to be a frame's value.
 FRAME_SHARE = 0.5
 # Inside the box around everything else, a frame's value may recur by chance, not as a background.
@@ -57,6 +59,9 @@ def padding_as_background(image: sitk.Image, warn: Callable[[str], None]) -> sit
     level = float(np.median(_border(scan)))
     dark, bright = (float(v) for v in np.percentile(scan, [1.0, 99.5]))
     if abs(level - float(value)) <= NEAR_BACKGROUND * max(bright - dark, 1e-12):
+        return image
+    if level - dark > BORDER_IS_TISSUE * (bright - dark):
+        # The scan is a crop inside the body (a patch padded to size): the frame is its only background.
         return image
     out = np.full(array.shape, level, dtype=array.dtype)
     out[box] = scan
