@@ -4,9 +4,11 @@ of image a clinic exports (docs/models.md, "The ultrasound model on images expor
     python tools/ultrasound_variants.py MODEL DATASET [OUT.json] [--whole-image] [--only NAME,...]
 
 Each validation image is segmented as it is and as: JPEG at quality 30, half and 1.5 times its size,
-inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), gamma 0.6 and
+inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), inside a white or
+mid-grey frame an eighth of its size wide or a white edge 2 pixels wide (padding), gamma 0.6 and
 1.6, contrast 0.6, multiplicative speckle, flipped left-right, transposed, upside down; and its pixels stored as 16 bits
-(x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1 and z-scored. The mask is brought back onto the
+(x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1, z-scored, centred on 0 and less its mean. The
+mask is brought back onto the
 image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
 `--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
 scan inside a black frame.
@@ -42,9 +44,23 @@ def resized(array: np.ndarray, shape) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), Image.BILINEAR))
 
 
-def framed(array: np.ndarray) -> np.ndarray:
-    h, w = array.shape
-    return np.pad(array, ((int(h * FRAME),) * 2, (int(w * FRAME),) * 2))
+# Frames: (width, a share of the image's size or whole pixels, and grey value) by variant name.
+FRAMES = {
+    "black frame": (FRAME, 0),
+    "black frame, JPEG quality 50": (FRAME, 0),
+    "white frame an eighth of its size wide": (0.125, 255),
+    "mid-grey frame an eighth of its size wide": (0.125, 128),
+    "white edge 2 pixels wide": (2, 255),
+}
+
+
+def _frame_width(shape, width) -> tuple[int, int]:
+    return (width, width) if width >= 1 else (int(shape[0] * width), int(shape[1] * width))
+
+
+def framed(array: np.ndarray, width=FRAME, value=0) -> np.ndarray:
+    top, left = _frame_width(array.shape, width)
+    return np.pad(array, ((top,) * 2, (left,) * 2), constant_values=value)
 
 
 def speckle(array: np.ndarray) -> np.ndarray:
@@ -67,6 +83,11 @@ VARIANTS = {
     "1.5 x size": scale(1.5),
     "black frame": framed,
     "black frame, JPEG quality 50": lambda a: jpeg(framed(a), 50),
+    **{
+        name: (lambda w, v: lambda a: framed(a, w, v))(width, value)
+        for name, (width, value) in FRAMES.items()
+        if not name.startswith("black")
+    },
     "gamma 0.6": gamma(0.6),
     "gamma 1.6": gamma(1.6),
     "contrast 0.6": lambda a: (a * 0.6 + 20).astype(np.uint8),
@@ -80,13 +101,15 @@ VARIANTS = {
     "float32 0-255": lambda a: a.astype(np.float32),
     "float32 0-1": lambda a: a.astype(np.float32) / 255,
     "float32 z-scored": lambda a: (a - a.mean(dtype=np.float64)).astype(np.float32) / a.std(),
+    "float32 centred (value - 127.5)": lambda a: a.astype(np.float32) - 127.5,
+    "float32 mean subtracted": lambda a: (a - a.mean(dtype=np.float64)).astype(np.float32),
 }
 
 
 def on_image(mask: np.ndarray, name: str, shape) -> np.ndarray:
     """The mask of a variant on the original image's pixels."""
-    if name.startswith("black frame"):
-        top, left = int(shape[0] * FRAME), int(shape[1] * FRAME)
+    if name in FRAMES:
+        top, left = _frame_width(shape, FRAMES[name][0])
         size = (shape[0] + 2 * top, shape[1] + 2 * left)
         return resized(mask, size)[top : top + shape[0], left : left + shape[1]] > 0
     if name == "transposed":
