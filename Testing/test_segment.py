@@ -428,6 +428,17 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
         match=r"1\d\.\d % of its non-black pixels coloured: over the 5 % burned-in annotations take",
     ):
         pipeline.segment_image(sitk.GetImageFromArray(framed, isVector=True), net, card, CPU)
+    # One grey shown in a tint (sepia; a scanner's chroma map) was refused as colour: it is read as its
+    # luminance too.
+    sepia = np.rint(np.stack([grey, 0.9 * grey, 0.75 * grey], -1)).astype(np.uint8)
+    warnings.clear()
+    from_sepia, _ = pipeline.segment_image(
+        sitk.GetImageFromArray(sepia, isVector=True), net, card, CPU, warn=warnings.append
+    )
+    luma = np.rint(sepia @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    from_luma, _ = pipeline.segment_image(sitk.GetImageFromArray(luma), net, card, CPU)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(from_sepia), sitk.GetArrayFromImage(from_luma))
+    assert len(warnings) == 1 and warnings[0].startswith("the image is tinted")
 
 
 def grid_like(image: sitk.Image, array: np.ndarray) -> sitk.Image:

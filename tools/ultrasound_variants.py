@@ -7,7 +7,8 @@ Each validation image is segmented as it is and as: JPEG at quality 30, half and
 inside a black frame a quarter of its size wide (also JPEG-compressed at quality 50), inside a white or
 mid-grey frame an eighth of its size wide or a white edge 2 pixels wide (padding), gamma 0.6 and
 1.6, contrast 0.6, multiplicative speckle, flipped left-right, transposed, upside down; and its pixels stored as 16 bits
-(x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1, z-scored, centred on 0 and less its mean. The
+(x 257, the PNG convention), 12 bits (x 16), float32 0-255, 0-1, z-scored, centred on 0 and less its mean;
+shown in a sepia tint. The
 mask is brought back onto the
 image's pixels (nearest neighbour; the frame cut off, the flip undone) and scored there.
 `--whole-image` shows the network the whole framed image, as `segment` did before it looked for the
@@ -103,6 +104,7 @@ VARIANTS = {
     "float32 z-scored": lambda a: (a - a.mean(dtype=np.float64)).astype(np.float32) / a.std(),
     "float32 centred (value - 127.5)": lambda a: a.astype(np.float32) - 127.5,
     "float32 mean subtracted": lambda a: (a - a.mean(dtype=np.float64)).astype(np.float32),
+    "sepia tint (RGB)": lambda a: np.rint(np.stack([a, 0.9 * a, 0.75 * a], -1)).astype(np.uint8),
 }
 
 
@@ -132,8 +134,9 @@ def main(model: str, dataset: str, out: str | None, whole_image: bool, only: lis
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "imagesTr" / f"{case}_0000.png")))
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / f"{case}.png"))) > 0
         for name, make in variants.items():
+            made = make(image)
             mask, _ = segment_image(
-                sitk.GetImageFromArray(make(image)), net, card, device, probabilities="none"
+                sitk.GetImageFromArray(made, isVector=made.ndim == 3), net, card, device, probabilities="none"
             )
             got = on_image(sitk.GetArrayFromImage(mask).astype(np.uint8) * 255, name, image.shape)
             scores[name].append(2.0 * float((got & label).sum()) / max(1, int(got.sum() + label.sum())))

@@ -111,6 +111,12 @@ def _match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) 
         )
         lit = max(1, int(np.count_nonzero(brightest > CONTENT_LEVEL * unit)))  # a black frame does not count
         share = float(np.count_nonzero(spread > CHROMA * unit)) / lit
+        if share > ANNOTATION_SHARE and _tinted(rgb):
+            warn(
+                "the image is tinted (its colour channels follow one grey, as an ultrasound chroma map "
+                "does): it is read as its brightness (luminance)"
+            )
+            return luminance(image)
         if share > ANNOTATION_SHARE:
             raise UserError(
                 f"the input is a colour image ({components} components, {100 * share:.1f} % of its non-black "
@@ -130,6 +136,17 @@ def _match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) 
 
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601: R, G, B weights of brightness
+# Channels this correlated, pixel by pixel, are one grey shown in a tint (sepia, a scanner's chroma
+# map: a BUSI image in sepia was refused as colour). Colour flow over a B-mode image breaks it.
+TINT_CORRELATION = 0.98
+
+
+def _tinted(rgb: np.ndarray) -> bool:
+    """Whether an RGB image (..., 3) is one grey in a tint: every pair of its channels correlated."""
+    channels = rgb.reshape(-1, 3).astype(np.float32).T
+    if np.any(channels.std(axis=1) == 0):
+        return False
+    return bool(np.corrcoef(channels).min() >= TINT_CORRELATION)
 
 
 def luminance(image: sitk.Image) -> sitk.Image:
