@@ -588,19 +588,28 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
         pipeline.segment_image(volume, Interpolator(), mri, CPU)
 
 
-def test_a_png_of_grey_and_transparency_is_refused_in_plain_words(tmp_path):
-    """SimpleITK reads no greyscale PNG with an alpha channel; its error named its own source file."""
+def test_a_png_of_grey_and_transparency_is_read_as_slicer_reads_it(tmp_path):
+    """SimpleITK reads no greyscale PNG with an alpha channel (its error named its own source file): an
+    8-bit one is read as grey + alpha, two components, as Slicer reads it; another is refused in words."""
     import struct
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    rows = b"".join(b"\0" + bytes([100, 255] * 8) for _ in range(6))  # filter 0, (grey, alpha) x 8
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 6, 8, 4, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-    path = tmp_path / "grey-alpha.png"
-    path.write_bytes(png)
+    def png(bits: int, pixel: bytes):
+        rows = b"".join(b"\0" + pixel * 8 for _ in range(6))  # filter 0, 8 pixels a row
+        data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 6, bits, 4, 0, 0, 0))
+        data += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+        path = tmp_path / f"grey-alpha-{bits}.png"
+        path.write_bytes(data)
+        return path
+
+    image = imageio.read_image(png(8, bytes([100, 255])))
+    assert image.GetSize() == (8, 6) and image.GetNumberOfComponentsPerPixel() == 2
+    assert image.GetSpacing() == (1.0, 1.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[2, 3], [100, 255])
+    path = png(16, bytes([1, 0, 255, 255]))
     with pytest.raises(UserError) as error:
         imageio.read_image(path)
     assert str(error.value) == (

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..runtime.errors import UserError
@@ -166,7 +167,9 @@ def read_image(
         with _quiet_itk():
             image = sitk.ReadImage(str(item.path))
     except RuntimeError as exc:
-        raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
+        image = _grey_and_alpha_png(item.path) if "Unknown PixelType" in str(exc) else None
+        if image is None:
+            raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
     headers.check_nifti_positions(image, warn)
     return image
 
@@ -183,6 +186,21 @@ def _read_series(item: InputItem) -> sitk.Image:
     if reader.HasMetaDataKey(0, headers.MODALITY_TAG):
         image.SetMetaData(headers.MODALITY_TAG, reader.GetMetaData(0, headers.MODALITY_TAG))
     return image
+
+
+def _grey_and_alpha_png(path: Path) -> sitk.Image | None:
+    """A PNG of grey + transparency (LA), which SimpleITK cannot read, as the two-component image Slicer
+    makes of it (its grey is then segmented); None for anything else. Spacing 1, as SimpleITK reads PNGs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as png:
+            if png.format != "PNG" or png.mode != "LA":
+                return None
+            array = np.asarray(png)
+    except OSError:
+        return None
+    return sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=True)
 
 
 def _read_problem(exc: RuntimeError) -> str:
