@@ -79,6 +79,8 @@ def test_choose_normalization_from_channel_names():
     assert choose_normalization({"channel_names": {"0": "FLAIR (mouse)"}}) == {"kind": "mri"}
     assert choose_normalization({"channel_names": {"0": "US B-mode"}}) == {"kind": "uint8"}
     assert choose_normalization({"channel_names": {"0": "Dermoscopy"}}) == {"kind": "uint8"}
+    for name in ("BUSI", "TRUS", "USG", "EUS", "CEUS", "IVUS", "POCUS", "sonography", "Ultrasonic"):
+        assert choose_normalization({"channel_names": {"0": name}}) == {"kind": "uint8"}, name
 
 
 def test_an_roi_normalised_with_the_whole_volume_levels_matches_the_whole_volume():

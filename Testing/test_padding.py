@@ -33,6 +33,15 @@ def test_a_frame_unlike_the_background_becomes_it():
     assert len(heard) == 1 and f"a frame of {frame.sum()} voxel(s) of constant value 0" in heard[0]
 
 
+def test_padding_along_one_axis_is_a_frame_too():
+    # Slabs of 0 above and below only fill under half the border: they had been read as tissue.
+    scan = _scan(-3.5)
+    padded = sitk.ConstantPad(scan, [0, 0, 6], [0, 0, 6], 0.0)
+    array = sitk.GetArrayFromImage(padding_as_background(padded, lambda m: None))
+    assert np.all(array[:6] == np.float32(-3.5)) and np.all(array[-6:] == np.float32(-3.5))
+    np.testing.assert_array_equal(array[6:-6], sitk.GetArrayFromImage(scan))
+
+
 def test_a_frame_darker_than_a_noisy_background_becomes_it():
     # Zero padding below a scan's noise floor: the normaliser's background would be the frame's 0 and
     # the noise, 0.5 up a 0..3 range, would count as tissue.

@@ -439,6 +439,9 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
     from_luma, _ = pipeline.segment_image(sitk.GetImageFromArray(luma), net, card, CPU)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(from_sepia), sitk.GetArrayFromImage(from_luma))
     assert len(warnings) == 1 and warnings[0].startswith("the image is tinted")
+    # ... with a few marks burned in over the tint too (a yellow line on 1.7 % of the pixels).
+    sepia[7] = (255, 255, 0)
+    pipeline.segment_image(sitk.GetImageFromArray(sepia, isVector=True), net, card, CPU)
 
 
 def grid_like(image: sitk.Image, array: np.ndarray) -> sitk.Image:

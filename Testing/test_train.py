@@ -435,6 +435,14 @@ def test_resume_continues_the_run(real_run, tmp_path):
     ):
         run_train("--dataset", str(output / "cache"), "--output", str(stopped), "--resume")
     assert training_state.check_output(stopped, resume=False) is None and not any(stopped.iterdir())
+    # A file of the user's that happens to be called log.csv (or a folder so named) is not ours to replace.
+    (stopped / "log.csv").write_text("my notes\n")
+    with pytest.raises(UserError, match="already holds files"):
+        training_state.check_output(stopped, resume=False)
+    (stopped / "log.csv").unlink()
+    (stopped / "log.csv").mkdir()
+    with pytest.raises(UserError, match="already holds files"):
+        training_state.check_output(stopped, resume=False)
     before = torch.load(output / "checkpoint_last.pt", weights_only=False)
     code = run_train(
         "--dataset",
@@ -669,6 +677,11 @@ def test_a_resumed_run_must_see_the_data_it_started_on(tiny_cache, tmp_path):
     )
     with pytest.raises(UserError, match=r"lacks 6 case\(s\) of the run being resumed \(us"):
         run_train("--dataset", str(other), *base, "--resume", "--max-steps", "3")
+    # A run from before 2026-12-07 recorded labels [1] where a cache now records None (every value > 0):
+    # the same arrays, so it resumes.
+    checkpoint = torch.load(output / "checkpoint_last.pt", weights_only=False)
+    checkpoint["prep"]["labels"] = None
+    torch.save(checkpoint, output / "checkpoint_last.pt")
     assert run_train("--dataset", str(tiny_cache), *base, "--resume", "--max-steps", "3") == 0
 
 

@@ -238,6 +238,12 @@ def normalize(array: np.ndarray, spec: dict, levels: Levels | None = None) -> np
     return normalize_and_trace(array, spec, levels)[0]
 
 
+# Channel names of 8-bit images: ultrasound and its usual abbreviations (B-mode, breast, transrectal,
+# endoscopic, contrast-enhanced, intravascular, point-of-care), colour photographs.
+EIGHT_BIT_WORDS = {"us", "usg", "busi", "bmode", "trus", "eus", "ceus", "ivus", "pocus", "rgb"}
+EIGHT_BIT_STEMS = ("ultraso", "sonogra", "echograph", "photo", "dermoscop", "endoscop")
+
+
 def choose_normalization(dataset_json: dict) -> dict:
     """Pick a normalisation from an nnU-Net dataset.json's channel names (first channel)."""
     # Whole words: "us" inside "FLAIR (mouse)" had picked the 8-bit normalisation.
@@ -246,8 +252,6 @@ def choose_normalization(dataset_json: dict) -> dict:
     )
     if "ct" in words:
         return {"kind": "ct", "window": [-1000.0, 400.0]}
-    if words & {"ultrasound", "us", "rgb"} or any(
-        w.startswith(("photo", "dermoscop", "endoscop")) for w in words
-    ):
+    if words & EIGHT_BIT_WORDS or any(w.startswith(EIGHT_BIT_STEMS) for w in words):
         return {"kind": "uint8"}
     return {"kind": "mri"}

@@ -109,9 +109,10 @@ def _match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) 
             if rgb.dtype.kind in "ui"
             else max(float(brightest.max()), 1.0) / 255
         )
-        lit = max(1, int(np.count_nonzero(brightest > CONTENT_LEVEL * unit)))  # a black frame does not count
+        shown = brightest > CONTENT_LEVEL * unit  # a black frame does not count
+        lit = max(1, int(np.count_nonzero(shown)))
         share = float(np.count_nonzero(spread > CHROMA * unit)) / lit
-        if share > ANNOTATION_SHARE and _tinted(rgb):
+        if share > ANNOTATION_SHARE and _tinted(rgb[shown]):
             warn(
                 "the image is tinted (its colour channels follow one grey, as an ultrasound chroma map "
                 "does): it is read as its brightness (luminance)"
@@ -142,8 +143,13 @@ TINT_CORRELATION = 0.98
 
 
 def _tinted(rgb: np.ndarray) -> bool:
-    """Whether an RGB image (..., 3) is one grey in a tint: every pair of its channels correlated."""
-    channels = rgb.reshape(-1, 3).astype(np.float32).T
+    """Whether RGB pixels (..., 3) are one grey in a tint: every pair of their channels correlated, once
+    the ANNOTATION_SHARE of pixels furthest off the tint (marks burned in over it) is left out."""
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    grey = np.stack([pixels.mean(axis=1), np.ones(len(pixels), np.float32)], axis=1)
+    fit, *_ = np.linalg.lstsq(grey, pixels, rcond=None)
+    off = np.abs(pixels - grey @ fit).max(axis=1)
+    channels = pixels[off <= np.quantile(off, 1.0 - ANNOTATION_SHARE)].T
     if np.any(channels.std(axis=1) == 0):
         return False
     return bool(np.corrcoef(channels).min() >= TINT_CORRELATION)

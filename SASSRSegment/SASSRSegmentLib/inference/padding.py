@@ -16,8 +16,6 @@ import SimpleITK as sitk
 
 from ..data.normalization import BORDER_IS_TISSUE
 
-# The border's most common value must hold this share of it to be a frame's value.
-FRAME_SHARE = 0.5
 # Inside the box around everything else, a frame's value may recur by chance, not as a background.
 CHANCE_SHARE = 0.01
 # A frame this close to the scan's background (a fraction of the scan's range) changes nothing.
@@ -26,6 +24,21 @@ NEAR_BACKGROUND = 0.05
 
 def _border(array: np.ndarray) -> np.ndarray:
     return np.concatenate([np.take(array, [0, -1], axis=a).ravel() for a in range(array.ndim)])
+
+
+def _constant_face_value(array: np.ndarray):
+    """The value of the image's faces that hold one value each (the most common such value), or None:
+    padding on any side makes that side's face constant, padding along one axis only included."""
+    values = []
+    for axis in range(array.ndim):
+        for end in (0, -1):
+            face = np.take(array, end, axis=axis)
+            if face.size and np.all(face == face.flat[0]):
+                values.append(face.flat[0])
+    if not values:
+        return None
+    found, counts = np.unique(np.asarray(values), return_counts=True)
+    return found[int(np.argmax(counts))]
 
 
 def _box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -45,10 +58,9 @@ def padding_as_background(image: sitk.Image, warn: Callable[[str], None]) -> sit
     if image.GetNumberOfComponentsPerPixel() != 1:
         return image
     array = sitk.GetArrayViewFromImage(image)
-    values, counts = np.unique(_border(array), return_counts=True)
-    if counts.max() < FRAME_SHARE * counts.sum():
+    value = _constant_face_value(array)
+    if value is None:
         return image
-    value = values[np.argmax(counts)]
     frame = array == value
     if frame.all():
         return image

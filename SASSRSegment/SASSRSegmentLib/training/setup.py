@@ -104,10 +104,13 @@ def check_resumed_data(checkpoint: dict, cache, dataset: str) -> None:
     silently (and the card then described settings 150 of its 152 steps never saw), another dataset
     failed with a traceback."""
     saved = {k: v for k, v in checkpoint["prep"].items() if k != "patch_size_lr"}
+    # Runs before 2026-12-07 recorded the labels dataset.json declared (e.g. [1]) where they counted
+    # every value > 0, as a cache now records with None: the same arrays.
+    same_labels = None in (saved.get("labels"), cache.prep.get("labels"))
     differ = [
         f"{k} {json.dumps(v)} vs {json.dumps(cache.prep.get(k))}"
         for k, v in saved.items()
-        if cache.prep.get(k) != v
+        if cache.prep.get(k) != v and not (k == "labels" and same_labels)
     ]
     if differ:
         raise UserError(

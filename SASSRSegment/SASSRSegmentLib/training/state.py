@@ -101,7 +101,9 @@ def check_output(output: Path, resume: bool) -> Path | None:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a folder")
     held = [p for p in output.iterdir() if p.name != "cache"] if output.is_dir() else []
-    if any(p.name not in UNRESUMABLE for p in held):
+    if held and not (
+        _own_log(output / "log.csv") and all(p.name in UNRESUMABLE and p.is_file() for p in held)
+    ):
         raise UserError(
             f"--output {output} already holds files; pass --resume to continue that run or choose a new folder"
         )
@@ -110,3 +112,12 @@ def check_output(output: Path, resume: bool) -> Path | None:
     for path in held:
         path.unlink()
     return None
+
+
+def _own_log(path: Path) -> bool:
+    """Whether `path` is a training log this tool wrote (its header), not a file of the user's."""
+    try:
+        with open(path, newline="") as f:
+            return f.readline().strip() == ",".join(CSV_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
