@@ -12,6 +12,7 @@ import torch
 
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.evaluation import metrics
+from SASSRSegmentLib.evaluation.report import format_reports
 from SASSRSegmentLib.evaluation.scoring import interpolation_baseline, synthesise_case
 from SASSRSegmentLib.io import geometry
 from SASSRSegmentLib.io.geometry import Grid, hr_grid
@@ -149,6 +150,35 @@ def test_labels_stored_as_255_count_in_evaluate_as_in_training(dataset, model, t
     assert json.loads(out.read_text())["baseline"]["summary"]["mean"]["dice"] > 0.8
 
 
+def test_labels_the_dataset_does_not_declare_are_an_error_or_scored_as_lesion(
+    dataset, model, tmp_path, capsys
+):
+    # The card names lesion label 1. Masks of 0/255 under a dataset.json saying 1 scored as empty
+    # references (Dice 0, exit 0); a dataset.json saying 255 was refused in two lines of jargon.
+    for path in (dataset / "labelsTr").iterdir():
+        sitk.WriteImage(sitk.ReadImage(str(path)) * 255, str(path))
+    args = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--progress", "quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "holds label value(s) 255, which dataset.json does not declare (0, 1); fix the labels or dataset.json"
+    )
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": 255}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "scores.json"
+    assert cli.main([*args[:-2], "--progress", "json", "--baseline-interpolation", "--json", str(out)]) == 0
+    assert (
+        "the model's lesion label(s) [1] are not in this dataset.json ([0, 255])" in capsys.readouterr().out
+    )
+    result = json.loads(out.read_text())
+    assert result["baseline"]["summary"]["mean"]["dice"] > 0.8
+    # The mean of false-positive counts keeps its fraction in the table.
+    result["summary"]["mean"]["false_positive_lesions"] = 0.3
+    mean_row = [r for r in format_reports(result, ["block"]).splitlines() if r.startswith("mean")][0]
+    assert mean_row.split()[7] == "0.30"
+
+
 def test_evaluate_errors(dataset, model, tiny_bundle_2d, tiny_bundle_3d, capsys):
     base = ["evaluate", "--dataset", str(dataset), "--progress", "quiet"]
     assert cli.main([*base, "--model", str(tiny_bundle_3d)]) == 2
@@ -202,14 +232,21 @@ def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys)
 
     monkeypatch.setattr(models, "bundled_models", lambda: {"tiny-2d": tiny_bundle_2d, "toy-3d": model})
     assert cli.main(["models", "--json"]) == 0
+    # Listed by the name --model takes, the folder's (the card's had been shown: "tiny-3d" for toy-3d).
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["tiny-2d"]["spatial_dims"] == 2 and rows["tiny-2d"]["lr_longer_side"] == 24
-    assert rows["tiny-3d"]["lr_spacing_mm"] == [2.0, 2.0, 2.0] and rows["tiny-3d"]["weights_present"]
+    assert rows["toy-3d"]["lr_spacing_mm"] == [2.0, 2.0, 2.0] and rows["toy-3d"]["weights"] == "ok"
+    assert rows["toy-3d"]["card_name"] == "tiny-3d"
+    weights = (model / "model.pt").read_bytes()
+    (model / "model.pt").write_bytes(weights[: len(weights) // 2])  # a broken copy was listed as healthy
+    assert cli.main(["models"]) == 0
+    damaged = capsys.readouterr().out
+    assert "toy-3d (card name 'tiny-3d'): 3D, x2, LR 2x2x2 mm" in damaged and "WEIGHTS DAMAGED" in damaged
     (model / "model.pt").unlink()
     assert cli.main(["models"]) == 0
     text = capsys.readouterr().out
-    assert "tiny-2d: 2D, x2, LR longer side 24 px" in text
-    assert "tiny-3d: 3D, x2, LR 2x2x2 mm" in text and "WEIGHTS MISSING" in text
+    assert "tiny-2d: 2D, x2, LR longer side 24 px" in text and "tiny-2d (card" not in text
+    assert "toy-3d (card name 'tiny-3d'): 3D, x2, LR 2x2x2 mm" in text and "WEIGHTS MISSING" in text
 
 
 def test_evaluate_scores_each_lr_input_and_tabulates_robustness(dataset, model, tmp_path, capsys):
@@ -245,3 +282,5 @@ def test_evaluate_lr_input_errors(dataset, model, tiny_bundle_2d, capsys):
         == 2
     )
     assert "3D models only" in capsys.readouterr().err
+    assert cli.main([*base, "--model", str(model), "--lr-input", "all,block"]) == 2
+    assert "all stands alone" in capsys.readouterr().err  # it had said all was unknown, "choose ... or all"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..data import datasets, lowres
@@ -46,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
+def _labels(labels: list[int] | None, meta: dict, progress: Progress) -> list[int] | None:
+    """The card's lesion labels where this dataset declares them; else every value > 0, said in the log
+    (a card records its training data's values: another dataset may call its lesion 255 or 2)."""
+    if not labels:
+        return None
+    declared = {v for values in datasets.declared_label_values(meta).values() for v in values}
+    if set(labels) <= declared:
+        return labels
+    progress.log(
+        f"the model's lesion label(s) {labels} are not in this dataset.json ({sorted(declared)}): every label "
+        "value > 0 is scored as lesion"
+    )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..model.bundle import load_bundle
     from ..runtime.devices import describe, select_device
@@ -59,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     prep = card["preprocessing"]
     dims = int(prep["spatial_dims"])
     generators = lr_inputs(args.lr_input, dims)
-    dataset = datasets.open_dataset(args.dataset, labels=prep.get("labels"))
+    dataset = datasets.open_dataset(args.dataset)
+    labels = _labels(prep.get("labels"), dataset.meta, progress)
+    dataset = dataclasses.replace(dataset, lesion_values=datasets.resolve_lesion_values(dataset.meta, labels))
     if dataset.spatial_dims != dims:
         raise UserError(
             f"dataset {dataset.name} is {dataset.spatial_dims}D but model {card.get('name', args.model)!r} is "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..io.files import sha256_file
 from ..model.bundle import MODELS_DIR, bundled_models, read_card, validation_dice
 from ..runtime.errors import UserError
 
@@ -14,10 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def summarise(name: str, card: dict) -> dict:
-    """The few card fields a user picks a model by."""
+    """The few card fields a user picks a model by; `name` is what `--model` takes (the folder's)."""
     prep = card.get("preprocessing", {})
     return {
-        "name": card.get("name", name),
+        "name": name,
+        "card_name": card.get("name", name),
         "modality": card.get("modality"),
         "task": card.get("task"),
         "spatial_dims": prep.get("spatial_dims"),
@@ -28,6 +30,16 @@ def summarise(name: str, card: dict) -> dict:
         "validation_dice": validation_dice(card),
         "description": card.get("description"),
     }
+
+
+def _weights_state(folder, card: dict) -> str:
+    """ "ok", "missing" or "damaged" (not the card's checksum): a broken copy listed as healthy was
+    refused only once used."""
+    weights = folder / "model.pt"
+    if not weights.is_file():
+        return "missing"
+    expected = card.get("weights_sha256")
+    return "damaged" if expected and sha256_file(weights) != expected else "ok"
 
 
 def _input_policy(summary: dict) -> str:
@@ -42,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name, folder in bundled_models().items():
         try:
-            summary = summarise(name, read_card(folder))
+            card = read_card(folder)
+            summary = summarise(name, card)
         except UserError as exc:
-            summary = {"name": name, "error": str(exc)}
+            card, summary = {}, {"name": name, "error": str(exc)}
         summary["folder"] = str(folder)
-        summary["weights_present"] = (folder / "model.pt").is_file()
+        summary["weights"] = _weights_state(folder, card)
         rows.append(summary)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -59,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['name']}: unusable ({row['error']})")
             continue
         dice = row["validation_dice"]
+        named = "" if row["card_name"] == row["name"] else f" (card name {row['card_name']!r})"
+        weights = "" if row["weights"] == "ok" else f", WEIGHTS {row['weights'].upper()}"
         print(
-            f"{row['name']}: {row['spatial_dims']}D, x{row['scale']}, {_input_policy(row)}, "
+            f"{row['name']}{named}: {row['spatial_dims']}D, x{row['scale']}, {_input_policy(row)}, "
             f"{row['modality'] or 'modality not stated'}, validation Dice "
-            f"{'n/a' if dice is None else f'{dice:.3f}'}{'' if row['weights_present'] else ', WEIGHTS MISSING'}"
+            f"{'n/a' if dice is None else f'{dice:.3f}'}{weights}"
         )
         if row["description"]:
             print(f"    {row['description']}")

@@ -338,6 +338,17 @@ def read_case(dataset: RawDataset, case: Case):
     array = sitk.GetArrayViewFromImage(label)
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
         raise UserError(f"labelsTr/{case.label.name}: label values must be integers (found fractions)")
+    if dataset.lesion_values is not None:
+        # Chosen lesion values leave the others as background: an undeclared value (a 0/255 mask under a
+        # dataset.json saying 1) would then score as an empty reference without a word.
+        declared = {v for values in declared_label_values(dataset.meta).values() for v in values} | {0}
+        undeclared = sorted(set(np.unique(array).astype(int).tolist()) - declared)
+        if undeclared:
+            raise UserError(
+                f"labelsTr/{case.label.name} holds label value(s) {', '.join(map(str, undeclared[:5]))}, which "
+                f"dataset.json does not declare ({', '.join(map(str, sorted(declared)))}); fix the labels or "
+                "dataset.json"
+            )
     mask = sitk.GetImageFromArray(binarize_label(array, dataset.lesion_values))
     # Header rounding differences within tolerance must not break resampling: put the mask on the image grid.
     mask.CopyInformation(images[0])

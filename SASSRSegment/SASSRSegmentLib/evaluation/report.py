@@ -35,15 +35,17 @@ def format_report(result: dict) -> str:
     )
     lines = [header, "-" * len(header)]
 
-    def line(name: str, scores: dict, base: dict | None) -> str:
-        cells = [f"{_fmt(scores[c], 0 if c == 'false_positive_lesions' else 3):>8}" for c in columns]
+    def line(name: str, scores: dict, base: dict | None, per_case: bool = True) -> str:
+        # A case's false positives are a count; their mean is not (0.3 had printed as 0).
+        counted = 0 if per_case else 2
+        cells = [f"{_fmt(scores[c], counted if c == 'false_positive_lesions' else 3):>8}" for c in columns]
         extra = f"  {_fmt(base['dice']):>11}" if base else ""
         return f"{name:<{width}} " + " ".join(cells) + extra
 
     for name, scores in result["cases"].items():
         lines.append(line(name, scores, baseline["cases"][name] if baseline else None))
     summary = result["summary"]
-    lines.append(line("mean", summary["mean"], baseline["summary"]["mean"] if baseline else None))
+    lines.append(line("mean", summary["mean"], baseline["summary"]["mean"] if baseline else None, False))
     undefined = {k: v for k, v in summary["undefined"].items() if v}
     if undefined:
         lines.append(

@@ -72,6 +72,8 @@ def lr_inputs(text: str, dims: int) -> list[str]:
     names = (
         lowres.names_for(dims) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     )
+    if "all" in names:
+        raise UserError("--lr-input: all stands alone (every input); or list the names without it")
     unknown = [n for n in names if n not in lowres.GENERATORS]
     if unknown or not names:
         raise UserError(
