@@ -122,10 +122,15 @@ def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsy
     for path in second.iterdir():  # the same images as another series of the exam
         image = sitk.ReadImage(str(path))
         image.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.999")
+        image.SetMetaData("0020|0011", "7")
+        image.SetMetaData("0008|103e", "T2 FLAIR tra")
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(tmp_path / "exam" / f"b{path.name}"))
         writer.Execute(image)
+    # Named by number and description where the header has them, so an exam's outputs say which is which.
+    items, batch = imageio.find_inputs([tmp_path / "exam"])
+    assert batch and [i.name for i in items] == ["exam_series1", "exam_7_T2_FLAIR_tra"]
     assert cli.main(["segment", str(tmp_path / "exam"), "-o", str(tmp_path / "m.nrrd"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: several inputs (2: ") and "(series " in err and "-o must be a folder" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -90,7 +91,30 @@ def _is_image_file(path: Path) -> bool:
 def _items_for_dicom_folder(folder: Path, ids: list[str]) -> list[InputItem]:
     if len(ids) == 1:
         return [InputItem(folder, ids[0], folder.name)]
-    return [InputItem(folder, sid, f"{folder.name}_series{k + 1}") for k, sid in enumerate(sorted(ids))]
+    items = []
+    for k, sid in enumerate(sorted(ids)):
+        label = _series_label(folder, sid) or f"series{k + 1}"
+        if any(item.name == f"{folder.name}_{label}" for item in items):
+            label = f"{label}_{k + 1}"
+        items.append(InputItem(folder, sid, f"{folder.name}_{label}"))
+    return items
+
+
+def _series_label(folder: Path, series_id: str) -> str:
+    """A series' number and description from its first file ("7_t2_flair_tra"), so that an exam's
+    outputs say which series each is; "" when the header has neither."""
+    with _quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return ""
+    parts = [
+        reader.GetMetaData(tag).strip() for tag in ("0020|0011", "0008|103e") if reader.HasMetaDataKey(tag)
+    ]
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", "_".join(p for p in parts if p)).strip("_")[:60]
 
 
 def find_inputs(paths: list[str | os.PathLike]) -> tuple[list[InputItem], bool]:
