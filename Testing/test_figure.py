@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from SASSRSegmentLib.inference import figure, lesions
+from SASSRSegmentLib.io import geometry
 from SASSRSegmentLib.io.geometry import Grid
 
 
@@ -98,6 +99,17 @@ def test_a_single_slice_volume_is_drawn_with_its_lesion_area():
     rows = lesions.lesion_table(mask, diameters=False)
     assert figure._legend(rows, mask, image, figure.FigureInfo())[0] == "1 lesion, 25 mm2 in total"
     assert figure.render(image, mask).ndim == 3
+
+
+def test_a_volume_is_drawn_as_a_viewer_shows_it_whatever_its_storage_order():
+    # A sagittal acquisition's figure showed its views in storage order (superior at the bottom).
+    image, mask = _case()
+    for axes in ("ASL", "SRA", "RAI"):
+        stored_image, stored_mask = geometry.reorient(image, axes), geometry.reorient(mask, axes)
+        assert stored_mask.GetDirection() != mask.GetDirection()
+        np.testing.assert_array_equal(
+            figure.render(stored_image, stored_mask), figure.render(image, mask), axes
+        )
 
 
 @pytest.mark.parametrize("flip", [1, -1])

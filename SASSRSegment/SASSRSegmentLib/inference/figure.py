@@ -47,6 +47,10 @@ class FigureInfo:
     fully_connected: bool = True  # how lesions are counted and numbered, as in the lesion table
 
 
+# An axial volume's storage: x to the patient's left, y posterior, z superior.
+DISPLAY_ORIENTATION = "LPS"
+
+
 def _display_grid(mask_grid: Grid) -> Grid:
     """An isotropic grid over the mask's extent (HR pixel size, capped so the figure stays screen-sized)."""
     extent = np.asarray(mask_grid.size) * np.asarray(mask_grid.spacing)
@@ -220,6 +224,13 @@ def render(image: sitk.Image, mask: sitk.Image, info: FigureInfo | None = None) 
 
     info = info or FigureInfo()
     image = _scalar(image)
+    if mask.GetDimension() == 3 and not lesions.is_planar(mask):
+        # Views as a viewer shows them (radiological: the patient's left on the right, superior at
+        # the top) whatever order the volume is stored in: a sagittal acquisition's came out upside down.
+        image, mask = (
+            geometry.reorient(image, DISPLAY_ORIENTATION),
+            geometry.reorient(mask, DISPLAY_ORIENTATION),
+        )
     display = _display_grid(Grid.from_image(mask))
     numbered = lesions.numbered_lesions(mask, info.fully_connected)
     rows = lesions.lesion_rows(numbered, diameters=False, planar=lesions.is_planar(mask))
