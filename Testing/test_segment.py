@@ -442,6 +442,18 @@ def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
     # ... with a few marks burned in over the tint too (a yellow line on 1.7 % of the pixels).
     sepia[7] = (255, 255, 0)
     pipeline.segment_image(sitk.GetImageFromArray(sepia, isVector=True), net, card, CPU)
+    # A dim tint, whose channels never differ by the 48 levels colour marks do, is said to be one too
+    # (it was read without a word), and a grey stored as RGB with JPEG's noise is not.
+    dim = np.rint(np.stack([0.7 * grey, 0.63 * grey, 0.52 * grey], -1)).astype(np.uint8)
+    noisy = np.clip(
+        np.stack([grey] * 3, -1) + np.random.default_rng(2).normal(0, 2, (*grey.shape, 3)), 0, 255
+    )
+    for rgb, tinted in ((dim, True), (noisy.astype(np.uint8), False)):
+        warnings.clear()
+        pipeline.segment_image(
+            sitk.GetImageFromArray(rgb, isVector=True), net, card, CPU, warn=warnings.append
+        )
+        assert any(w.startswith("the image is tinted") for w in warnings) == tinted, warnings
 
 
 def grid_like(image: sitk.Image, array: np.ndarray) -> sitk.Image:

@@ -112,7 +112,7 @@ def _match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) 
         shown = brightest > CONTENT_LEVEL * unit  # a black frame does not count
         lit = max(1, int(np.count_nonzero(shown)))
         share = float(np.count_nonzero(spread > CHROMA * unit)) / lit
-        if share > ANNOTATION_SHARE and _tinted(rgb[shown]):
+        if _tinted(rgb[shown]):
             warn(
                 "the image is tinted (its colour channels follow one grey, as an ultrasound chroma map "
                 "does): it is read as its brightness (luminance)"
@@ -140,19 +140,27 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601: R, G, B weig
 # Channels this correlated, pixel by pixel, are one grey shown in a tint (sepia, a scanner's chroma
 # map: a BUSI image in sepia was refused as colour). Colour flow over a B-mode image breaks it.
 TINT_CORRELATION = 0.98
+# ... with gains (each channel's slope against their mean) this far apart: sepia's span 0.28.
+TINT_GAIN = 0.05
 
 
 def _tinted(rgb: np.ndarray) -> bool:
     """Whether RGB pixels (..., 3) are one grey in a tint: every pair of their channels correlated, once
-    the ANNOTATION_SHARE of pixels furthest off the tint (marks burned in over it) is left out."""
+    the ANNOTATION_SHARE of pixels furthest off the tint (marks burned in over it) is left out, and
+    their gains differing by more than TINT_GAIN (a grey stored as RGB, JPEG's noise and all, is not
+    tinted)."""
     pixels = rgb.reshape(-1, 3).astype(np.float32)
+    if len(pixels) < 2:
+        return False
     grey = np.stack([pixels.mean(axis=1), np.ones(len(pixels), np.float32)], axis=1)
     fit, *_ = np.linalg.lstsq(grey, pixels, rcond=None)
     off = np.abs(pixels - grey @ fit).max(axis=1)
-    channels = pixels[off <= np.quantile(off, 1.0 - ANNOTATION_SHARE)].T
-    if np.any(channels.std(axis=1) == 0):
+    kept = off <= np.quantile(off, 1.0 - ANNOTATION_SHARE)
+    channels = pixels[kept].T
+    if np.any(channels.std(axis=1) == 0) or np.corrcoef(channels).min() < TINT_CORRELATION:
         return False
-    return bool(np.corrcoef(channels).min() >= TINT_CORRELATION)
+    gains, *_ = np.linalg.lstsq(grey[kept], pixels[kept], rcond=None)
+    return bool(np.ptp(gains[0]) > TINT_GAIN)
 
 
 def luminance(image: sitk.Image) -> sitk.Image:
