@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.commands import segment as segment_command
-from SASSRSegmentLib.inference import inputs, lesions, memory, noise, pipeline
+from SASSRSegmentLib.inference import inputs, lesions, memory, noise, pipeline, pixels
 from SASSRSegmentLib.inference.lesions import lesion_rows, lesion_table
 from SASSRSegmentLib.inference.windows import window_starts
 from SASSRSegmentLib.io import geometry, imageio
@@ -588,7 +588,7 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
     overshoot[0, 1] = 290
     assert overshoot.min() < -16 and probabilities(overshoot)[1] == []
     image = sitk.GetImageFromArray(overshoot)
-    assert inputs._in_8_bit_range(image, print) is image  # taken as it is
+    assert pixels.in_8_bit_range(image, print) is image  # taken as it is
     assert probabilities(grey.astype(np.uint16))[1] == []
     # Grey + transparency (a PNG's LA mode, two components in Slicer): the grey is segmented.
     got, warnings = probabilities(np.stack([grey, np.full_like(grey, 255)], -1), isVector=True)

@@ -23,7 +23,8 @@ from ..io import geometry, imageio
 from ..io.geometry import Grid
 from ..runtime.fonts import font
 from . import lesions
-from .inputs import drop_singleton_4th, luminance, no_data_as_lowest
+from .inputs import drop_singleton_4th
+from .pixels import luminance, no_data_as_lowest
 
 MASK_RGB = (255, 40, 40)
 FILL_ALPHA = 0.3
