@@ -52,7 +52,7 @@ def _labels(labels: list[int] | None, meta: dict, progress: Progress) -> list[in
     (a card records its training data's values: another dataset may call its lesion 255 or 2)."""
     if not labels:
         return None
-    declared = {v for values in datasets.declared_label_values(meta).values() for v in values}
+    declared = datasets.declared_values(meta)
     if set(labels) <= declared:
         return labels
     progress.log(

@@ -115,6 +115,11 @@ def declared_label_values(meta: dict) -> dict[str, list[int]]:
     return out
 
 
+def declared_values(meta: dict) -> set[int]:
+    """Every label value dataset.json declares (empty when it declares none)."""
+    return {v for values in declared_label_values(meta).values() for v in values}
+
+
 def resolve_lesion_values(meta: dict, labels: Sequence[int | str] | None) -> list[int] | None:
     """The label values that count as lesion: None (every value > 0) or a checked list.
 
@@ -123,7 +128,7 @@ def resolve_lesion_values(meta: dict, labels: Sequence[int | str] | None) -> lis
     if labels is None or len(labels) == 0:
         return None
     declared = declared_label_values(meta)
-    known_values = {v for values in declared.values() for v in values}
+    known_values = declared_values(meta)
     values, problems = [], []
     for item in labels:
         if isinstance(item, str) and not item.lstrip("-").isdigit():
@@ -341,7 +346,7 @@ def read_case(dataset: RawDataset, case: Case):
     if dataset.lesion_values is not None:
         # Chosen lesion values leave the others as background: an undeclared value (a 0/255 mask under a
         # dataset.json saying 1) would then score as an empty reference without a word.
-        declared = {v for values in declared_label_values(dataset.meta).values() for v in values} | {0}
+        declared = declared_values(dataset.meta) | {0}
         undeclared = sorted(set(np.unique(array).astype(int).tolist()) - declared)
         if undeclared:
             raise UserError(

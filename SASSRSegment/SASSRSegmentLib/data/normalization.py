@@ -70,7 +70,8 @@ def smooth(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _border(array: np.ndarray) -> np.ndarray:
+def border_values(array: np.ndarray) -> np.ndarray:
+    """Every value on the image's faces (its first and last slice along each axis)."""
     return np.concatenate([np.take(array, [0, -1], axis=a).ravel() for a in range(array.ndim)])
 
 
@@ -131,7 +132,7 @@ def _statistics_region(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _fit(data: np.ndarray) -> tuple[Levels | None, np.ndarray | None]:
     """(levels, the tissue they trace); (None, None) for an image without contrast."""
-    background = float(np.median(_border(data)))
+    background = float(np.median(border_values(data)))
     dark, bright = (float(v) for v in np.percentile(data, [1.0, 99.5]))
     if not bright > background:
         return None, None

@@ -14,16 +14,12 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..data.normalization import BORDER_IS_TISSUE
+from ..data.normalization import BORDER_IS_TISSUE, border_values
 
 # Inside the box around everything else, a frame's value may recur by chance, not as a background.
 CHANCE_SHARE = 0.01
 # A frame this close to the scan's background (a fraction of the scan's range) changes nothing.
 NEAR_BACKGROUND = 0.05
-
-
-def _border(array: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.take(array, [0, -1], axis=a).ravel() for a in range(array.ndim)])
 
 
 def _constant_face_value(array: np.ndarray):
@@ -68,7 +64,7 @@ def padding_as_background(image: sitk.Image, warn: Callable[[str], None]) -> sit
     if np.count_nonzero(frame[box]) > CHANCE_SHARE * frame[box].size:
         return image
     scan = array[box]
-    level = float(np.median(_border(scan)))
+    level = float(np.median(border_values(scan)))
     dark, bright = (float(v) for v in np.percentile(scan, [1.0, 99.5]))
     if abs(level - float(value)) <= NEAR_BACKGROUND * max(bright - dark, 1e-12):
         return image
