@@ -218,6 +218,12 @@ def test_label_selection(tmp_path):
     assert "label value 3 is not in dataset.json labels [0, 1, 2]" in problems_of(root, labels=[3])
     assert "label name 'tumour' is not in dataset.json labels" in problems_of(root, labels=["tumour"])
     assert "label value 0 is background" in problems_of(root, labels=[0])
+    # A dataset.json that declares no labels leaves every value open to a selection, as resolving it does.
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["labels"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ds = data.open_dataset(root, labels=[2])
+    assert sitk.GetArrayFromImage(data.read_case(ds, ds.cases[0])[1]).sum() == 8
 
 
 def test_fractional_label_is_refused(tmp_path):

@@ -343,10 +343,12 @@ def read_case(dataset: RawDataset, case: Case):
     array = sitk.GetArrayViewFromImage(label)
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
         raise UserError(f"labelsTr/{case.label.name}: label values must be integers (found fractions)")
-    if dataset.lesion_values is not None:
+    declared = declared_values(dataset.meta)
+    if dataset.lesion_values is not None and declared:
         # Chosen lesion values leave the others as background: an undeclared value (a 0/255 mask under a
-        # dataset.json saying 1) would then score as an empty reference without a word.
-        declared = declared_values(dataset.meta) | {0}
+        # dataset.json saying 1) would then score as an empty reference without a word. A dataset.json
+        # declaring no labels leaves every value open, as `resolve_lesion_values` does.
+        declared |= {0}
         undeclared = sorted(set(np.unique(array).astype(int).tolist()) - declared)
         if undeclared:
             raise UserError(
