@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io.files import sha256_file
-from ..model.bundle import MODELS_DIR, bundled_models, read_card, validation_dice
+from ..model.bundle import MODELS_DIR, bundled_models, read_card, validation_dice, weights_state
 from ..runtime.errors import UserError
 
 
@@ -32,16 +31,6 @@ def summarise(name: str, card: dict) -> dict:
     }
 
 
-def _weights_state(folder, card: dict) -> str:
-    """ "ok", "missing" or "damaged" (not the card's checksum): a broken copy listed as healthy was
-    refused only once used."""
-    weights = folder / "model.pt"
-    if not weights.is_file():
-        return "missing"
-    expected = card.get("weights_sha256")
-    return "damaged" if expected and sha256_file(weights) != expected else "ok"
-
-
 def _input_policy(summary: dict) -> str:
     if summary["lr_spacing_mm"]:
         return "LR " + "x".join(f"{s:g}" for s in summary["lr_spacing_mm"]) + " mm"
@@ -59,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         except UserError as exc:
             card, summary = {}, {"name": name, "error": str(exc)}
         summary["folder"] = str(folder)
-        summary["weights"] = _weights_state(folder, card)
+        # A broken copy listed as healthy was refused only once used.
+        summary["weights"] = weights_state(folder, card)
         rows.append(summary)
     if args.json:
         print(json.dumps(rows, indent=2))

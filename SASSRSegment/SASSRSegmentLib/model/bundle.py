@@ -87,6 +87,15 @@ def save_bundle(folder: Path, net, card: dict, half: bool = True) -> Path:
     return folder
 
 
+def weights_state(folder: Path, card: dict) -> str:
+    """ "ok", "missing" or "damaged" (not the card's checksum) for a bundle's model.pt."""
+    weights = folder / "model.pt"
+    if not weights.is_file():
+        return "missing"
+    expected = card.get("weights_sha256")
+    return "damaged" if expected and sha256_file(weights) != expected else "ok"
+
+
 def load_bundle(
     name_or_dir: str | Path | None, device=None, spatial_dims: int | None = None, for_prediction: bool = False
 ):
@@ -100,10 +109,10 @@ def load_bundle(
     folder = resolve_model(None if name_or_dir is None else str(name_or_dir), spatial_dims)
     card = read_card(folder)
     weights = folder / "model.pt"
-    if not weights.is_file():
+    found = weights_state(folder, card)
+    if found == "missing":
         raise UserError(f"model weights {weights} are missing; reinstall the model or re-run `train`")
-    expected = card.get("weights_sha256")
-    if expected and sha256_file(weights) != expected:
+    if found == "damaged":
         raise UserError(f"model weights {weights} are corrupted (checksum mismatch); reinstall the model")
     try:
         net = SASRNet(SASRConfig.from_dict(card["network"]))
