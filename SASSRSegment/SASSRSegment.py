@@ -443,6 +443,9 @@ class SASSRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             status = self.logic.outputSegmentationStatus(
                 segmentation, parameters.inputVolume, parameters.modelName
             )
+            if status in ("otherVolume", "notLabelmap"):
+                # Refused whatever the answer: no question first, segmentVolume's refusal says why.
+                return {"outputSegmentation": segmentation, "replaceSegment": False, "changeGrid": False}
             if status == "changeGrid":
                 answer = self._askChangeGrid(segmentation, parameters.inputVolume)
                 if answer is None:

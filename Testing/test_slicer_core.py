@@ -556,7 +556,7 @@ def test_segmentation_of_closed_surfaces_is_refused_before_the_run(pkg, logic, t
     assert _segment_names(segmentation) == ["Skull"]
 
 
-def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, logic, tmp_path):
+def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, mod, logic, tmp_path):
     first = _volume(tmp_path, "Patient A")
     second = _volume(tmp_path, "Patient B", size=(10, 12, 6), spacing=(1.5, 1.5, 3.0))
     firstResult = _run(logic, first)
@@ -565,6 +565,11 @@ def test_second_volume_never_goes_into_the_first_volumes_segmentation(pkg, logic
 
     assert logic.outputSegmentationStatus(segmentation, second) == "otherVolume"
     _refused(logic, second, "holds the lesions of 'Patient A'", outputSegmentation=segmentation)
+    # The panel asks nothing first (a Replace/Add question would be followed by this refusal anyway).
+    panel = types.SimpleNamespace(logic=logic, _askReplaceSegment=lambda s: pytest.fail("asked"))
+    parameters = types.SimpleNamespace(outputSegmentation=segmentation, inputVolume=second, modelName="")
+    output = mod.SASSRSegmentWidget._chooseOutput(panel, parameters)
+    _refused(logic, second, "holds the lesions of 'Patient A'", **output)
     assert pkg.segmentation.referenceGeometry(segmentation) == geometry
     lesionCount = firstResult.tableNode.GetNumberOfRows()
     assert segmentation.GetSegmentation().GetNumberOfSegments() == lesionCount

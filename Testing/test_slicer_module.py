@@ -250,6 +250,16 @@ def test_every_ui_attribute_used_by_the_module_exists_in_the_ui():
     assert sorted(used - names) == []
 
 
+def test_no_node_selector_offers_to_delete_the_users_node():
+    """qMRMLNodeComboBox's "Delete current ..." removes the node from the scene at once, unasked: one
+    misclick would lose a hand-edited segmentation or a placed ROI."""
+    selectors = [w for w in _ui_widgets() if w.get("class") == "qMRMLNodeComboBox"]
+    assert len(selectors) >= 3
+    for widget in selectors:
+        remove = widget.find("property[@name='removeEnabled']/bool")
+        assert remove is not None and remove.text == "false", widget.get("name")
+
+
 def test_every_slicer_parameter_name_is_a_parameter_node_field_of_a_compatible_type():
     fields = _parameter_fields()
     bound = []
