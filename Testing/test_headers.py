@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from enhanced_dicom import write_enhanced_mr
 from test_imageio import _volume, _write_dicom_series
 
 from SASSRSegmentLib import cli
@@ -134,3 +135,69 @@ def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsy
     assert cli.main(["segment", str(tmp_path / "exam"), "-o", str(tmp_path / "m.nrrd"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: several inputs (2: ") and "(series " in err and "-o must be a folder" in err
+
+
+def _enhanced(folder, name, digits=5, order=None, skip=()):
+    """An oblique stack (20 degrees) of 12 frames 6.5 mm apart as one Enhanced MR file, its frames stored
+    in `order`, `skip`ped frames left out; (the file, the volume it holds, on its true grid)."""
+    tilt = np.deg2rad(20)
+    rows, columns = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(tilt), -np.sin(tilt)])
+    normal = np.cross(rows, columns)
+    count = 12
+    frames = np.random.default_rng(3).integers(0, 900, (count, 16, 20)).astype(np.uint16)
+    origin = np.array([-10.0, 20.0, 30.0])
+    truth = sitk.GetImageFromArray(frames)
+    truth.SetSpacing((0.45, 0.5, 6.5))
+    truth.SetOrigin(origin.tolist())
+    truth.SetDirection(np.column_stack([rows, columns, normal]).ravel().tolist())
+    kept = [k for k in (order or range(count)) if k not in skip]
+    positions = [origin + 6.5 * k * normal for k in kept]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_enhanced_mr(
+        folder / f"{name}.dcm", frames[kept], (0.45, 0.5), np.r_[rows, columns], positions, digits
+    )
+    return path, truth
+
+
+@pytest.mark.parametrize(
+    "kind, itk_reads_it",
+    [
+        ("as written by most", True),
+        ("positions with 2 decimals", False),
+        ("interleaved", False),
+        ("top down", True),
+    ],
+)
+def test_an_enhanced_mr_file_reads_on_its_frames_grid(tmp_path, kind, itk_reads_it):
+    """ITK (GDCM) reads 1 x 1 x 1 mm where the frames' positions fail its evenness test, and stacks the
+    frames as stored: the helper's tilted 2D FLAIR came back 322 mm off, as 0 lesions, exit 0."""
+    order = {"interleaved": [*range(0, 12, 2), *range(1, 12, 2)], "top down": list(range(11, -1, -1))}
+    path, truth = _enhanced(tmp_path / "f", "scan", 2 if "2 decimals" in kind else 5, order.get(kind))
+    assert (sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)) != itk_reads_it
+    for given in (path, path.parent):  # the file, or its folder as a DICOM series
+        warnings = []
+        image = imageio.read_image(given, warn=warnings.append)
+        assert bool(warnings) != itk_reads_it and image.GetMetaData("0008|0060") == "MR"
+        np.testing.assert_allclose(image.GetSpacing(), (0.45, 0.5, 6.5), rtol=1e-3)
+        on_truth = sitk.Resample(image, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(on_truth), sitk.GetArrayFromImage(truth))
+
+
+def test_an_enhanced_mr_file_missing_a_frame_is_refused(tmp_path):
+    path, _ = _enhanced(tmp_path, "gap", skip=(5,))
+    with pytest.raises(
+        UserError, match=r"its frames are 6.5 mm apart, but 13 mm apart between frames 5 and 6"
+    ):
+        imageio.read_image(path)
+
+
+def test_segment_puts_an_enhanced_mr_files_mask_on_its_frames_grid(tmp_path, tiny_bundle_3d):
+    path, truth = _enhanced(tmp_path / "f", "scan", digits=2)
+    out = tmp_path / "mask.nrrd"
+    assert cli.main(["segment", str(path), "-o", str(out), "--model", str(tiny_bundle_3d), "--quiet"]) == 0
+    mask = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(mask.GetSpacing(), (0.225, 0.25, 3.25), rtol=1e-3)
+    np.testing.assert_allclose(mask.GetDirection(), truth.GetDirection(), atol=1e-6)
+    # The HR grid covers the LR grid's extent: its first voxel lies a quarter LR voxel inside the first.
+    first = np.array(truth.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, -0.25)))
+    np.testing.assert_allclose(mask.GetOrigin(), first, atol=0.01)

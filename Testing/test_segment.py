@@ -961,6 +961,10 @@ def test_the_summary_says_where_each_output_went(tmp_path, tiny_bundle_3d, capsy
     summary = [line for line in capsys.readouterr().err.splitlines() if "in: " in line]
     assert len(summary) == 1 and " mL in total; wrote " in summary[0]
     assert all(str(out / name) in summary[0] for name in ("m.nrrd", "t.csv", "f.png"))
+    # A volume without lesions is still counted in mL (it had read "0.0 mm2", as for an image).
+    assert cli.main([*args, "--threshold", "0.9999", "--overwrite"]) == 0
+    summary = [line for line in capsys.readouterr().err.splitlines() if "in: " in line]
+    assert "in: 0 lesion(s), 0.00 mL in total" in summary[0]
 
 
 def test_the_table_is_clinical_first_with_provenance_beside_it(tmp_path, tiny_bundle_3d):

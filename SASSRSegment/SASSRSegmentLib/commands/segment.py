@@ -418,7 +418,9 @@ def run(args: argparse.Namespace) -> int:
                         rows, args.lesion_table, args.overwrite, record, staging, _columns(record)
                     )
                 written = staging.commit()
-            session.progress.log(_summary(job.item.name, rows, written))
+            session.progress.log(
+                _summary(job.item.name, rows, written, volumes=int(record["spatial_dims"]) == 3)
+            )
         except UserError as exc:
             if not batch:
                 raise
@@ -446,9 +448,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(name: str, rows: list[dict], written: list[Path]) -> str:
-    """What one input gave and where each output went (volumes in mL, as clinicians read them)."""
-    if rows and "volume_mm3" in rows[0]:
+def _summary(name: str, rows: list[dict], written: list[Path], volumes: bool) -> str:
+    """What one input gave and where each output went (volumes in mL, as clinicians read them; a volume
+    without lesions too, which the rows alone cannot tell from an image)."""
+    if volumes:
         amount = f"{sum(r['volume_mm3'] for r in rows) / 1000:.2f} mL"
     else:
         amount = f"{sum(r.get('area_mm2', 0.0) for r in rows):.1f} mm2"

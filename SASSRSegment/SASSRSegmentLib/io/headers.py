@@ -44,20 +44,23 @@ def check_slice_positions(reader: sitk.ImageSeriesReader, name: str) -> None:
             f"{name}: the series holds slices of several orientations (a localiser?); give one acquisition"
         )
     normal = np.cross(orientations[0][:3], orientations[0][3:])
-    heights = np.sort(positions @ normal)
+    check_heights(np.sort(positions @ normal), count, name)
+
+
+def check_heights(heights: np.ndarray, count: int, name: str, what: str = "slices") -> None:
+    """Refuse slices (sorted heights along their normal) that repeat a position or leave a gap."""
     gaps = np.diff(heights)
     step = float(np.median(gaps))
     repeated = int(np.count_nonzero(gaps < _GAP_TOLERANCE * max(step, 0.1)))
     if repeated:
         raise UserError(
-            f"{name}: {repeated} of its {count} slices {'lies' if repeated == 1 else 'lie'} where another "
-            "slice lies (several echoes, time "
-            "points or repeats in one series?); give one acquisition's slices"
+            f"{name}: {repeated} of its {count} {what} {'lies' if repeated == 1 else 'lie'} where another "
+            "slice lies (several echoes, time points or repeats in one series?); give one acquisition's slices"
         )
     worst = int(np.argmax(np.abs(gaps - step)))
     if abs(gaps[worst] - step) > _GAP_TOLERANCE * step:
         raise UserError(
-            f"{name}: its slices are {step:.3g} mm apart, but {gaps[worst]:.3g} mm apart between slices "
+            f"{name}: its {what} are {step:.3g} mm apart, but {gaps[worst]:.3g} mm apart between {what} "
             f"{worst + 1} and {worst + 2} (a slice missing?); read as evenly spaced, the volume would be "
             "distorted: give the complete series"
         )

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from ..runtime.errors import UserError
 from . import headers
 from .files import plain_permissions
+from .multiframe import check_multiframe
 
 # Longest first so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 IMAGE_EXTENSIONS = (
@@ -40,6 +41,8 @@ IMAGE_EXTENSIONS = (
     ".bmp",
     ".dcm",
 )
+# Every DICOM file ITK reads carries its SOP class; a multi-frame one is checked against its frames.
+_SOP_CLASS_TAG = "0008|0016"
 OUTPUT_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png")
 TWO_D_ONLY = (".png",)
 
@@ -183,7 +186,7 @@ def read_image(
             item = InputItem(path, None, split_extension(path)[0])
     try:
         if item.series_id is not None:
-            return _read_series(item)
+            return _read_series(item, warn)
         if not item.path.is_file():
             raise UserError(f"input {item.path} does not exist")
         if item.path.stat().st_size == 0:
@@ -194,14 +197,18 @@ def read_image(
         image = _grey_and_alpha_png(item.path) if "Unknown PixelType" in str(exc) else None
         if image is None:
             raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
+    if image.HasMetaDataKey(_SOP_CLASS_TAG):
+        return check_multiframe(image, item.path, str(item), warn)
     headers.check_nifti_positions(image, warn)
     return image
 
 
-def _read_series(item: InputItem) -> sitk.Image:
+def _read_series(item: InputItem, warn: Callable[[str], None]) -> sitk.Image:
     # ITK's complaint about uneven slices goes to stderr only; check_slice_positions says it in words.
     with _quiet_itk():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item.path), item.series_id)
+        if len(files) == 1:  # one (multi-frame) file; the series reader would add a fourth axis to it
+            return check_multiframe(sitk.ReadImage(files[0]), Path(files[0]), str(item), warn)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()

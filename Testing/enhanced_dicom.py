@@ -1,0 +1,93 @@
+"""Write a volume as one Enhanced MR DICOM file (every frame in one file, as current scanners send), with
+the frames' positions as given: the tests' stand-in for pydicom, which is no dependency of this project.
+
+Explicit VR little endian, defined lengths; the elements GDCM needs to read the file as a volume: the
+shared pixel measures and plane orientation, and one plane position per frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+_LONG_VRS = {"OB", "OW", "SQ", "UN", "UT"}
+
+
+def _element(group: int, element: int, vr: str, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\x00" if vr in ("UI", "OB") else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def _sequence(group: int, element: int, items: list[bytes]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    return _element(group, element, "SQ", body)
+
+
+def _decimals(values, digits: int) -> bytes:
+    return "\\".join(f"{v:.{digits}f}" for v in values).encode()
+
+
+def write_enhanced_mr(
+    path: Path,
+    frames: np.ndarray,
+    spacing: tuple[float, float],
+    orientation: np.ndarray,
+    positions: list[np.ndarray],
+    digits: int = 5,
+) -> Path:
+    """`frames` (n, rows, columns) uint16 as stored; `spacing` (between columns, between rows) in mm;
+    `orientation` the row and column directions (6 numbers); `positions` each frame's first voxel."""
+    us = lambda v: struct.pack("<H", v)  # noqa: E731
+    shared = _sequence(0x0020, 0x9116, [_element(0x0020, 0x0037, "DS", _decimals(orientation, 8))])
+    shared += _sequence(
+        0x0028,
+        0x9110,
+        [
+            _element(0x0018, 0x0050, "DS", b"1")
+            + _element(0x0028, 0x0030, "DS", _decimals((spacing[1], spacing[0]), 6))
+        ],
+    )
+    per_frame = [
+        _sequence(0x0020, 0x9113, [_element(0x0020, 0x0032, "DS", _decimals(p, digits))]) for p in positions
+    ]
+    n, rows, columns = frames.shape
+    dataset = b"".join(
+        [
+            _element(0x0008, 0x0016, "UI", ENHANCED_MR.encode()),
+            _element(0x0008, 0x0018, "UI", b"1.2.3.4.5.6.7.1"),
+            _element(0x0008, 0x0060, "CS", b"MR"),
+            _element(0x0020, 0x000D, "UI", b"1.2.3.4.5.6.7.2"),
+            _element(0x0020, 0x000E, "UI", b"1.2.3.4.5.6.7.3"),
+            _element(0x0020, 0x0052, "UI", b"1.2.3.4.5.6.7.4"),
+            _element(0x0028, 0x0002, "US", us(1)),
+            _element(0x0028, 0x0004, "CS", b"MONOCHROME2"),
+            _element(0x0028, 0x0008, "IS", str(n).encode()),
+            _element(0x0028, 0x0010, "US", us(rows)),
+            _element(0x0028, 0x0011, "US", us(columns)),
+            _element(0x0028, 0x0100, "US", us(16)),
+            _element(0x0028, 0x0101, "US", us(16)),
+            _element(0x0028, 0x0102, "US", us(15)),
+            _element(0x0028, 0x0103, "US", us(0)),
+            _sequence(0x5200, 0x9229, [shared]),
+            _sequence(0x5200, 0x9230, per_frame),
+            _element(0x7FE0, 0x0010, "OW", frames.astype("<u2").tobytes()),
+        ]
+    )
+    meta = b"".join(
+        [
+            _element(0x0002, 0x0001, "OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, "UI", ENHANCED_MR.encode()),
+            _element(0x0002, 0x0003, "UI", b"1.2.3.4.5.6.7.1"),
+            _element(0x0002, 0x0010, "UI", b"1.2.840.10008.1.2.1"),
+            _element(0x0002, 0x0012, "UI", b"1.2.3.4.5.6.7.9"),
+        ]
+    )
+    header = b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, "UL", struct.pack("<I", len(meta))) + meta
+    path.write_bytes(header + dataset)
+    return path
