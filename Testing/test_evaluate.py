@@ -11,11 +11,22 @@ import SimpleITK as sitk
 import torch
 
 from SASSRSegmentLib import cli
+from SASSRSegmentLib.data import datasets
 from SASSRSegmentLib.evaluation import metrics
+from SASSRSegmentLib.evaluation.card import TOLERANCE, check_against_card, robustness_section
 from SASSRSegmentLib.evaluation.report import format_reports
-from SASSRSegmentLib.evaluation.scoring import interpolation_baseline, synthesise_case
+from SASSRSegmentLib.evaluation.scoring import (
+    ScoringOptions,
+    assemble_result,
+    interpolation_baseline,
+    score_cases,
+    synthesise_case,
+)
 from SASSRSegmentLib.io import geometry
 from SASSRSegmentLib.io.geometry import Grid, hr_grid
+from SASSRSegmentLib.model.bundle import load_bundle
+from SASSRSegmentLib.runtime.errors import UserError
+from SASSRSegmentLib.runtime.progress import Progress
 
 
 @pytest.fixture(autouse=True)
@@ -284,3 +295,75 @@ def test_evaluate_lr_input_errors(dataset, model, tiny_bundle_2d, capsys):
     assert "3D models only" in capsys.readouterr().err
     assert cli.main([*base, "--model", str(model), "--lr-input", "all,block"]) == 2
     assert "all stands alone" in capsys.readouterr().err  # it had said all was unknown, "choose ... or all"
+
+
+def test_check_card_reruns_the_cards_robustness_table(dataset, model, tmp_path, capsys):
+    args = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--progress", "quiet"]
+    card_path = model / "model.json"
+    card = json.loads(card_path.read_text())
+    assert cli.main([*args, "--check-card"]) == 2
+    assert "holds no robustness table" in capsys.readouterr().err
+    measured = tmp_path / "measured.json"
+    assert cli.main([*args, "--lr-input", "block,thick-slice-5mm", "--json", str(measured)]) == 0
+    capsys.readouterr()
+    card["robustness"] = robustness_section(json.loads(measured.read_text()), "evaluate", ["thick-slice-5mm"])
+    card_path.write_text(json.dumps(card))
+    rows = card["robustness"]["inputs"]
+    assert set(rows) == {"block", "thick-slice-5mm"} and set(rows["block"]["cases"]) == {"case1", "case2"}
+    assert rows["block"]["cases"] != rows["thick-slice-5mm"]["cases"]  # two inputs, two sets of numbers
+
+    assert cli.main([*args, "--lr-input", "block,thick-slice-5mm", "--check-card"]) == 0
+    assert "agrees with this evaluation: 4 case scores" in capsys.readouterr().out
+    assert cli.main([*args, "--check-card"]) == 0  # one input checks its own rows
+    assert "2 case scores" in capsys.readouterr().out
+
+    recorded = rows["thick-slice-5mm"]["cases"]["case2"]
+    rows["thick-slice-5mm"]["cases"]["case2"] = recorded + 2 * TOLERANCE * (1 if recorded < 0.5 else -1)
+    card_path.write_text(json.dumps(card))
+    assert cli.main([*args, "--lr-input", "block,thick-slice-5mm", "--check-card"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "differs from this evaluation in 1 of 4" in err and "thick-slice-5mm case2" in err
+    assert len(err.splitlines()) == 1
+    # Settings the table was not measured with are refused before anything is scored.
+    assert cli.main([*args, "--check-card", "--tta"]) == 2
+    assert "measured with tta False" in capsys.readouterr().err
+    assert cli.main([*args, "--check-card", "--split", "all"]) == 2
+    assert "split 'val'" in capsys.readouterr().err
+
+
+def test_a_robustness_section_records_each_input_and_refuses_an_unscored_held_out_one():
+    result = {
+        "split": "val",
+        "threshold": 0.5,
+        "tta": False,
+        "robustness": {
+            "block": {"cases": {"a": 0.81234, "b": 0.5}},
+            "lanczos": {"cases": {"a": 0.7, "b": 0.6}},
+        },
+    }
+    section = robustness_section(result, "cmd", ["lanczos"])
+    assert section["inputs"]["block"] == {
+        "mean_dice": 0.6562,
+        "min_dice": 0.5,
+        "cases": {"a": 0.8123, "b": 0.5},
+    }
+    assert section["held_out_of_training"] == ["lanczos"] and section["command"] == "cmd"
+    with pytest.raises(UserError, match="kspace were not scored"):
+        robustness_section(result, "cmd", ["kspace"])
+
+
+@pytest.mark.parametrize("name", ["brain-tumour-flair-3d", "breast-ultrasound-2d"])
+def test_the_bundled_cards_robustness_numbers_come_out_of_evaluate(name, shared_data):
+    """The first validation cases of each bundled card, rescored as `evaluate --check-card` scores them."""
+    card, net = load_bundle(name, torch.device("cpu"), for_prediction=True)
+    table = card["robustness"]
+    dataset = datasets.open_dataset(
+        shared_data / card["training"]["dataset"], labels=card["preprocessing"]["labels"]
+    )
+    names = list(table["inputs"]["block"]["cases"])[:2]
+    options = ScoringOptions()
+    scores = score_cases(
+        dataset, names, net, card, torch.device("cpu"), ["block"], options, Progress("quiet")
+    )
+    result = assemble_result(scores, card, ["block"], options, name, str(dataset.root), "val")
+    assert check_against_card(result, card) == (2, [])

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from ..data import datasets, lowres
+from ..evaluation.card import TOLERANCE, check_against_card, check_settings
 from ..evaluation.report import format_reports, json_safe
 from ..evaluation.scoring import ScoringOptions, assemble_result, case_names, lr_inputs, score_cases
+from ..inference.pipeline import card_threshold
 from ..io import imageio
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
@@ -31,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="val: the card's validation cases (default); all",
     )
     parser.add_argument("--json", metavar="OUT", help="also write every score to this JSON file")
+    parser.add_argument(
+        "--check-card",
+        action="store_true",
+        help=f"compare every case's Dice with the model card's robustness table (within {TOLERANCE}); "
+        "exit status 1 where they differ",
+    )
     parser.add_argument(
         "--baseline-interpolation",
         action="store_true",
@@ -84,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             f"{prep['spatial_dims']}D"
         )
     names = case_names(dataset, card, args.split)
+    if args.check_card:
+        settings = {"split": args.split, "threshold": card_threshold(card, args.threshold), "tta": args.tta}
+        check_settings(card, settings)
     progress.log(f"device: {describe(device)}; {len(names)} case(s) of {dataset.name}")
     options = ScoringOptions(
         tta=args.tta,
@@ -97,4 +109,20 @@ def run(args: argparse.Namespace) -> int:
         print(format_reports(result, generators))
     if args.json:
         imageio.write_text(json.dumps(json_safe(result), indent=2) + "\n", args.json, args.overwrite)
+    return _report_check(result, card) if args.check_card else 0
+
+
+def _report_check(result: dict, card: dict) -> int:
+    compared, differences = check_against_card(result, card)
+    if differences:
+        shown = "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+        print(
+            f"the model card's robustness table differs from this evaluation in {len(differences)} of "
+            f"{compared} case scores (tolerance {TOLERANCE}): {shown}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"the model card's robustness table agrees with this evaluation: {compared} case scores within {TOLERANCE}"
+    )
     return 0
