@@ -242,12 +242,21 @@ def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys)
     from SASSRSegmentLib.commands import models
 
     monkeypatch.setattr(models, "bundled_models", lambda: {"tiny-2d": tiny_bundle_2d, "toy-3d": model})
+    card = json.loads((model / "model.json").read_text())
+    table = {"block": {"cases": {"a": 0.8, "b": 0.7}}, "decimate": {"cases": {"a": 0.6, "b": 0.7}}}
+    result = {"split": "val", "threshold": 0.5, "tta": False, "robustness": table}
+    card["robustness"] = robustness_section(result, "evaluate", [])
+    (model / "model.json").write_text(json.dumps(card))
+    assert cli.main(["models"]) == 0
+    assert "(0.650-0.750 over 2 LR inputs)" in capsys.readouterr().out
     assert cli.main(["models", "--json"]) == 0
     # Listed by the name --model takes, the folder's (the card's had been shown: "tiny-3d" for toy-3d).
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["tiny-2d"]["spatial_dims"] == 2 and rows["tiny-2d"]["lr_longer_side"] == 24
     assert rows["toy-3d"]["lr_spacing_mm"] == [2.0, 2.0, 2.0] and rows["toy-3d"]["weights"] == "ok"
     assert rows["toy-3d"]["card_name"] == "tiny-3d"
+    assert rows["toy-3d"]["robustness_dice"] == {"block": 0.75, "decimate": 0.65}
+    assert rows["tiny-2d"]["robustness_dice"] == {}  # a card without the table
     weights = (model / "model.pt").read_bytes()
     (model / "model.pt").write_bytes(weights[: len(weights) // 2])  # a broken copy was listed as healthy
     assert cli.main(["models"]) == 0

@@ -27,8 +27,19 @@ def summarise(name: str, card: dict) -> dict:
         "lr_longer_side": prep.get("lr_longer_side"),
         "threshold": card.get("threshold"),
         "validation_dice": validation_dice(card),
+        # Mean validation Dice per way of making the LR input (the card's `evaluate --lr-input all`).
+        "robustness_dice": {
+            g: row.get("mean_dice") for g, row in (card.get("robustness") or {}).get("inputs", {}).items()
+        },
         "description": card.get("description"),
     }
+
+
+def _spread(robustness: dict) -> str:
+    values = [v for v in robustness.values() if isinstance(v, (int, float))]
+    if len(values) < 2:
+        return ""
+    return f" ({min(values):.3f}-{max(values):.3f} over {len(values)} LR inputs)"
 
 
 def _input_policy(summary: dict) -> str:
@@ -67,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{row['name']}{named}: {row['spatial_dims']}D, x{row['scale']}, {_input_policy(row)}, "
             f"{row['modality'] or 'modality not stated'}, validation Dice "
-            f"{'n/a' if dice is None else f'{dice:.3f}'}{weights}"
+            f"{'n/a' if dice is None else f'{dice:.3f}'}{_spread(row['robustness_dice'])}{weights}"
         )
         if row["description"]:
             print(f"    {row['description']}")
