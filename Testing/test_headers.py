@@ -137,58 +137,88 @@ def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsy
     assert err.startswith("error: several inputs (2: ") and "(series " in err and "-o must be a folder" in err
 
 
-def _enhanced(folder, name, digits=5, order=None, skip=()):
-    """An oblique stack (20 degrees) of 12 frames 6.5 mm apart as one Enhanced MR file, its frames stored
-    in `order`, `skip`ped frames left out; (the file, the volume it holds, on its true grid)."""
+def _enhanced(folder, name, digits=5, order=None, skip=(), count=12, step=6.5, sideways=0.0, **written):
+    """An oblique stack (20 degrees) of `count` frames `step` mm apart as one Enhanced MR file, its frames
+    stored in `order`, `skip`ped frames left out, each frame shifted `sideways` mm more than the last
+    (a gantry tilt); (the file, the volume it holds, on its true grid)."""
     tilt = np.deg2rad(20)
     rows, columns = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(tilt), -np.sin(tilt)])
     normal = np.cross(rows, columns)
-    count = 12
     frames = np.random.default_rng(3).integers(0, 900, (count, 16, 20)).astype(np.uint16)
     origin = np.array([-10.0, 20.0, 30.0])
     truth = sitk.GetImageFromArray(frames)
-    truth.SetSpacing((0.45, 0.5, 6.5))
+    truth.SetSpacing((0.45, 0.5, step))
     truth.SetOrigin(origin.tolist())
     truth.SetDirection(np.column_stack([rows, columns, normal]).ravel().tolist())
     kept = [k for k in (order or range(count)) if k not in skip]
-    positions = [origin + 6.5 * k * normal for k in kept]
+    positions = [origin + k * (step * normal + sideways * rows) for k in kept]
     folder.mkdir(parents=True, exist_ok=True)
+    orientation = np.r_[rows, columns]
     path = write_enhanced_mr(
-        folder / f"{name}.dcm", frames[kept], (0.45, 0.5), np.r_[rows, columns], positions, digits
+        folder / f"{name}.dcm", frames[kept], (0.45, 0.5), orientation, positions, digits, **written
     )
     return path, truth
 
 
+INTERLEAVED = [*range(0, 12, 2), *range(1, 12, 2)]
+
+
 @pytest.mark.parametrize(
-    "kind, itk_reads_it",
+    "kind, options, itk_reads_it",
     [
-        ("as written by most", True),
-        ("positions with 2 decimals", False),
-        ("interleaved", False),
-        ("top down", True),
+        ("as written by most", {}, True),
+        ("positions with 2 decimals", {"digits": 2}, False),
+        ("interleaved", {"order": INTERLEAVED}, False),
+        ("top down", {"order": list(range(11, -1, -1))}, True),
+        ("implicit VR, 2 decimals", {"digits": 2, "implicit": True}, False),
+        # Other positions in the file: Philips' private per-frame copy, an icon's pixel data before the
+        # groups; a search of the file's bytes had counted the first and stopped at the second.
+        ("a private copy of each position, interleaved", {"order": INTERLEAVED, "private_copy": True}, False),
+        ("an icon image, 2 decimals", {"digits": 2, "icon": True}, False),
+        # Rounded positions: the median step had put the last of 300 frames 0.9 mm off.
+        ("300 frames 0.8 mm apart, 2 decimals", {"digits": 2, "count": 300, "step": 0.8}, False),
     ],
 )
-def test_an_enhanced_mr_file_reads_on_its_frames_grid(tmp_path, kind, itk_reads_it):
+def test_an_enhanced_mr_file_reads_on_its_frames_grid(tmp_path, kind, options, itk_reads_it):
     """ITK (GDCM) reads 1 x 1 x 1 mm where the frames' positions fail its evenness test, and stacks the
     frames as stored: the helper's tilted 2D FLAIR came back 322 mm off, as 0 lesions, exit 0."""
-    order = {"interleaved": [*range(0, 12, 2), *range(1, 12, 2)], "top down": list(range(11, -1, -1))}
-    path, truth = _enhanced(tmp_path / "f", "scan", 2 if "2 decimals" in kind else 5, order.get(kind))
+    path, truth = _enhanced(tmp_path / "f", "scan", **options)
     assert (sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)) != itk_reads_it
     for given in (path, path.parent):  # the file, or its folder as a DICOM series
         warnings = []
         image = imageio.read_image(given, warn=warnings.append)
         assert bool(warnings) != itk_reads_it and image.GetMetaData("0008|0060") == "MR"
-        np.testing.assert_allclose(image.GetSpacing(), (0.45, 0.5, 6.5), rtol=1e-3)
+        np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), rtol=1e-4)
         on_truth = sitk.Resample(image, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(on_truth), sitk.GetArrayFromImage(truth))
 
 
-def test_an_enhanced_mr_file_missing_a_frame_is_refused(tmp_path):
+def test_an_enhanced_mr_file_no_even_stack_can_hold_is_refused(tmp_path):
+    """A frame missing; frames shifted sideways (a gantry tilt: ITK placed the last 5.5 mm off); a cine
+    whose one position is shared by its frames (ITK read its 12 time points as 12 slices)."""
     path, _ = _enhanced(tmp_path, "gap", skip=(5,))
+    with pytest.raises(UserError, match=r"frames are 6.5 mm apart, but 13 mm apart between frames 5 and 6"):
+        imageio.read_image(path)
+    path, _ = _enhanced(tmp_path, "tilted", digits=2, sideways=0.5)
     with pytest.raises(
-        UserError, match=r"its frames are 6.5 mm apart, but 13 mm apart between frames 5 and 6"
+        UserError, match=r"shift sideways from one to the next \(a gantry tilt\?\), by up to 12.2 voxels"
     ):
         imageio.read_image(path)
+    cine = write_enhanced_mr(
+        tmp_path / "cine.dcm",
+        np.zeros((12, 16, 20), np.uint16),
+        (0.45, 0.5),
+        np.r_[1.0, 0, 0, 0, 1, 0],
+        [np.zeros(3)],
+    )
+    with pytest.raises(UserError, match=r"its 12 frames lie at one position \(a cine or time series\?\)"):
+        imageio.read_image(cine)
+    # A file GDCM cannot place at all (no orientation anywhere) made listing its folder's series fail.
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    write_enhanced_mr(lost / "s.dcm", np.zeros((3, 4, 4), np.uint16), (1, 1), None, [np.zeros(3)] * 3)
+    with pytest.raises(UserError, match=r"^cannot read the DICOM files in .*lost: "):
+        imageio.read_image(lost)
 
 
 def test_segment_puts_an_enhanced_mr_files_mask_on_its_frames_grid(tmp_path, tiny_bundle_3d):

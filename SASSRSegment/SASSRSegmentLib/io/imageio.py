@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..runtime.errors import UserError
 from . import headers
 from .files import plain_permissions
-from .multiframe import check_multiframe
+from .multiframe import FRAMES_TAG, check_multiframe
 
 # Longest first so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 IMAGE_EXTENSIONS = (
@@ -41,8 +41,6 @@ IMAGE_EXTENSIONS = (
     ".bmp",
     ".dcm",
 )
-# Every DICOM file ITK reads carries its SOP class; a multi-frame one is checked against its frames.
-_SOP_CLASS_TAG = "0008|0016"
 OUTPUT_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png")
 TWO_D_ONLY = (".png",)
 
@@ -84,7 +82,10 @@ def _quiet_itk() -> Iterator[None]:
 def dicom_series(folder: Path) -> list[str]:
     """The DICOM series ids found directly in `folder` (empty when there is none)."""
     with _quiet_itk():
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        try:
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        except RuntimeError as exc:  # a DICOM file GDCM cannot make sense of
+            raise UserError(f"cannot read the DICOM files in {folder}: {_read_problem(exc)}") from None
 
 
 def _is_image_file(path: Path) -> bool:
@@ -197,7 +198,7 @@ def read_image(
         image = _grey_and_alpha_png(item.path) if "Unknown PixelType" in str(exc) else None
         if image is None:
             raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
-    if image.HasMetaDataKey(_SOP_CLASS_TAG):
+    if image.HasMetaDataKey(FRAMES_TAG):  # a multi-frame DICOM file: placed by its frames' positions
         return check_multiframe(image, item.path, str(item), warn)
     headers.check_nifti_positions(image, warn)
     return image
