@@ -27,6 +27,7 @@ def operators(scale: int) -> dict[str, np.ndarray]:
         "cubic, no anti-aliasing": degrade.gaussian_interpolation_matrix(N_LR, scale, 0.0, cubic=True),
         "thick box": degrade.thick_slice_matrix(N_LR, scale, 2.5 * scale, 1.3, "box"),
         "thick gaussian": degrade.thick_slice_matrix(N_LR, scale, 1.7 * scale, 0.4, "gaussian"),
+        "thick box with gaps": degrade.thick_slice_matrix(N_LR, scale, 2.5 * scale, 1.3, "box", 3.2 * scale),
     }
 
 
@@ -106,6 +107,27 @@ def test_thick_slices_average_over_their_thickness():
         # slice covers, where a block average keeps 1/2 in one LR voxel.
         assert lr.max() <= 1.0 / thickness + 1e-9
         assert np.count_nonzero(lr > 1e-9) >= thickness / 2
+
+
+def test_slices_with_gaps_never_see_what_lies_between_them():
+    """5 mm slices every 6.5 mm (a clinical 2D FLAIR, 1 mm HR voxels): a structure wholly in a gap is
+    missing from the LR image, however the slices are then interpolated."""
+    matrix = degrade.thick_slice_matrix(30, 2, 5.0, 2.5, "box", spacing=6.5)
+    seen = matrix.sum(axis=0) > 0
+    # Slabs [k * 6.5, k * 6.5 + 5]; HR voxel i covers [i - 0.5, i + 0.5]: voxels 6, 12, 19, 25 lie in gaps.
+    assert not seen[[6, 12, 19, 25]].any() and seen[[5, 7, 13, 18, 20, 24]].all()
+    without = degrade.thick_slice_matrix(30, 2, 5.0, 2.5, "box")
+    assert (without.sum(axis=0)[2:50] > 0).all()  # slices spaced by their thickness see everything
+
+
+def test_gaps_are_drawn_only_where_asked_and_leave_the_other_draws_as_they_were():
+    shape, thick = (40, 40, 40), {"p_thick": 1.0, "thickness_mm": (5.0, 5.0)}
+    plain = Degradation(**thick).operators(shape, np.random.default_rng(7), 2)
+    (slices,) = [op for op in plain if op.kind == "thick"]
+    assert slices.spacing == slices.thickness == 5.0
+    gapped = Degradation(**thick, slice_gap=(1.3, 1.3)).operators(shape, np.random.default_rng(7), 2)
+    (slices,) = [op for op in gapped if op.kind == "thick"]
+    assert slices.spacing == pytest.approx(6.5) and 0 <= slices.phase < 6.5
 
 
 def far_from(tissue_hr: np.ndarray, lr_voxels: int = 4) -> np.ndarray:

@@ -88,12 +88,18 @@ def test_config_errors_are_listed(tmp_path):
     )
     assert len(lines) == 3  # value checks wait until the types are right
     with pytest.raises(UserError) as info:
-        config.load_config(write_json(tmp_path / "values.json", {"scale": 3, "p_fg": 1.5, "amp": "fp8"}))
+        config.load_config(
+            write_json(
+                tmp_path / "values.json",
+                {"scale": 3, "p_fg": 1.5, "amp": "fp8", "thick_slice_gap": [0.8, 1.3]},
+            )
+        )
     message = str(info.value)
     assert (
         "scale must be 2 or 4" in message
         and "p_fg must be in [0, 1]" in message
         and 'amp must be "auto"' in message
+        and "thick_slice_gap must be [low, high] with 1 <= low <= high <= 2, got [0.8, 1.3]" in message
     )
     (tmp_path / "truncated.json").write_text('{"scale": ')
     with pytest.raises(UserError, match="is not valid JSON"):

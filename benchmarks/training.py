@@ -122,7 +122,9 @@ def loading_speed(cfg, cache_dir: Path, workers: int, batches_to_time: int) -> f
         affine_degrees=cfg.affine_degrees,
     )
     degradation = (
-        build.degradation_for(cache.prep, cfg.p_thick_slices) if cfg.degradation == "random" else None
+        build.degradation_for(cache.prep, cfg.p_thick_slices, cfg.thick_slice_gap)
+        if cfg.degradation == "random"
+        else None
     )
     sampler = PatchSampler(cache, cache.names, patch, cfg.p_fg, augmentation=aug, degradation=degradation)
     stream = batches(sampler, cfg.batch_size, workers, seed=0)

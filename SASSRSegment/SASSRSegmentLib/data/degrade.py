@@ -152,10 +152,11 @@ def decimation_matrix(n_lr: int, scale: int, phase: int) -> np.ndarray:
 
 
 def thick_slice_matrix(
-    n_lr: int, scale: int, thickness: float, phase: float, profile: str = "box"
+    n_lr: int, scale: int, thickness: float, phase: float, profile: str = "box", spacing: float = 0.0
 ) -> np.ndarray:
-    """Slices `thickness` HR voxels thick, centred at phase + k * thickness (box or Gaussian profile of
-    that FWHM), then linear interpolation to the LR voxel centres.
+    """Slices `thickness` HR voxels thick, centred at phase + k * spacing (box or Gaussian profile of
+    that FWHM; `spacing` 0: the thickness, no gap between slices), then linear interpolation to the LR
+    voxel centres.
 
     A slice cut by the patch edge is renormalised to the part inside and placed at that part's
     centroid, so a ramp still comes out a ramp; LR centres beyond the outermost slice centroids take
@@ -163,7 +164,8 @@ def thick_slice_matrix(
     """
     n = n_lr * scale
     i = np.arange(n)
-    centres = np.arange(phase - thickness, n + thickness, thickness)
+    step = max(spacing, thickness)
+    centres = np.arange(phase - step, n + step, step)
     if profile == "box":  # exact overlap of each HR voxel with the slab
         lo = np.maximum(i[None, :] - 0.5, centres[:, None] - thickness / 2)
         hi = np.minimum(i[None, :] + 0.5, centres[:, None] + thickness / 2)
@@ -341,10 +343,11 @@ class Operator:
     phase: float = 0.0
     thickness: float = 0.0
     profile: str = "box"
+    spacing: float = 0.0  # thick slices: from one slice's centre to the next (0: the thickness)
 
     def matrix(self, n_lr: int, scale: int) -> np.ndarray:
         if self.kind == "thick":
-            m = thick_slice_matrix(n_lr, scale, self.thickness, self.phase, self.profile)
+            m = thick_slice_matrix(n_lr, scale, self.thickness, self.phase, self.profile, self.spacing)
         elif self.kind == "gaussian":
             m = gaussian_interpolation_matrix(n_lr, scale, self.sigma, self.cubic)
         elif self.kind == "kspace":
@@ -366,6 +369,8 @@ class Degradation:
     hr_spacing: Sequence[float] = (1.0, 1.0, 1.0)
     p_thick: float = 0.2
     thickness_mm: Sequence[float] = (3.0, 6.0)
+    # Slice spacing over thickness: a clinical 2D FLAIR leaves gaps (5 mm slices every 6.5 mm: 1.3).
+    slice_gap: Sequence[float] = (1.0, 1.0)
     sigma_factor: Sequence[float] = (0.3, 1.6)
     noise: Sequence[float] = (0.005, 0.08)  # of the tissue's intensity range, log-uniform
     p_bias: float = 0.5
@@ -383,10 +388,11 @@ class Degradation:
                 thickness = rng.uniform(*self.thickness_mm) / float(self.hr_spacing[axis])
                 if thickness > scale:  # slices thinner than an LR voxel are not thick
                     profile = "box" if rng.random() < 0.5 else "gaussian"
+                    # Drawn only where gaps are asked for: without, a seed makes the patches it made.
+                    spacing = thickness * rng.uniform(*self.slice_gap) if self.slice_gap[1] > 1 else thickness
+                    phase = rng.uniform(0, spacing)
                     out.append(
-                        Operator(
-                            "thick", thickness=thickness, phase=rng.uniform(0, thickness), profile=profile
-                        )
+                        Operator("thick", thickness=thickness, phase=phase, profile=profile, spacing=spacing)
                     )
                     continue
             choice = rng.random()

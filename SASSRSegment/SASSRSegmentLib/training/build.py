@@ -38,7 +38,7 @@ def hr_spacing(prep: dict) -> list[float]:
     return [s / prep["scale"] for s in prep["lr_spacing"][::-1]] if prep.get("lr_spacing") else [1.0] * 2
 
 
-def degradation_for(prep: dict, p_thick: float = 0.2):
+def degradation_for(prep: dict, p_thick: float = 0.2, slice_gap=(1.0, 1.0)):
     """The random LR synthesis (degrade.py) for this preprocessing's modality and HR voxel size."""
     from ..data.degrade import Degradation
 
@@ -48,6 +48,7 @@ def degradation_for(prep: dict, p_thick: float = 0.2):
         kind=norm["kind"],
         hr_spacing=hr_spacing(prep),
         p_thick=p_thick,
+        slice_gap=tuple(slice_gap),
         ct_window=float(window[1] - window[0]),
     )
 

@@ -117,6 +117,8 @@ class TrainConfig:
     # how the LR input is made of the HR patch: "block" (block average) or "random" (degrade.py)
     degradation: str = "block"
     p_thick_slices: float = 0.2  # 3D "random": the share of patches with thick slices along one axis
+    # their spacing over their thickness, drawn uniformly: [1, 1] no gaps; [1, 1.4] a 2D FLAIR's
+    thick_slice_gap: list[float] = field(default_factory=lambda: [1.0, 1.0])
     # validation
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -181,6 +183,9 @@ class TrainConfig:
         # A lesion faded to no contrast at all would be a label on healthy-looking tissue.
         if len(self.lesion_fade) != 2 or not 0.0 < self.lesion_fade[0] <= self.lesion_fade[1] <= 1.0:
             p.append(f"lesion_fade must be [low, high] with 0 < low <= high <= 1, got {self.lesion_fade}")
+        gap = self.thick_slice_gap
+        if len(gap) != 2 or not 1.0 <= gap[0] <= gap[1] <= 2.0:
+            p.append(f"thick_slice_gap must be [low, high] with 1 <= low <= high <= 2, got {gap}")
         for key in ("intensity_scale", "gamma", "affine_scale"):
             value = getattr(self, key)
             if len(value) != 2 or value[0] > value[1] or value[0] <= 0:
