@@ -50,14 +50,19 @@ def write_enhanced_mr(
     implicit: bool = False,
     private_copy: bool = False,
     icon: bool = False,
+    unplaced: tuple[int, ...] = (),
+    frame_orientation: np.ndarray | None = None,
 ) -> Path:
     """`frames` (n, rows, columns) uint16 as stored; `spacing` (between columns, between rows) in mm;
     `orientation` the row and column directions (6 numbers; None: none written); `positions` each frame's first voxel, or
-    one position shared by every frame."""
+    one position shared by every frame; the `unplaced` frames' positions are left out;
+    `frame_orientation`: every frame's own orientation, beside the shared one."""
     global _IMPLICIT
     _IMPLICIT = implicit
     try:
-        dataset = _data_set(frames, spacing, orientation, positions, digits, private_copy, icon)
+        dataset = _data_set(
+            frames, spacing, orientation, positions, digits, private_copy, icon, unplaced, frame_orientation
+        )
     finally:
         _IMPLICIT = False
     syntax = b"1.2.840.10008.1.2" if implicit else b"1.2.840.10008.1.2.1"
@@ -75,7 +80,9 @@ def write_enhanced_mr(
     return path
 
 
-def _data_set(frames, spacing, orientation, positions, digits, private_copy, icon) -> bytes:
+def _data_set(
+    frames, spacing, orientation, positions, digits, private_copy, icon, unplaced, frame_orientation
+) -> bytes:
     us = lambda v: struct.pack("<H", v)  # noqa: E731
     n, rows, columns = frames.shape
     position = lambda p: _element(0x0020, 0x0032, "DS", _decimals(p, digits))  # noqa: E731
@@ -90,8 +97,12 @@ def _data_set(frames, spacing, orientation, positions, digits, private_copy, ico
     for k in range(n):
         # A frame's content (its stack position) always; its own plane position unless one is shared.
         item = _sequence(0x0020, 0x9111, [_element(0x0020, 0x9057, "UL", struct.pack("<I", k + 1))])
-        if len(positions) == n:
+        if len(positions) == n and k not in unplaced:
             item += _sequence(0x0020, 0x9113, [position(positions[k])])
+        if frame_orientation is not None:  # each frame's own, in place of the shared one
+            item += _sequence(
+                0x0020, 0x9116, [_element(0x0020, 0x0037, "DS", _decimals(frame_orientation, 8))]
+            )
         if private_copy:  # Philips' private per-frame copy, here off by a whole slice
             item += _element(0x2005, 0x0010, "LO", b"Philips MR Imaging DD 005")
             item += _sequence(0x2005, 0x140F, [position(np.asarray(positions[k % len(positions)]) + 7.0)])

@@ -325,6 +325,10 @@ def test_check_card_reruns_the_cards_robustness_table(dataset, model, tmp_path, 
     assert "agrees with this evaluation: 4 case scores" in capsys.readouterr().out
     assert cli.main([*args, "--check-card"]) == 0  # one input checks its own rows
     assert "2 case scores" in capsys.readouterr().out
+    json_args = [a if a != "quiet" else "json" for a in args]
+    assert cli.main([*json_args, "--check-card"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # every line JSON
+    assert any("agrees with this evaluation: 2 case scores" in str(r) for r in records)
 
     recorded = rows["thick-slice-5mm"]["cases"]["case2"]
     rows["thick-slice-5mm"]["cases"]["case2"] = recorded + 2 * TOLERANCE * (1 if recorded < 0.5 else -1)

@@ -195,7 +195,8 @@ def test_an_enhanced_mr_file_reads_on_its_frames_grid(tmp_path, kind, options, i
 
 def test_an_enhanced_mr_file_no_even_stack_can_hold_is_refused(tmp_path):
     """A frame missing; frames shifted sideways (a gantry tilt: ITK placed the last 5.5 mm off); a cine
-    whose one position is shared by its frames (ITK read its 12 time points as 12 slices)."""
+    whose one position is shared by its frames (ITK read its 12 time points as 12 slices); a frame
+    without a position (it had kept ITK's 1 x 1 x 1 mm without a word)."""
     path, _ = _enhanced(tmp_path, "gap", skip=(5,))
     with pytest.raises(UserError, match=r"frames are 6.5 mm apart, but 13 mm apart between frames 5 and 6"):
         imageio.read_image(path)
@@ -213,6 +214,15 @@ def test_an_enhanced_mr_file_no_even_stack_can_hold_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match=r"its 12 frames lie at one position \(a cine or time series\?\)"):
         imageio.read_image(cine)
+    # A frame without its position: ITK falls back to 1 x 1 x 1 mm, and no grid can be confirmed.
+    path, _ = _enhanced(tmp_path, "unplaced", digits=2, unplaced=(4,))
+    assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
+    with pytest.raises(UserError, match=r"the geometry of this multi-frame DICOM file cannot be read"):
+        imageio.read_image(path)
+    # Each frame's own orientation two parallel vectors (ITK used the shared one): a NaN grid, a traceback.
+    path, _ = _enhanced(tmp_path, "parallel", digits=2, frame_orientation=np.r_[1.0, 0, 0, 1, 0, 0])
+    with pytest.raises(UserError, match=r"its image orientation \(0020,0037\) is damaged"):
+        imageio.read_image(path)
     # A file GDCM cannot place at all (no orientation anywhere) made listing its folder's series fail.
     lost = tmp_path / "lost"
     lost.mkdir()

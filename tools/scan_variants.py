@@ -14,6 +14,8 @@ input in its stored axis order, as `segment` did before it reordered them (the c
 dropped). `--only=TEXT` runs the kinds whose name holds TEXT.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
@@ -168,6 +170,8 @@ if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a.startswith("--")]
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     only = next((f.split("=", 1)[1] for f in flags if f.startswith("--only=")), None)
-    if len(args) not in (2, 3) or {f.split("=")[0] for f in flags} - {"--as-stored", "--only"}:
+    if len(args) not in (2, 3) or set(flags) - {"--as-stored"} - {
+        f for f in flags if f.startswith("--only=")
+    }:
         raise SystemExit(__doc__)
     main(args[0], args[1], args[2] if len(args) == 3 else None, "--as-stored" in flags, only)

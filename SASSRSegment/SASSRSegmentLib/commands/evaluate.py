@@ -109,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_reports(result, generators))
     if args.json:
         imageio.write_text(json.dumps(json_safe(result), indent=2) + "\n", args.json, args.overwrite)
-    return _report_check(result, card) if args.check_card else 0
+    return _report_check(result, card, progress) if args.check_card else 0
 
 
-def _report_check(result: dict, card: dict) -> int:
+def _report_check(result: dict, card: dict, progress: Progress) -> int:
     compared, differences = check_against_card(result, card)
     if differences:
         shown = "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
@@ -122,7 +122,9 @@ def _report_check(result: dict, card: dict) -> int:
             file=sys.stderr,
         )
         return 1
-    print(
-        f"the model card's robustness table agrees with this evaluation: {compared} case scores within {TOLERANCE}"
-    )
+    agrees = f"the model card's robustness table agrees with this evaluation: {compared} case scores within {TOLERANCE}"
+    if progress.mode == "json":  # stdout carries one JSON record per line there
+        progress.log(agrees)
+    else:
+        print(agrees)
     return 0

@@ -155,7 +155,9 @@ def _data_set_start(data) -> tuple[int, bool] | None:
 def functional_groups(path: Path, frames: int) -> dict | None:
     """{"position", "orientation", "spacing": one row per frame (a frame's own, else the shared one), or
     None where a frame has none; "shared position": whether one position is given for every frame};
-    None where the file holds no functional groups this walker can read."""
+    {} where the file holds no per-frame functional groups (a classic multi-frame file); None where
+    this walker cannot read the file (no preamble, big endian, deflated, damaged, not one group per
+    frame)."""
     if Path(path).stat().st_size < 132:
         return None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -164,7 +166,7 @@ def functional_groups(path: Path, frames: int) -> dict | None:
             if start is None:
                 return None
             walker = _Walker(data, explicit=start[1])
-            shared, per_frame = {}, []
+            shared, per_frame = {}, None
             for tag, value, length in walker.elements(start[0], len(data)):
                 if tag == _PIXEL_DATA:
                     break
@@ -173,8 +175,10 @@ def functional_groups(path: Path, frames: int) -> dict | None:
                         shared = _group_values(walker, *item)
                 elif tag == _PER_FRAME:
                     per_frame = [_group_values(walker, *item) for item in walker.items(value, length)]
-        except _Malformed:
+        except (_Malformed, RecursionError):  # RecursionError: sequences nested hundreds deep
             return None
+    if per_frame is None:
+        return {}
     if len(per_frame) != frames:
         return None
     result: dict = {"shared position": POSITION in shared}

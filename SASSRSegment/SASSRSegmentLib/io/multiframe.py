@@ -44,8 +44,17 @@ def _plane(orientations: np.ndarray, spacings: np.ndarray, name: str) -> tuple[n
         raise UserError(f"{name}: its frames have several orientations (a localiser?); give one acquisition")
     if np.abs(spacings - spacings[0]).max() > 1e-3 * spacings[0].max():
         raise UserError(f"{name}: its frames have several pixel spacings; give one acquisition")
-    rows = orientations[0][:3] / np.linalg.norm(orientations[0][:3])
-    columns = orientations[0][3:] - (orientations[0][3:] @ rows) * rows
+    first = orientations[0]
+    if (
+        abs(np.linalg.norm(first[:3]) - 1) > 0.01
+        or abs(np.linalg.norm(first[3:]) - 1) > 0.01
+        or abs(first[:3] @ first[3:]) > 0.01
+    ):
+        raise UserError(
+            f"{name}: its image orientation (0020,0037) is damaged (not two perpendicular unit vectors)"
+        )
+    rows = first[:3] / np.linalg.norm(first[:3])
+    columns = first[3:] - (first[3:] @ rows) * rows
     columns /= np.linalg.norm(columns)
     return rows, columns, np.cross(rows, columns), np.array([spacings[0][1], spacings[0][0]])
 
@@ -54,13 +63,18 @@ def check_multiframe(image: sitk.Image, path: Path, name: str, warn: Callable[[s
     """`image`, read by ITK from the one DICOM file `path`, on the grid its frames' positions give (said
     in `warn` where ITK's differed); UserError where the frames cannot make one even stack."""
     frames = image.GetSize()[2] if image.GetDimension() == 3 else 1
-    groups = functional_groups(path, frames) if frames > 1 else None
-    if not groups or groups["orientation"] is None or groups["spacing"] is None:
-        return image  # no functional groups to follow (a classic file, a big-endian one, an ultrasound cine)
-    if groups["position"] is None:
-        if groups["shared position"]:
+    groups = functional_groups(path, frames) if frames > 1 else {}
+    if groups == {}:
+        return image  # no functional groups to follow (a classic multi-frame file: an ultrasound cine)
+    if groups and groups["position"] is None and groups["shared position"]:
+        raise UserError(
+            f"{name}: its {frames} frames lie at one position (a cine or time series?); give a volume"
+        )
+    if not groups or any(groups[key] is None for key in ("position", "orientation", "spacing")):
+        if image.GetSpacing() == (1.0, 1.0, 1.0):  # ITK's fallback where it found no spacing it trusts
             raise UserError(
-                f"{name}: its {frames} frames lie at one position (a cine or time series?); give a volume"
+                f"{name}: the geometry of this multi-frame DICOM file cannot be read (ITK falls back to "
+                "1 x 1 x 1 mm): convert it to a series or NIfTI (e.g. with dcm2niix), or load it in Slicer"
             )
         return image
     rows, columns, normal, in_plane = _plane(groups["orientation"], groups["spacing"], name)
