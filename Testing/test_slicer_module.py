@@ -655,6 +655,7 @@ def test_model_cards_are_read_from_a_models_folder(tmp_path, caplog):
         preprocessing={"spatial_dims": 3, "scale": 2, "channels": ["FLAIR"], "lr_spacing": [2.0, 2.0, 2.0]},
         threshold=0.45,
         validation={"dice_mean": 0.8912},
+        robustness={"inputs": {"block": {"mean_dice": 0.8912}, "thick-slice-5mm": {"mean_dice": 0.8311}}},
     )
     _write_card(
         tmp_path / "breast-us-2d",
@@ -672,9 +673,11 @@ def test_model_cards_are_read_from_a_models_folder(tmp_path, caplog):
     brain = modelSummary(cards[0])
     for expected in ["brain-3d: Whole tumour", "MRI FLAIR", "2 x 2 x 2 mm", "FLAIR", "x2", "0.891"]:
         assert expected in brain
+    assert "On inputs made 2 ways: 0.831-0.891" in brain
     breast = modelSummary(cards[1])
     for expected in ["Ultrasound (B-mode)", "2D image", "160 pixels", "not recorded"]:
         assert expected in breast
+    assert "inputs made" not in breast  # no robustness table in its card
     assert "brain-3d" in modelsHelpHtml(cards) and "No bundled model" in modelsHelpHtml([])
     assert readModelCards(tmp_path / "absent") == []
 

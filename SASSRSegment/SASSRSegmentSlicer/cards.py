@@ -97,6 +97,15 @@ def modelSummary(card):
         _("Scale: x{scale}").format(scale=(card.get("preprocessing") or {}).get("scale", "?")),
         _("Validation Dice (HR, mean): {dice}").format(dice=diceText),
     ]
+    # The card's robustness table: the same validation cases, their low-resolution input made other ways.
+    inputs = ((card.get("robustness") or {}).get("inputs") or {}).values()
+    means = [row["mean_dice"] for row in inputs if isinstance(row.get("mean_dice"), (int, float))]
+    if len(means) > 1:
+        lines.append(
+            _("On inputs made {count} ways: {low:.3f}-{high:.3f}").format(
+                count=len(means), low=min(means), high=max(means)
+            )
+        )
     return "\n".join(lines)
 
 
