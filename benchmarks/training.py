@@ -121,11 +121,7 @@ def loading_speed(cfg, cache_dir: Path, workers: int, batches_to_time: int) -> f
         p_affine=cfg.p_affine,
         affine_degrees=cfg.affine_degrees,
     )
-    degradation = (
-        build.degradation_for(cache.prep, cfg.p_thick_slices, cfg.thick_slice_gap)
-        if cfg.degradation == "random"
-        else None
-    )
+    degradation = build.degradation_for(cache.prep, cfg)
     sampler = PatchSampler(cache, cache.names, patch, cfg.p_fg, augmentation=aug, degradation=degradation)
     stream = batches(sampler, cfg.batch_size, workers, seed=0)
     for _ in range(1 + 4 * workers):  # worker start-up and the prefetch queue are not throughput

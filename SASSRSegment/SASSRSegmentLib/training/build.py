@@ -38,17 +38,21 @@ def hr_spacing(prep: dict) -> list[float]:
     return [s / prep["scale"] for s in prep["lr_spacing"][::-1]] if prep.get("lr_spacing") else [1.0] * 2
 
 
-def degradation_for(prep: dict, p_thick: float = 0.2, slice_gap=(1.0, 1.0)):
-    """The random LR synthesis (degrade.py) for this preprocessing's modality and HR voxel size."""
+def degradation_for(prep: dict, cfg: TrainConfig):
+    """The random LR synthesis (degrade.py) for this preprocessing's modality and HR voxel size, with the
+    configuration's thick slices; None where the configuration makes LR by block averages."""
     from ..data.degrade import Degradation
+
+    if cfg.degradation != "random":
+        return None
 
     norm = prep["normalization"]
     window = norm.get("window", (-1000.0, 400.0))
     return Degradation(
         kind=norm["kind"],
         hr_spacing=hr_spacing(prep),
-        p_thick=p_thick,
-        slice_gap=tuple(slice_gap),
+        p_thick=cfg.p_thick_slices,
+        slice_gap=tuple(cfg.thick_slice_gap),
         ct_window=float(window[1] - window[0]),
     )
 

@@ -161,9 +161,7 @@ def make_sampler(cfg: TrainConfig, cache, names: list[str], prep: dict, flip_axe
         [p * prep["scale"] for p in prep["patch_size_lr"]],
         cfg.p_fg,
         min_lesion_voxels=cfg.min_lesion_voxels,
-        degradation=degradation_for(prep, cfg.p_thick_slices, cfg.thick_slice_gap)
-        if cfg.degradation == "random"
-        else None,
+        degradation=degradation_for(prep, cfg),
         augmentation=Augmentation(
             flip_axes=flip_axes,
             rot90=cfg.rot90,
