@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from SASSRSegmentLib.model.bundle import bundled_models, validation_dice
+from SASSRSegmentLib.model.bundle import bundled_models, robustness_dice, validation_dice
 
 from .paths import MODELS_DIR
 from .slicerapi import _
@@ -98,8 +98,7 @@ def modelSummary(card):
         _("Validation Dice (HR, mean): {dice}").format(dice=diceText),
     ]
     # The card's robustness table: the same validation cases, their low-resolution input made other ways.
-    inputs = ((card.get("robustness") or {}).get("inputs") or {}).values()
-    means = [row["mean_dice"] for row in inputs if isinstance(row.get("mean_dice"), (int, float))]
+    means = list(robustness_dice(card).values())
     if len(means) > 1:
         lines.append(
             _("On inputs made {count} ways: {low:.3f}-{high:.3f}").format(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..model.bundle import MODELS_DIR, bundled_models, read_card, validation_dice, weights_state
+from ..model.bundle import (
+    MODELS_DIR,
+    bundled_models,
+    read_card,
+    robustness_dice,
+    validation_dice,
+    weights_state,
+)
 from ..runtime.errors import UserError
 
 
@@ -27,16 +34,13 @@ def summarise(name: str, card: dict) -> dict:
         "lr_longer_side": prep.get("lr_longer_side"),
         "threshold": card.get("threshold"),
         "validation_dice": validation_dice(card),
-        # Mean validation Dice per way of making the LR input (the card's `evaluate --lr-input all`).
-        "robustness_dice": {
-            g: row.get("mean_dice") for g, row in (card.get("robustness") or {}).get("inputs", {}).items()
-        },
+        "robustness_dice": robustness_dice(card),
         "description": card.get("description"),
     }
 
 
 def _spread(robustness: dict) -> str:
-    values = [v for v in robustness.values() if isinstance(v, (int, float))]
+    values = list(robustness.values())
     if len(values) < 2:
         return ""
     return f" ({min(values):.3f}-{max(values):.3f} over {len(values)} LR inputs)"

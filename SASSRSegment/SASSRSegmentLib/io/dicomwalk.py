@@ -27,7 +27,7 @@ _GROUPS = {
     0x00209116: (0x00200037, 6, "orientation"),
     0x00289110: (0x00280030, 2, "spacing"),
 }
-POSITION = "position"
+_POSITION = "position"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _IMPLICIT, _UNREADABLE = "1.2.840.10008.1.2", ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 
@@ -181,10 +181,10 @@ def functional_groups(path: Path, frames: int) -> dict | None:
         return {}
     if len(per_frame) != frames:
         return None
-    result: dict = {"shared position": POSITION in shared}
-    for name in (POSITION, "orientation", "spacing"):
+    result: dict = {"shared position": _POSITION in shared}
+    for name in (_POSITION, "orientation", "spacing"):
         # A position shared by every frame places no stack: it is left for the caller to refuse.
-        fallback = None if name == POSITION else shared.get(name)
+        fallback = None if name == _POSITION else shared.get(name)
         rows = [frame.get(name, fallback) for frame in per_frame]
         result[name] = None if any(r is None for r in rows) else np.array(rows)
     return result

@@ -90,13 +90,12 @@ def check_multiframe(image: sitk.Image, path: Path, name: str, warn: Callable[[s
     # The end-to-end step: the median of steps rounded to two decimals drifted by 0.9 mm over 300 frames.
     step = float(heights[-1] - heights[0]) / (frames - 1)
     spacing = np.array([*in_plane, abs(step)])
-    sideways = (positions - positions[0] - np.outer(heights - heights[0], normal)) @ np.column_stack(
-        [rows, columns]
-    )
-    if np.abs(sideways / in_plane).max() > _VOXEL_TOLERANCE:
+    along_plane = np.column_stack([rows, columns])
+    sideways = np.abs((positions - positions[0] - np.outer(heights - heights[0], normal)) @ along_plane)
+    if (sideways / in_plane).max() > _VOXEL_TOLERANCE:
         raise UserError(
             f"{name}: its frames shift sideways from one to the next (a gantry tilt?), by up to "
-            f"{np.abs(sideways / in_plane).max():.1f} voxels, so no regular grid holds them: resample it onto "
+            f"{(sideways / in_plane).max():.1f} voxels, so no regular grid holds them: resample it onto "
             "one first (dcm2niix corrects a gantry tilt)"
         )
     direction = np.column_stack([rows, columns, np.sign(step) * normal])

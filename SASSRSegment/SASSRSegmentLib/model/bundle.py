@@ -35,6 +35,15 @@ def validation_dice(card: dict) -> float | None:
     return evaluated if evaluated is not None else (card.get("validation") or {}).get("dice_mean")
 
 
+def robustness_dice(card: dict) -> dict[str, float]:
+    """Mean validation Dice per way of making the LR input (the card's `evaluate --lr-input all`
+    table; empty without one)."""
+    inputs = (card.get("robustness") or {}).get("inputs") or {}
+    return {
+        g: row["mean_dice"] for g, row in inputs.items() if isinstance(row.get("mean_dice"), (int, float))
+    }
+
+
 def bundled_models(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
     """Bundled model name -> folder, for folders holding a model.json."""
     if not models_dir.is_dir():
