@@ -46,23 +46,18 @@ def write_enhanced_mr(
     spacing: tuple[float, float],
     orientation: np.ndarray,
     positions: list[np.ndarray],
-    digits: int = 5,
     implicit: bool = False,
-    private_copy: bool = False,
-    icon: bool = False,
-    unplaced: tuple[int, ...] = (),
-    frame_orientation: np.ndarray | None = None,
+    instance_uid: str = "1.2.3.4.5.6.7.1",
+    **options,
 ) -> Path:
     """`frames` (n, rows, columns) uint16 as stored; `spacing` (between columns, between rows) in mm;
-    `orientation` the row and column directions (6 numbers; None: none written); `positions` each frame's first voxel, or
-    one position shared by every frame; the `unplaced` frames' positions are left out;
-    `frame_orientation`: every frame's own orientation, beside the shared one."""
+    `orientation` the row and column directions (6 numbers; None: none written); `positions` each
+    frame's first voxel, or one position shared by every frame; `instance_uid` tells apart the files of
+    a series split over several; `options` those of `_data_set`."""
     global _IMPLICIT
     _IMPLICIT = implicit
     try:
-        dataset = _data_set(
-            frames, spacing, orientation, positions, digits, private_copy, icon, unplaced, frame_orientation
-        )
+        dataset = _data_set(frames, spacing, orientation, positions, instance_uid, **options)
     finally:
         _IMPLICIT = False
     syntax = b"1.2.840.10008.1.2" if implicit else b"1.2.840.10008.1.2.1"
@@ -70,7 +65,7 @@ def write_enhanced_mr(
         [
             _element(0x0002, 0x0001, "OB", b"\x00\x01"),
             _element(0x0002, 0x0002, "UI", ENHANCED_MR.encode()),
-            _element(0x0002, 0x0003, "UI", b"1.2.3.4.5.6.7.1"),
+            _element(0x0002, 0x0003, "UI", instance_uid.encode()),
             _element(0x0002, 0x0010, "UI", syntax),
             _element(0x0002, 0x0012, "UI", b"1.2.3.4.5.6.7.9"),
         ]
@@ -81,8 +76,20 @@ def write_enhanced_mr(
 
 
 def _data_set(
-    frames, spacing, orientation, positions, digits, private_copy, icon, unplaced, frame_orientation
+    frames: np.ndarray,
+    spacing: tuple[float, float],
+    orientation: np.ndarray,
+    positions: list[np.ndarray],
+    instance_uid: str,
+    digits: int = 5,
+    private_copy: bool = False,
+    icon: bool = False,
+    unplaced: tuple[int, ...] = (),
+    frame_orientation: np.ndarray | None = None,
 ) -> bytes:
+    """Positions written with `digits` decimals; `private_copy`: Philips' private copy of each; `icon`: an
+    icon image before the groups; the `unplaced` frames' positions are left out; `frame_orientation`:
+    every frame's own orientation, beside the shared one."""
     us = lambda v: struct.pack("<H", v)  # noqa: E731
     n, rows, columns = frames.shape
     position = lambda p: _element(0x0020, 0x0032, "DS", _decimals(p, digits))  # noqa: E731
@@ -113,7 +120,7 @@ def _data_set(
     return b"".join(
         [
             _element(0x0008, 0x0016, "UI", ENHANCED_MR.encode()),
-            _element(0x0008, 0x0018, "UI", b"1.2.3.4.5.6.7.1"),
+            _element(0x0008, 0x0018, "UI", instance_uid.encode()),
             _element(0x0008, 0x0060, "CS", b"MR"),
             _element(0x0020, 0x000D, "UI", b"1.2.3.4.5.6.7.2"),
             _element(0x0020, 0x000E, "UI", b"1.2.3.4.5.6.7.3"),

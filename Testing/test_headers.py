@@ -155,7 +155,7 @@ def _enhanced(folder, name, digits=5, order=None, skip=(), count=12, step=6.5, s
     folder.mkdir(parents=True, exist_ok=True)
     orientation = np.r_[rows, columns]
     path = write_enhanced_mr(
-        folder / f"{name}.dcm", frames[kept], (0.45, 0.5), orientation, positions, digits, **written
+        folder / f"{name}.dcm", frames[kept], (0.45, 0.5), orientation, positions, digits=digits, **written
     )
     return path, truth
 
@@ -229,6 +229,33 @@ def test_an_enhanced_mr_file_no_even_stack_can_hold_is_refused(tmp_path):
     write_enhanced_mr(lost / "s.dcm", np.zeros((3, 4, 4), np.uint16), (1, 1), None, [np.zeros(3)] * 3)
     with pytest.raises(UserError, match=r"^cannot read the DICOM files in .*lost: "):
         imageio.read_image(lost)
+
+
+def _split(folder, parts, **options):
+    """The oblique stack of `_enhanced` with its frames split over several Enhanced MR files of one
+    series, `parts` the frames each file holds; (the folder, the truth)."""
+    for k, frames in enumerate(parts):
+        _, truth = _enhanced(folder, f"part{k}", order=list(frames), instance_uid=f"1.2.3.{k + 1}", **options)
+    return folder, truth
+
+
+def test_a_series_split_over_several_enhanced_mr_files_reads_as_one_volume(tmp_path):
+    """The series reader had stacked the two files along a fourth axis and the input was refused as "a
+    time series of 2 volumes"."""
+    for name, parts in [("halves", [range(6), range(6, 12)]), ("upper first", [range(7, 12), range(7)])]:
+        folder, truth = _split(tmp_path / name, parts, digits=2)
+        image = imageio.read_image(folder, warn=lambda m: None)
+        np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), rtol=1e-4)
+        np.testing.assert_allclose(image.GetOrigin(), truth.GetOrigin(), atol=0.01)
+        np.testing.assert_allclose(image.GetDirection(), truth.GetDirection(), atol=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(truth))
+        assert image.GetMetaData("0008|0060") == "MR"
+    folder, _ = _split(tmp_path / "gap", [range(5), range(6, 12)])
+    with pytest.raises(UserError, match=r"13 mm apart between frames 5 and 6 \(a slice missing\?\)"):
+        imageio.read_image(folder)
+    folder, _ = _split(tmp_path / "twice", [range(6), range(6)])
+    with pytest.raises(UserError, match=r"6 of its 12 frames lie where another slice lies"):
+        imageio.read_image(folder)
 
 
 def test_segment_puts_an_enhanced_mr_files_mask_on_its_frames_grid(tmp_path, tiny_bundle_3d):

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..runtime.errors import UserError
 from . import headers
 from .files import plain_permissions
-from .multiframe import FRAMES_TAG, check_multiframe
+from .multiframe import FRAMES_TAG, check_multiframe, join_files
 
 # Longest first so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 IMAGE_EXTENSIONS = (
@@ -208,8 +208,10 @@ def _read_series(item: InputItem, warn: Callable[[str], None]) -> sitk.Image:
     # ITK's complaint about uneven slices goes to stderr only; check_slice_positions says it in words.
     with _quiet_itk():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item.path), item.series_id)
-        if len(files) == 1:  # one (multi-frame) file; the series reader would add a fourth axis to it
-            return check_multiframe(sitk.ReadImage(files[0]), Path(files[0]), str(item), warn)
+        if len(files) == 1 or _frames(files[0]) > 1:
+            # Multi-frame files, which the series reader would stack along a fourth axis.
+            parts = [check_multiframe(sitk.ReadImage(f), Path(f), str(item), warn) for f in files]
+            return parts[0] if len(parts) == 1 else join_files(parts, str(item))
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()
@@ -218,6 +220,13 @@ def _read_series(item: InputItem, warn: Callable[[str], None]) -> sitk.Image:
     if reader.HasMetaDataKey(0, headers.MODALITY_TAG):
         image.SetMetaData(headers.MODALITY_TAG, reader.GetMetaData(0, headers.MODALITY_TAG))
     return image
+
+
+def _frames(path: str) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return int(reader.GetMetaData(FRAMES_TAG)) if reader.HasMetaDataKey(FRAMES_TAG) else 1
 
 
 def _grey_and_alpha_png(path: Path) -> sitk.Image | None:

@@ -8,7 +8,9 @@ if that is how they were written. Either way the mask came back hundreds of mill
 with exit status 0. ITK's metadata does not show the per-frame sequences, so the few values needed are
 read here by walking the data set (`dicomwalk.py`) to where the standard puts them: each frame's Plane
 Position, and the Plane Orientation and Pixel Measures, per frame or shared. A vendor's private copy of
-a position, an icon's pixel data or a source image's position are not mistaken for them.
+a position, an icon's pixel data or a source image's position are not mistaken for them. A series
+split over several such files is read file by file and joined by its frames' positions (the series
+reader stacked the files along a fourth axis).
 """
 
 from __future__ import annotations
@@ -87,8 +89,15 @@ def check_multiframe(image: sitk.Image, path: Path, name: str, warn: Callable[[s
         )
         order = np.argsort(heights, kind="stable")
         image, positions, heights = _in_order(image, order), positions[order], heights[order]
+    return _with_geometry(
+        image, *_grid(positions, heights, rows, columns, normal, in_plane, name), name, warn
+    )
+
+
+def _grid(positions, heights, rows, columns, normal, in_plane, name) -> tuple[np.ndarray, ...]:
+    """(spacing, origin, direction) of frames at `positions` (sorted by `heights` along `normal`)."""
     # The end-to-end step: the median of steps rounded to two decimals drifted by 0.9 mm over 300 frames.
-    step = float(heights[-1] - heights[0]) / (frames - 1)
+    step = float(heights[-1] - heights[0]) / (len(heights) - 1)
     spacing = np.array([*in_plane, abs(step)])
     along_plane = np.column_stack([rows, columns])
     sideways = np.abs((positions - positions[0] - np.outer(heights - heights[0], normal)) @ along_plane)
@@ -98,8 +107,7 @@ def check_multiframe(image: sitk.Image, path: Path, name: str, warn: Callable[[s
             f"{(sideways / in_plane).max():.1f} voxels, so no regular grid holds them: resample it onto "
             "one first (dcm2niix corrects a gantry tilt)"
         )
-    direction = np.column_stack([rows, columns, np.sign(step) * normal])
-    return _with_geometry(image, spacing, positions[0], direction, name, warn)
+    return spacing, positions[0], np.column_stack([rows, columns, np.sign(step) * normal])
 
 
 def _with_geometry(image, spacing, origin, direction, name, warn) -> sitk.Image:
@@ -115,7 +123,33 @@ def _with_geometry(image, spacing, origin, direction, name, warn) -> sitk.Image:
             f"{name}: ITK read this multi-frame file's voxels as {' x '.join(f'{v:.3g}' for v in read)} mm; "
             f"its frames' positions give {' x '.join(f'{v:.3g}' for v in spacing)} mm, which are used"
         )
+    return _placed(image, spacing, origin, direction)
+
+
+def _placed(image: sitk.Image, spacing, origin, direction) -> sitk.Image:
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(np.asarray(origin, dtype=float).tolist())
     image.SetDirection(direction.ravel().tolist())
     return image
+
+
+def join_files(parts: list[sitk.Image], name: str) -> sitk.Image:
+    """One volume from a series whose frames are split over several multi-frame files (each already on
+    its own frames' grid): the frames of all in slice order, on the grid their positions give; UserError
+    where they are not one acquisition's even stack."""
+    first = parts[0]
+    if any(p.GetDimension() != 3 or p.GetSize()[:2] != first.GetSize()[:2] for p in parts):
+        raise UserError(f"{name}: its files hold frames of different sizes; give one acquisition")
+    frames = [(p, k) for p in parts for k in range(p.GetSize()[2])]
+    positions = np.array([p.TransformIndexToPhysicalPoint((0, 0, k)) for p, k in frames])
+    orientations = np.array([np.array(p.GetDirection()).reshape(3, 3)[:, :2].T.ravel() for p, _ in frames])
+    spacings = np.array([p.GetSpacing()[1::-1] for p, _ in frames])
+    rows, columns, normal, in_plane = _plane(orientations, spacings, name)
+    heights = positions @ normal
+    order = np.argsort(heights, kind="stable")
+    check_heights(heights[order], len(frames), name, "frames")
+    stacked = np.stack([sitk.GetArrayViewFromImage(frames[i][0])[frames[i][1]] for i in order])
+    image = sitk.GetImageFromArray(stacked, first.GetNumberOfComponentsPerPixel() > 1)
+    for key in first.GetMetaDataKeys():
+        image.SetMetaData(key, first.GetMetaData(key))
+    return _placed(image, *_grid(positions[order], heights[order], rows, columns, normal, in_plane, name))
