@@ -244,6 +244,37 @@ def test_cache_folder_is_protected_and_checked(tmp_path):
     (folder / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="holds files that are not a training cache"):
         build(root, prep3d(), folder)
+    # A user's config, split and arrays beside a cache had been deleted as its leftovers, exit 0.
+    mine = {"my-config.json": '{"scale": 2}', "my-split.json": '{"train": [], "val": []}', "x_img.npy": "1"}
+    for cache in (tmp_path / "fresh", tmp_path / "made"):
+        cache.mkdir()
+        if cache.name == "made":
+            build(root, prep3d(), cache)
+            (cache / preprocess.CACHE_FILE).unlink()  # and interrupted: its cases are kept, resumed
+        for name, text in mine.items():
+            (cache / name).write_text(text)
+        with pytest.raises(
+            UserError, match=r"not a training cache \(my-config.json, my-split.json, x_img.npy\)"
+        ):
+            build(root, prep3d(), cache)
+        assert {n: (cache / n).read_text() for n in mine} == mine
+        for name in mine:
+            (cache / name).unlink()
+    made = tmp_path / "made"
+    stamps = {p.name: p.stat().st_mtime_ns for p in made.glob("case*")}
+    (root / "imagesTr" / "case1_0000.nii.gz").unlink()  # case1 leaves the dataset: its files go
+    (root / "labelsTr" / "case1.nii.gz").unlink()
+    (root / "dataset.json").write_text(
+        json.dumps({**json.loads((root / "dataset.json").read_text()), "numTraining": 1})
+    )
+    build(root, prep3d(), made)
+    assert sorted(p.name for p in made.iterdir()) == [
+        "cache.json",
+        "case0.json",
+        "case0_img.npy",
+        "case0_seg.npy",
+    ]
+    assert all((made / n).stat().st_mtime_ns == stamps[n] for n in ("case0_img.npy", "case0.json"))
     other = make_dataset(tmp_path / "other", 2)
     build(other, prep3d(), tmp_path / "cache")
     with pytest.raises(UserError, match="holds the cache of dataset other, not ds"):

@@ -190,8 +190,30 @@ def _init_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _is_cache_file(path: Path) -> bool:
-    return path.name == CACHE_FILE or path.suffix in (".npy", ".json") or path.name.endswith(".tmp")
+def _holds(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and all(k in content for k in keys)
+
+
+def _foreign_files(folder: Path, cases: set[str]) -> list[str]:
+    """The files in `folder` that no cache writes: a user's config or split kept there had been deleted
+    as a leftover, as every .json and .npy counted as the cache's."""
+    entries = {p.stem for p in folder.glob("*.json") if _holds(p, ("key", "lesion_voxels"))}
+    foreign = []
+    for path in folder.iterdir():
+        name, stem = path.name, path.name.rsplit("_", 1)[0]
+        ours = (
+            (name == CACHE_FILE and _holds(path, ("key", "cases")))
+            or (name.startswith(".") and name.endswith(".tmp"))  # `atomic_write`'s, interrupted
+            or (path.suffix == ".json" and path.stem in entries)
+            or (name.endswith(("_img.npy", "_seg.npy")) and (stem in entries or stem in cases))
+        )
+        if not ours:
+            foreign.append(name)
+    return sorted(foreign)
 
 
 def build_cache(
@@ -214,10 +236,10 @@ def build_cache(
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cache folder {folder} is a file; choose a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    foreign = [p.name for p in folder.iterdir() if not _is_cache_file(p)]
+    foreign = _foreign_files(folder, {c.name for c in dataset.cases})
     if foreign:
         raise UserError(
-            f"{folder} holds files that are not a training cache ({', '.join(sorted(foreign)[:3])}); "
+            f"{folder} holds files that are not a training cache ({', '.join(foreign[:3])}); "
             "choose an empty or new folder"
         )
     prep_key = cache_prep_key(prep, crop_margin_lr)
@@ -266,7 +288,9 @@ def _still_valid(folder: Path, dataset, overall: str, progress: Progress) -> boo
         other = previous.get("dataset", {}).get("name")
         if other and other != dataset.name:
             raise UserError(
-                f"{folder} holds the cache of dataset {other}, not {dataset.name}; choose another folder or delete it"
+                # Not "delete it": a resumed run's own cache is one of these.
+                f"{folder} holds the cache of dataset {other}, not {dataset.name}: give that dataset, or another "
+                "cache folder (train --cache, preprocess --output)"
             )
         try:
             if previous.get("key") == overall:
