@@ -101,6 +101,23 @@ def test_config_errors_are_listed(tmp_path):
         and 'amp must be "auto"' in message
         and "thick_slice_gap must be [low, high] with 1 <= low <= high <= 2, got [0.8, 1.3]" in message
     )
+    # Each had trained without a word (the learning rate ending at 3x its peak, 0 px read as 160) or
+    # failed in the first step with a traceback, after the preprocessing.
+    values = {
+        "norm": "group",
+        "dropout": 1.0,
+        "dilations": [0],
+        "min_lr_ratio": 3,
+        "lr_longer_side": 0,
+        "grad_clip": -1,
+        "loss_seg": -1,
+        "crop_margin_lr": -3,
+        "min_lesion_voxels": -5,
+    }
+    with pytest.raises(UserError) as info:
+        config.load_config(write_json(tmp_path / "more.json", values))
+    lines = [line.strip() for line in str(info.value).splitlines()[1:]]
+    assert len(lines) == len(values) and all(any(line.startswith(k) for line in lines) for k in values)
     (tmp_path / "truncated.json").write_text('{"scale": ')
     with pytest.raises(UserError, match="is not valid JSON"):
         config.load_config(tmp_path / "truncated.json")
@@ -639,6 +656,30 @@ def test_options_checked_against_the_data(tiny_cache, tmp_path):
     assert "has 3 axes; the data is 2D" in message and "flip_axes [2] must be axes 0..1" in message
     assert "rot90 needs a square patch" in error({"patch_size_lr": [16, 8], "rot90": True})
     assert "loss_rec must be > 0" in error({"loss_rec": 0.0})
+    too_small = error({"patch_size_lr": [16, 16], "features": [4, 8, 16, 32, 64]})
+    assert "too small for 5 levels of features with instance norm: at least 17 per axis" in too_small
+
+
+def test_labels_a_config_picks_are_checked_against_the_cache(tmp_path):
+    """The cache keeps every value > 0 as lesion: a config picking one label of several had trained on
+    all of them from it, exit 0, its card saying labels null."""
+    cases = {f"us{i}": {"shape": (24, 32), "lesions": [((12, 8 + 3 * i), 3)]} for i in range(3)}
+    labels = {"background": 0, "tumour": 1, "cyst": 2}
+    root = make_dataset(tmp_path / "us", cases, channels=("ultrasound",), ending=".png", labels=labels)
+    cache = preprocess.build_cache(
+        open_dataset(root), {**TINY_2D_PREP, "labels": None}, tmp_path / "cache", workers=1
+    )
+    for picked, refused in (([2], True), (["cyst"], True), ([1, 2], False), (["tumour", "cyst"], False)):
+        config = write_json(tmp_path / "c.json", {"features": [4, 8], "labels": picked})
+        output = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        run = ["--dataset", str(cache), "--output", str(output), "--config", str(config), "--max-steps", "1"]
+        if refused:
+            with pytest.raises(
+                UserError, match=r"preprocessed differently from the config \(labels \[2\] vs null\)"
+            ):
+                run_train(*run)
+        else:
+            run_train(*run, "--val-every", "1")
 
 
 def test_a_diverged_run_stops_with_an_error_and_writes_no_bundle(tiny_cache, tmp_path):

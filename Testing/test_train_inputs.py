@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,41 @@ def test_a_refused_split_leaves_no_run_folder(tiny_cache, tmp_path):
     )
 
 
+def test_a_split_file_is_read_before_the_preprocessing(tmp_path):
+    """A copied config naming a split file that is not there had failed only once the whole dataset had
+    been preprocessed into the run's folder."""
+    root = make_dataset(tmp_path / "us", 3, shape=(24, 32), channels=("ultrasound",), ending=".png")
+    for split, message in (
+        (tmp_path / "missing.json", "cannot be read as JSON"),
+        (
+            write_json(tmp_path / "wrong.json", {"training": ["case0"]}),
+            'must be {"train": [...], "val": [...]}',
+        ),
+    ):
+        with pytest.raises(UserError, match=f"^split file {re.escape(str(split))}: {re.escape(message)}"):
+            run_train("--dataset", str(root), "--output", str(tmp_path / "run"), "--split-file", str(split))
+        assert not (tmp_path / "run").exists()
+    both = write_json(tmp_path / "both.json", {"train": ["case0", "case1"], "val": ["case1"]})
+    with pytest.raises(UserError) as info:
+        datasets.read_split_file(both, ["case0", "case1"])
+    assert str(info.value).splitlines() == [
+        f"split file {both}: 1 problem:",
+        "  1 case(s) are on both sides: case1",
+    ]
+
+
+def test_a_dataset_without_lesions_is_refused(tmp_path):
+    """Every mask 0 (a label export gone wrong) had trained and shipped a bundle of validation Dice 0."""
+    cases = {f"us{i}": {"shape": (24, 32), "lesions": []} for i in range(3)}
+    root = make_dataset(tmp_path / "us", cases, channels=("ultrasound",), ending=".png")
+    with pytest.raises(UserError, match=r"^none of the 2 training cases has a lesion"):
+        run_train(
+            "--dataset", str(root), "--output", str(tmp_path / "run"),
+            "--config", str(tiny_config(tmp_path)), "--max-steps", "2",
+        )  # fmt: skip
+    assert not (tmp_path / "run" / "model.json").exists()
+
+
 def test_a_group_file_naming_unknown_cases_is_refused(tiny_cache, tmp_path):
     groups = write_json(tmp_path / "groups.json", [["us0", "zzz"]])
     message = train_error(tiny_cache, tmp_path / "run", "--group-file", str(groups))
@@ -142,17 +178,22 @@ def test_problem_counts_read_as_english():
 
 
 def test_geometry_mismatches_show_plain_numbers(tmp_path):
-    root = make_dataset(tmp_path / "ds", 2, spacing=(1.0, 1.0, 2.5), origin=(1.0, 2.0, 3.0))
+    root = make_dataset(tmp_path / "ds", 3, spacing=(1.0, 1.0, 2.5), origin=(1.0, 2.0, 3.0))
     label = sitk.ReadImage(str(root / "labelsTr" / "case0.nii.gz"))
     label.SetOrigin((2.5, 2.0, -3.0))
     sitk.WriteImage(label, str(root / "labelsTr" / "case0.nii.gz"))
     label.SetSpacing((1.0, 1.0 / 3, 2.5))
     sitk.WriteImage(label, str(root / "labelsTr" / "case1.nii.gz"))
+    label = sitk.ReadImage(str(root / "labelsTr" / "case2.nii.gz"))
+    label.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(label, str(root / "labelsTr" / "case2.nii.gz"))
     with pytest.raises(UserError) as info:
         datasets.open_dataset(root)
     message = str(info.value)
     assert "differ in origin (1, 2, 3) vs (2.5, 2, -3)" in message
     assert "differ in spacing (1, 1, 2.5) vs (1, 0.3333, 2.5)" in message
+    # It had read "differ in direction cosines differ".
+    assert "differ in direction (1, 0, 0, 0, 1, 0, 0, 0, 1) vs (0, 1, 0, 1, 0, 0, 0, 0, 1)" in message
     assert "np." not in message
 
 

@@ -185,7 +185,7 @@ def _geometry_difference(a: dict, b: dict) -> str | None:
     if not np.allclose(a["origin"], b["origin"], rtol=0, atol=ORIGIN_ATOL_VOXELS * sa.min()):
         return f"origin {_plain(a['origin'])} vs {_plain(b['origin'])}"
     if not np.allclose(a["direction"], b["direction"], rtol=0, atol=DIRECTION_ATOL):
-        return "direction cosines differ"
+        return f"direction {_plain(a['direction'])} vs {_plain(b['direction'])}"
     return None
 
 
@@ -438,14 +438,9 @@ def make_split(
     return {"train": sorted(n for n in names if n not in val_set), "val": sorted(val_set)}
 
 
-def read_split_file(
-    path: str | Path, names: Sequence[str], groups: Iterable[Sequence[str]] = (), fold: int = 0
-) -> dict[str, list[str]]:
-    """An explicit split: {"train": [...], "val": [...]} or nnU-Net's splits_final.json (list of folds).
-
-    Every listed case must exist, no case may be on both sides, and no group may straddle the sides.
-    Cases listed on neither side are left out of training.
-    """
+def load_split_file(path: str | Path, fold: int = 0) -> dict:
+    """A split file's {"train": [...], "val": [...]} (the fold's, from nnU-Net's list of folds), its
+    form checked; the cases are checked against the data by `read_split_file`."""
     path = Path(path)
     split = read_json(path, lambda exc: f"split file {path}: cannot be read as JSON ({exc})")
     if isinstance(split, list):
@@ -460,6 +455,19 @@ def read_split_file(
         raise UserError(
             f'split file {path}: must be {{"train": [...], "val": [...]}} or a list of such folds'
         )
+    return split
+
+
+def read_split_file(
+    path: str | Path, names: Sequence[str], groups: Iterable[Sequence[str]] = (), fold: int = 0
+) -> dict[str, list[str]]:
+    """An explicit split: {"train": [...], "val": [...]} or nnU-Net's splits_final.json (list of folds).
+
+    Every listed case must exist, no case may be on both sides, and no group may straddle the sides.
+    Cases listed on neither side are left out of training.
+    """
+    split = load_split_file(path, fold)
+    path = Path(path)
     problems = []
     known = set(names)
     for side in ("train", "val"):
@@ -473,7 +481,7 @@ def read_split_file(
         problems.append(f"{len(both)} case(s) are on both sides: {', '.join(both[:10])}")
     train, val = set(split["train"]), set(split["val"])
     for unit in _units(names, groups):
-        if set(unit) & train and set(unit) & val:
+        if len(unit) > 1 and set(unit) & train and set(unit) & val:  # one case: said above
             problems.append(f"same-patient cases {', '.join(unit)} are split between train and val")
     fail(problems, f"split file {path}")
     if not train:

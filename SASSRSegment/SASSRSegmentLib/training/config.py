@@ -161,12 +161,25 @@ class TrainConfig:
             "p_gamma",
             "p_affine",
             "val_overlap",
-            "dropout",
+            "min_lr_ratio",
             "p_thick_slices",
             "p_lesion_fade",
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 p.append(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:  # 1 would drop every feature
+            p.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.dilations or min(self.dilations) < 1:
+            p.append(f"dilations must be a list of positive integers, got {self.dilations}")
+        for key in ("loss_seg", "loss_rec", "loss_fa", "loss_sa", "loss_kd", "crop_margin_lr"):
+            if getattr(self, key) < 0:
+                p.append(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip <= 0:
+            p.append(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.min_lesion_voxels is not None and self.min_lesion_voxels < 1:
+            p.append(f"min_lesion_voxels must be >= 1 (or null: one LR voxel), got {self.min_lesion_voxels}")
+        if self.lr_longer_side is not None and self.lr_longer_side < 8:  # 0 had read as the default, 160
+            p.append(f"lr_longer_side must be at least 8 (or null: 160), got {self.lr_longer_side}")
         if not 0.0 < self.threshold < 1.0:
             p.append(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
         for key in ("seed", "split_seed"):
@@ -190,8 +203,6 @@ class TrainConfig:
             value = getattr(self, key)
             if len(value) != 2 or value[0] > value[1] or value[0] <= 0:
                 p.append(f"{key} must be [low, high] with 0 < low <= high, got {value}")
-        if self.loss_kd < 0:
-            p.append(f"loss_kd must be >= 0, got {self.loss_kd}")
         if self.workers < 0:
             p.append(f"workers must be >= 0, got {self.workers}")
         for key in ("max_minutes", "checkpoint_minutes"):
@@ -207,6 +218,8 @@ class TrainConfig:
 
     def _choice_problems(self) -> list[str]:
         p = []
+        if self.norm not in ("instance", "batch"):
+            p.append(f'norm must be "instance" or "batch", got {self.norm!r}')
         if self.schedule not in ("cosine", "poly"):
             p.append(f'schedule must be "cosine" or "poly", got {self.schedule!r}')
         if self.amp not in ("auto", "off", "bf16", "fp16"):

@@ -19,15 +19,22 @@ from .runtime import Runtime
 def open_training_cache(args, cfg: TrainConfig, runtime: Runtime, progress: Progress):
     """The cache to train from: `--dataset` itself when it is a cache, else built from the raw dataset."""
     from ..data.cache import is_cache, open_cache
+    from ..data.datasets import resolve_lesion_values
 
     dataset = Path(args.dataset)
     if is_cache(dataset):
         cache = open_cache(dataset)
         # Only keys the config file sets: the defaults of the others do not describe this cache.
+        explicit = getattr(cfg, "explicit", ())
+        wanted = {k: getattr(cfg, k) for k in ("scale", "lr_spacing", "lr_longer_side", "normalization")}
+        meta = cache.meta["dataset"]["dataset_json"]
+        if "labels" in explicit and _lesion_set(meta, cfg.labels) != _lesion_set(meta, cache.prep["labels"]):
+            # The config's labels had been left unused: every value > 0 trained as lesion, without a word.
+            wanted["labels"] = resolve_lesion_values(meta, cfg.labels)
         differ = [
-            f"{k} {json.dumps(getattr(cfg, k))} vs {json.dumps(cache.prep[k])}"
-            for k in ("scale", "lr_spacing", "lr_longer_side", "normalization")
-            if k in getattr(cfg, "explicit", ()) and getattr(cfg, k) != cache.prep[k]
+            f"{k} {json.dumps(v)} vs {json.dumps(cache.prep.get(k))}"
+            for k, v in wanted.items()
+            if k in explicit and v != cache.prep.get(k)
         ]
         if differ:
             raise UserError(
@@ -47,6 +54,17 @@ def open_training_cache(args, cfg: TrainConfig, runtime: Runtime, progress: Prog
     return open_cache(cache_dir)
 
 
+def _lesion_set(meta: dict, labels) -> set[int] | None:
+    """The label values read as lesion; None (every value > 0) is the declared values > 0 where
+    dataset.json declares them, so that [1] and None agree on a 0/1 dataset."""
+    from ..data.datasets import declared_values, resolve_lesion_values
+
+    values = resolve_lesion_values(meta, labels)
+    if values is None:
+        return {v for v in declared_values(meta) if v > 0} or None
+    return set(values)
+
+
 def choose_split(cfg: TrainConfig, cache, split_file: str | None) -> dict:
     from ..data.datasets import make_split, read_split_file
 
@@ -58,6 +76,12 @@ def choose_split(cfg: TrainConfig, cache, split_file: str | None) -> dict:
         split = make_split(cache.names, cfg.val_fraction, cfg.split_seed, groups)
     if not split["train"]:
         raise UserError("no training cases after the split; lower val_fraction or add cases")
+    if not any(cache.cases[name]["lesion_voxels"] for name in split["train"]):
+        # A mask export that lost its labels had trained and shipped a bundle of validation Dice 0.
+        raise UserError(
+            f"none of the {len(split['train'])} training cases has a lesion (every label is 0 once the lesion "
+            "labels are picked): check the label files and the config's labels"
+        )
     return split
 
 
@@ -144,6 +168,13 @@ def check_against_data(cfg: TrainConfig, prep: dict, ablation: str) -> list[int]
     if ABLATIONS[ablation][0].get("image_sr", True) and cfg.loss_rec <= 0:
         problems.append(
             "loss_rec must be > 0 while the image-SR branch exists (or use --ablation no-image-sr)"
+        )
+    deepest = 2 ** (len(cfg.features) - 1)  # the patch's side shrinks this much by the bottleneck
+    if cfg.norm == "instance" and min(prep["patch_size_lr"]) <= deepest:
+        # Instance norm of a single voxel: a torch error in the first step, after the preprocessing.
+        problems.append(
+            f"patch_size_lr {prep['patch_size_lr']} is too small for {len(cfg.features)} levels of features with "
+            f"instance norm: at least {deepest + 1} per axis (2D: lr_longer_side, or fewer features)"
         )
     if d == 2 and "thick-slice-5mm" in cfg.val_lr_inputs:
         problems.append("val_lr_inputs: thick-slice-5mm needs 3D data; the data is 2D")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.datasets import load_split_file
 from ..model.bundle import save_bundle
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
@@ -53,6 +54,8 @@ class Trainer:
         resume_from = check_output(output, args.resume)
         checkpoint = torch.load(resume_from, map_location="cpu", weights_only=False) if resume_from else None
         self.cfg, self.ablation = cfg, ablation = resolve_config(args, output, checkpoint)
+        if checkpoint is None and (args.split_file or cfg.split_file):
+            load_split_file(args.split_file or cfg.split_file)  # before the preprocessing, not after it
         if runtime.world > 1:
             dist.barrier()  # every rank has checked --output before rank 0 writes into it
         if runtime.main:
