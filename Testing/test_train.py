@@ -571,6 +571,17 @@ def test_ctrl_c_checkpoints_and_cache_training_needs_no_simpleitk(tiny_cache, tm
     checkpoint = torch.load(output / "checkpoint_last.pt", weights_only=False)
     stopped_at = checkpoint["step"]
     assert 3 <= stopped_at < 100 and not (output / "model.json").exists()
+    # Resumed where it stopped (as a stop on its last step is): that step is validated into the bundle,
+    # which had been left without any validation.
+    done = subprocess.run(
+        [PYTHON, "-c", NO_SITK, *argv[:4], "--resume", "--max-steps", str(stopped_at)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((output / "model.json").read_text())["validation"]["step"] == stopped_at
     done = subprocess.run(
         [PYTHON, "-c", NO_SITK, *argv[:4], "--resume", "--max-steps", str(stopped_at + 3)],
         capture_output=True,

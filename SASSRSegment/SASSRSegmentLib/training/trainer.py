@@ -111,6 +111,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
         self.step, self.best, self.best_step, self.best_validation = 0, -1.0, 0, {}
+        self.validated_step = 0
         if checkpoint:
             self._restore(checkpoint)
         self.model = self.net
@@ -130,6 +131,7 @@ class Trainer:
         self.step, self.best = checkpoint["step"], checkpoint["best_metric"]
         self.best_step = checkpoint["best_step"]
         self.best_validation = checkpoint.get("best_validation", {})
+        self.validated_step = checkpoint.get("validated_step", self.step)
         self.elapsed_before = checkpoint["elapsed_s"]
         runtime = self.runtime
         if runtime.world == checkpoint.get("world", 1):
@@ -168,6 +170,7 @@ class Trainer:
             "best_metric": self.best,
             "best_step": self.best_step,
             "best_validation": self.best_validation,
+            "validated_step": self.validated_step,
             "elapsed_s": self.elapsed(),
             "rng": rngs,
             "world": runtime.world,
@@ -214,6 +217,11 @@ class Trainer:
         last_save = time.monotonic()
         skipped = 0
         self.model.train()
+        if self.step >= cfg.max_steps and self.split["val"] and self.validated_step < self.step:
+            # Stopped on its last step and resumed: that step's validation had been left out of the bundle.
+            row = self._validate(None)
+            if self.log is not None and row:
+                self.log.add(row)
         with StopFlag() as stop:
             while self.step < cfg.max_steps:
                 terms = self._optimise(next(stream))
@@ -322,6 +330,7 @@ class Trainer:
 
     def _validate(self, row: dict | None) -> dict | None:
         """Rank 0 validates (and keeps the best weights); returns the log row with the validation Dice."""
+        self.validated_step = self.step
         if self.runtime.main:
             result = validate(
                 self.net if self.average is None else self.average.net,
