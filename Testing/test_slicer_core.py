@@ -391,6 +391,16 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
     with pytest.raises(RuntimeError, match="No installed model is made for 3D CT images"):
         bundled.modelCard(None, volume)
     assert bundled.modelCard("brain-tumour-flair-3d", volume)["name"] == "brain-tumour-flair-3d"  # asked for
+    # Numbered PNG frames read as one colour stack ("Single file" unticked) had been given the brain model.
+    frames = sitk.Compose([sitk.Image([40, 30, 6], sitk.sitkUInt8)] * 3)
+    sitk.WriteImage(frames, str(tmp_path / "frames.nrrd"))
+    stack = slicer.util.loadVolume(str(tmp_path / "frames.nrrd"))
+    assert stack.GetImageData().GetNumberOfScalarComponents() == 3
+    assert bundled.defaultModelName(stack) is None
+    with pytest.raises(
+        RuntimeError, match=r"^This is a 3D colour volume \(image files read as one stack\?\)"
+    ):
+        bundled.modelCard(None, stack)
 
 
 def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):

@@ -49,6 +49,14 @@ def _volumeSpatialDims(volumeNode):
     return gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
 
 
+def _colourStack(volumeNode):
+    """A 3D volume of colour pixels: numbered PNG or JPEG images (an ultrasound clip's frames) read as one
+    stack, as Slicer does where "Single file" is unticked. No 3D model is made for them, and the brain
+    MRI model had been chosen for such a stack by its dimensionality alone."""
+    imageData = volumeNode.GetImageData()
+    return _volumeSpatialDims(volumeNode) == 3 and imageData.GetNumberOfScalarComponents() > 1
+
+
 class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     """Runs the engine on scene volumes or on files; usable from the Python console without the widget.
 
@@ -129,10 +137,17 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultModelName(self, volumeNode):
         """The model for a volume: by its dimensionality (one slice: 2D), then by its DICOM modality."""
         dims = _volumeSpatialDims(volumeNode)
-        return defaultModelName(self.modelCards(), dims, dicomModality(volumeNode)) if dims else None
+        if not dims or _colourStack(volumeNode):
+            return None
+        return defaultModelName(self.modelCards(), dims, dicomModality(volumeNode))
 
     def noModelMessage(self, volumeNode):
         """Why no installed model is chosen for a volume, in one line."""
+        if _colourStack(volumeNode):
+            return _(
+                "This is a 3D colour volume (image files read as one stack?): no installed model takes it. "
+                "Load one image with Single file ticked (Add Data, Show Options) for a 2D model."
+            )
         modality = dicomModality(volumeNode)
         dims = _volumeSpatialDims(volumeNode)
         if modality and dims:
