@@ -601,6 +601,13 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
     volume = sitk.GetImageFromArray(np.zeros((8, 10, 12, 2), np.float32), isVector=True)
     with pytest.raises(UserError, match="2 component"):
         pipeline.segment_image(volume, Interpolator(), mri, CPU)
+    # Three, even grey ones: frames or screenshots stacked, which a scan's model had segmented as a scan.
+    frames = sitk.GetImageFromArray(np.repeat(np.ones((8, 10, 12, 1), np.uint8) * 90, 3, -1), isVector=True)
+    with pytest.raises(
+        UserError,
+        match=r"^the input is a colour image \(3 components per pixel\) but the model takes the scan's own greyscale values \(CT\)",
+    ):
+        pipeline.segment_image(frames, Interpolator(), mri, CPU)
 
 
 def test_a_png_of_grey_and_transparency_is_read_as_slicer_reads_it(tmp_path):
