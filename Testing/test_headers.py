@@ -242,7 +242,14 @@ def _split(folder, parts, **options):
 def test_a_series_split_over_several_enhanced_mr_files_reads_as_one_volume(tmp_path):
     """The series reader had stacked the two files along a fourth axis and the input was refused as "a
     time series of 2 volumes"."""
-    for name, parts in [("halves", [range(6), range(6, 12)]), ("upper first", [range(7, 12), range(7)])]:
+    interleaved = [INTERLEAVED[:4], INTERLEAVED[4:8], INTERLEAVED[8:]]  # each file with gaps of its own
+    for name, parts in [
+        ("halves", [range(6), range(6, 12)]),
+        ("upper first", [range(7, 12), range(7)]),
+        ("interleaved over three", interleaved),
+        ("one frame first", [[0], range(1, 12)]),  # it had gone to the series reader: "corrupt"
+        ("one frame last", [range(11), [11]]),
+    ]:
         folder, truth = _split(tmp_path / name, parts, digits=2)
         image = imageio.read_image(folder, warn=lambda m: None)
         np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), rtol=1e-4)

@@ -198,10 +198,15 @@ def _holds(path: Path, keys: tuple[str, ...]) -> bool:
     return isinstance(content, dict) and all(k in content for k in keys)
 
 
+def _case_entries(folder: Path) -> set[str]:
+    """The cases whose entry `<case>.json` is in `folder`."""
+    return {p.stem for p in folder.glob("*.json") if _holds(p, ("key", "lesion_voxels"))}
+
+
 def _foreign_files(folder: Path, cases: set[str]) -> list[str]:
     """The files in `folder` that no cache writes: a user's config or split kept there had been deleted
     as a leftover, as every .json and .npy counted as the cache's."""
-    entries = {p.stem for p in folder.glob("*.json") if _holds(p, ("key", "lesion_voxels"))}
+    entries = _case_entries(folder)
     foreign = []
     for path in folder.iterdir():
         name, stem = path.name, path.name.rsplit("_", 1)[0]
@@ -209,7 +214,12 @@ def _foreign_files(folder: Path, cases: set[str]) -> list[str]:
             (name == CACHE_FILE and _holds(path, ("key", "cases")))
             or (name.startswith(".") and name.endswith(".tmp"))  # `atomic_write`'s, interrupted
             or (path.suffix == ".json" and path.stem in entries)
-            or (name.endswith(("_img.npy", "_seg.npy")) and (stem in entries or stem in cases))
+            # In a cache, also a case's arrays written before its entry when it stopped, the case gone
+            # since: left where they are (they might be someone's), as no cache reads an unlisted case.
+            or (
+                name.endswith(("_img.npy", "_seg.npy"))
+                and (stem in entries or stem in cases or bool(entries))
+            )
         )
         if not ours:
             foreign.append(name)
@@ -320,11 +330,11 @@ def _reusable_cases(folder: Path, dataset, keys: dict[str, str]) -> tuple[dict[s
         except (OSError, ValueError):
             pass
         todo.append(case)
-    known = {c.name for c in dataset.cases}
+    gone = _case_entries(folder) - {c.name for c in dataset.cases}
     for path in folder.iterdir():  # leftovers of interrupted writes, cases that left the dataset
         stem = path.name.rsplit("_", 1)[0] if path.suffix == ".npy" else path.stem
-        if path.name.endswith(".tmp") or (
-            path.suffix in (".npy", ".json") and path.name != CACHE_FILE and stem not in known
+        if (path.name.startswith(".") and path.name.endswith(".tmp")) or (
+            path.suffix in (".npy", ".json") and stem in gone
         ):
             path.unlink()
 

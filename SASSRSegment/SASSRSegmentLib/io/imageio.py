@@ -208,10 +208,12 @@ def _read_series(item: InputItem, warn: Callable[[str], None]) -> sitk.Image:
     # ITK's complaint about uneven slices goes to stderr only; check_slice_positions says it in words.
     with _quiet_itk():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item.path), item.series_id)
-        if len(files) == 1 or _frames(files[0]) > 1:
-            # Multi-frame files, which the series reader would stack along a fourth axis.
-            parts = [check_multiframe(sitk.ReadImage(f), Path(f), str(item), warn) for f in files]
-            return parts[0] if len(parts) == 1 else join_files(parts, str(item))
+        if len(files) == 1:  # one (multi-frame) file; the series reader would add a fourth axis to it
+            return check_multiframe(sitk.ReadImage(files[0]), Path(files[0]), str(item), warn)
+        # Multi-frame files, which the series reader would stack along a fourth axis; the ends only, as a
+        # classic series' headers are hundreds (one frame may sort first, or last).
+        if _frames(files[0]) > 1 or _frames(files[-1]) > 1:
+            return join_files([Path(f) for f in files], str(item))
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()

@@ -133,23 +133,34 @@ def _placed(image: sitk.Image, spacing, origin, direction) -> sitk.Image:
     return image
 
 
-def join_files(parts: list[sitk.Image], name: str) -> sitk.Image:
-    """One volume from a series whose frames are split over several multi-frame files (each already on
-    its own frames' grid): the frames of all in slice order, on the grid their positions give; UserError
-    where they are not one acquisition's even stack."""
-    first = parts[0]
-    if any(p.GetDimension() != 3 or p.GetSize()[:2] != first.GetSize()[:2] for p in parts):
-        raise UserError(f"{name}: its files hold frames of different sizes; give one acquisition")
-    frames = [(p, k) for p in parts for k in range(p.GetSize()[2])]
-    positions = np.array([p.TransformIndexToPhysicalPoint((0, 0, k)) for p, k in frames])
-    orientations = np.array([np.array(p.GetDirection()).reshape(3, 3)[:, :2].T.ravel() for p, _ in frames])
-    spacings = np.array([p.GetSpacing()[1::-1] for p, _ in frames])
-    rows, columns, normal, in_plane = _plane(orientations, spacings, name)
+def join_files(paths: list[Path], name: str) -> sitk.Image:
+    """One volume from a series whose frames are split over several multi-frame files: the frames of all,
+    each placed by its own position (a file of an interleaved series holds every other slice), in slice
+    order, on the grid their positions give; UserError where they are not one acquisition's even stack."""
+    arrays, positions, orientations, spacings, first = [], [], [], [], None
+    for path in paths:
+        image = sitk.ReadImage(str(path))
+        frames = image.GetSize()[2] if image.GetDimension() == 3 else 1
+        groups = functional_groups(path, frames)
+        if not groups or any(groups[key] is None for key in ("position", "orientation", "spacing")):
+            raise UserError(
+                f"{name}: its file {path.name} does not place each of its frames, so the series' {len(paths)} "
+                "files cannot be joined: convert the series with dcm2niix, or load it in Slicer"
+            )
+        first = first or image
+        if image.GetSize()[:2] != first.GetSize()[:2]:
+            raise UserError(f"{name}: its files hold frames of different sizes; give one acquisition")
+        array = sitk.GetArrayFromImage(image)
+        arrays.append(array if image.GetDimension() == 3 else array[None])
+        positions.append(groups["position"])
+        orientations.append(groups["orientation"])
+        spacings.append(groups["spacing"])
+    positions = np.concatenate(positions)
+    rows, columns, normal, in_plane = _plane(np.concatenate(orientations), np.concatenate(spacings), name)
     heights = positions @ normal
     order = np.argsort(heights, kind="stable")
-    check_heights(heights[order], len(frames), name, "frames")
-    stacked = np.stack([sitk.GetArrayViewFromImage(frames[i][0])[frames[i][1]] for i in order])
-    image = sitk.GetImageFromArray(stacked, first.GetNumberOfComponentsPerPixel() > 1)
+    check_heights(heights[order], len(order), name, "frames")
+    image = sitk.GetImageFromArray(np.concatenate(arrays)[order], first.GetNumberOfComponentsPerPixel() > 1)
     for key in first.GetMetaDataKeys():
         image.SetMetaData(key, first.GetMetaData(key))
     return _placed(image, *_grid(positions[order], heights[order], rows, columns, normal, in_plane, name))

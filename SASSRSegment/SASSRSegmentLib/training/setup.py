@@ -27,10 +27,10 @@ def open_training_cache(args, cfg: TrainConfig, runtime: Runtime, progress: Prog
         # Only keys the config file sets: the defaults of the others do not describe this cache.
         explicit = getattr(cfg, "explicit", ())
         wanted = {k: getattr(cfg, k) for k in ("scale", "lr_spacing", "lr_longer_side", "normalization")}
-        meta = cache.meta["dataset"]["dataset_json"]
-        if "labels" in explicit and _lesion_set(meta, cfg.labels) != _lesion_set(meta, cache.prep["labels"]):
+        if "labels" in explicit:
             # The config's labels had been left unused: every value > 0 trained as lesion, without a word.
-            wanted["labels"] = resolve_lesion_values(meta, cfg.labels)
+            # A list never matches a cache of every value > 0, which may hold values dataset.json omits.
+            wanted["labels"] = resolve_lesion_values(cache.meta["dataset"]["dataset_json"], cfg.labels)
         differ = [
             f"{k} {json.dumps(v)} vs {json.dumps(cache.prep.get(k))}"
             for k, v in wanted.items()
@@ -52,17 +52,6 @@ def open_training_cache(args, cfg: TrainConfig, runtime: Runtime, progress: Prog
     if runtime.world > 1:
         dist.barrier()
     return open_cache(cache_dir)
-
-
-def _lesion_set(meta: dict, labels) -> set[int] | None:
-    """The label values read as lesion; None (every value > 0) is the declared values > 0 where
-    dataset.json declares them, so that [1] and None agree on a 0/1 dataset."""
-    from ..data.datasets import declared_values, resolve_lesion_values
-
-    values = resolve_lesion_values(meta, labels)
-    if values is None:
-        return {v for v in declared_values(meta) if v > 0} or None
-    return set(values)
 
 
 def choose_split(cfg: TrainConfig, cache, split_file: str | None) -> dict:
@@ -169,12 +158,14 @@ def check_against_data(cfg: TrainConfig, prep: dict, ablation: str) -> list[int]
         problems.append(
             "loss_rec must be > 0 while the image-SR branch exists (or use --ablation no-image-sr)"
         )
-    deepest = 2 ** (len(cfg.features) - 1)  # the patch's side shrinks this much by the bottleneck
-    if cfg.norm == "instance" and min(prep["patch_size_lr"]) <= deepest:
+    deepest = 2 ** (
+        len(cfg.features) - 1
+    )  # the input is padded to this stride: ceil(side / it) at the bottom
+    if cfg.norm == "instance" and max(prep["patch_size_lr"]) <= deepest:
         # Instance norm of a single voxel: a torch error in the first step, after the preprocessing.
         problems.append(
             f"patch_size_lr {prep['patch_size_lr']} is too small for {len(cfg.features)} levels of features with "
-            f"instance norm: at least {deepest + 1} per axis (2D: lr_longer_side, or fewer features)"
+            f"instance norm: at least one axis over {deepest} (2D: lr_longer_side), or fewer features"
         )
     if d == 2 and "thick-slice-5mm" in cfg.val_lr_inputs:
         problems.append("val_lr_inputs: thick-slice-5mm needs 3D data; the data is 2D")

@@ -131,7 +131,8 @@ class Trainer:
         self.step, self.best = checkpoint["step"], checkpoint["best_metric"]
         self.best_step = checkpoint["best_step"]
         self.best_validation = checkpoint.get("best_validation", {})
-        self.validated_step = checkpoint.get("validated_step", self.step)
+        # Checkpoints from before it: validating a finished run's last step again costs one validation.
+        self.validated_step = checkpoint.get("validated_step", 0)
         self.elapsed_before = checkpoint["elapsed_s"]
         runtime = self.runtime
         if runtime.world == checkpoint.get("world", 1):
