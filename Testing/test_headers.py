@@ -64,6 +64,11 @@ def test_modality_against_the_model(tmp_path):
     cine.SetMetaData("0008|0060", "US")
     with pytest.raises(UserError, match=r"DICOM ultrasound image \(a multi-frame cine\?"):
         check_image(cine, MRI_CARD)
+    # To the ultrasound model: "choose a 3D model" had pointed to the brain MRI model.
+    with pytest.raises(
+        UserError, match=r"^the input is a cine of 4 frames but model '.*' takes one image: save the frame"
+    ):
+        check_image(cine, US_CARD)
     # A matching modality, an unstated one (a user's own card) or a file without one goes on.
     series = imageio.read_image(tmp_path / "mr")
     assert check_image(series, MRI_CARD).GetSize() == series.GetSize()
@@ -135,6 +140,28 @@ def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsy
     assert cli.main(["segment", str(tmp_path / "exam"), "-o", str(tmp_path / "m.nrrd"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: several inputs (2: ") and "(series " in err and "-o must be a folder" in err
+
+
+def test_a_folder_of_one_image_per_file_names_each_output_by_its_file(tmp_path):
+    """Eight ultrasound images of one description had come out as Breast_US, Breast_US_2, ... in the order
+    of their series UIDs, which no user can map back to the files."""
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    for k, name in enumerate(["right breast 10h", "left-breast", "lesion.2"]):
+        image = sitk.GetImageFromArray(np.full((12, 16), 40 * k, np.uint8))
+        image.SetMetaData("0008|0060", "US")
+        image.SetMetaData("0008|103e", "Breast US")
+        image.SetMetaData("0020|000e", f"1.2.826.0.1.3680043.2.1125.7.{9 - k}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{name}.dcm"))
+        writer.Execute(image)
+    items, batch = imageio.find_inputs([folder])
+    assert batch and sorted(i.name for i in items) == [
+        "clinic_left-breast",
+        "clinic_lesion.2",
+        "clinic_right_breast_10h",
+    ]
 
 
 def _enhanced(folder, name, digits=5, order=None, skip=(), count=12, step=6.5, sideways=0.0, **written):

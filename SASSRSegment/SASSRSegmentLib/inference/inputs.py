@@ -79,6 +79,12 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
             f"model {card.get('name', '?')!r} takes a 2D image, or a slice stored as (width, height, 1): "
             "save it that way"
         )
+    if dims == 3 and model_dims == 2 and headers.modality(image) in ("US", "XA", "RF"):
+        # Frames in time, not slices: "choose a 3D model" had sent an ultrasound cine to the brain MRI model.
+        raise UserError(
+            f"the input is a cine of {size[2]} frames but model {card.get('name', '?')!r} takes one image: save "
+            "the frame to segment (e.g. as PNG) and give that"
+        )
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
         raise UserError(
@@ -413,7 +419,14 @@ def _check_input(
     spacing = geometry.reoriented_spacing(grid.spacing, grid.direction, stored_as)
     working = geometry.reoriented_spacing(work.spacing, work.direction, stored_as)
     coarse = [(i, s / w) for i, (s, w) in enumerate(zip(spacing, working)) if s / w > COARSE_FACTOR]
-    if coarse:
+    if coarse and len(spacing) == 2:
+        # Pixels carry no physical size a user chose (1 mm for a PNG): the image is small, not coarse.
+        warn(
+            f"the image is {max(grid.size)} px on its longer side, fewer than the {max(work.size)} the model "
+            "works at: it is enlarged, so expect a less accurate mask; a crop tight around a lesion also "
+            "hides the tissue around it (give the whole image, and --roi for a region)"
+        )
+    elif coarse:
         axis, factor = max(coarse, key=lambda c: c[1])
         warn(
             f"the input's voxels are {spacing[axis]:g} mm along axis {'xyz'[axis]}, {factor:.1f}x the model's "

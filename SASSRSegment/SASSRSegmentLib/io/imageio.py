@@ -106,9 +106,13 @@ def _items_for_dicom_folder(folder: Path, ids: list[str]) -> list[InputItem]:
 
 def _series_label(folder: Path, series_id: str) -> str:
     """A series' number and description from its first file ("7_t2_flair_tra"), so that an exam's
-    outputs say which series each is; "" when the header has neither."""
+    outputs say which series each is; "" when the header has neither. A series of one file (an
+    ultrasound image or a radiograph each) is named by the file: eight images of one description had
+    come out as Breast_US, Breast_US_2, ... in the order of their UIDs."""
     with _quiet_itk():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+        if len(files) == 1:
+            return re.sub(r"[^A-Za-z0-9.-]+", "_", split_extension(files[0])[0]).strip("_")[:60]
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         try:
