@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from ..inference import lesions, provenance
 from ..inference.inputs import effective_dims
 from ..inference.pipeline import card_threshold, segment_lesions, super_resolve_image, to_8_bit
-from ..io import imageio
+from ..io import headers, imageio
 from ..io.geometry import Grid
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
@@ -370,6 +370,13 @@ class _Session:
         confidence = lesions.low_confidence(rows, card.get("plausibility", {}).get("min_mean_probability"))
         if confidence:
             warn(confidence)
+        unmeasured = headers.unmeasured_pixels(image, job.item.path) if args.lesion_table and rows else None
+        if unmeasured and effective_dims(image) == 2:
+            spacing = " x ".join(f"{v:g}" for v in image.GetSpacing()[:2])
+            warn(
+                f"the lesion table's sizes in mm are not measured ones: {unmeasured} (its pixels are read as "
+                f"{spacing} mm); calibrate them, or read them as pixels"
+            )
         record = provenance.record(card, args, threshold, job.item.path.name, Grid.from_image(mask), warnings)
         written, names = mask, ("lesion",)
         if args.numbered_lesions:

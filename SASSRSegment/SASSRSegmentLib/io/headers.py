@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,6 +65,23 @@ def check_heights(heights: np.ndarray, count: int, name: str, what: str = "slice
             f"{worst + 1} and {worst + 2} (a slice missing?); read as evenly spaced, the volume would be "
             "distorted: give the complete series"
         )
+
+
+# Formats whose pixel size, where one is stored at all, is a print or screen resolution.
+_PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Pixel Spacing, Imager Pixel Spacing.
+_SPACING_TAGS = ("0028|0030", "0018|1164")
+
+
+def unmeasured_pixels(image: sitk.Image, path: Path) -> str | None:
+    """Why a 2D image's pixel size is not a measured one (so sizes in mm computed from it are not), or
+    None: a picture format stores none (SimpleITK reads 1 mm, or a screen's dots per inch), and a DICOM
+    image without Pixel Spacing (an ultrasound's calibration lies in its regions, which are not read)."""
+    if path.suffix.lower() in _PICTURE_FORMATS:
+        return f"a {path.suffix[1:].upper()} file stores no measured pixel size"
+    if modality(image) and not any(image.HasMetaDataKey(tag) for tag in _SPACING_TAGS):
+        return "this DICOM image states no pixel spacing"
+    return None
 
 
 def modality(image: sitk.Image) -> str | None:
