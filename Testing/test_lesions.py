@@ -281,38 +281,3 @@ def test_a_batch_provenance_keeps_per_input_what_its_inputs_do_not_share():
     }
     assert meta["warnings"] == {"us.png": ["w"]}
     assert "per_input" not in provenance.shared(records[:1])
-
-
-def test_a_table_of_a_picture_says_its_mm_are_not_measured(tmp_path, tiny_bundle_2d, capsys):
-    """A BUSI PNG's lesion read 4135 mm^2 (1 px read as 1 mm), the same image as a 96 dpi JPEG 289 mm^2,
-    as an ultrasound DICOM calibrated in its regions 4135 mm^2 again; the truth was 26 mm^2. Not a word."""
-    from SASSRSegmentLib import cli
-
-    grey = np.random.default_rng(5).integers(0, 255, (30, 40)).astype(np.uint8)
-    picture = sitk.GetImageFromArray(grey)
-    dicom = sitk.GetImageFromArray(grey)
-    dicom.SetMetaData("0008|0060", "US")
-    measured = sitk.GetImageFromArray(grey)
-    measured.SetSpacing((0.08, 0.08))
-    for name, image in (("scan.png", picture), ("scan.dcm", dicom), ("scan.nrrd", measured)):
-        sitk.WriteImage(image, str(tmp_path / name))
-        out = tmp_path / name.replace(".", "_")
-        argv = [
-            "segment",
-            str(tmp_path / name),
-            "-o",
-            str(out / "m.nrrd"),
-            "--lesion-table",
-            str(out / "t.csv"),
-        ]
-        assert cli.main([*argv, "--model", str(tiny_bundle_2d), "--threshold", "0.001"]) == 0
-        assert next(csv.DictReader(open(out / "t.csv")))  # a lesion
-        said = [line for line in capsys.readouterr().err.splitlines() if "not measured ones" in line]
-        reason = {
-            "scan.png": "a PNG file stores no measured pixel size",
-            "scan.dcm": "this DICOM image states no",
-        }
-        if name in reason:
-            assert len(said) == 1 and reason[name] in said[0] and "read as 1 x 1 mm" in said[0], said
-        else:
-            assert said == []
