@@ -66,9 +66,13 @@ def test_modality_against_the_model(tmp_path):
         check_image(cine, MRI_CARD)
     # To the ultrasound model: "choose a 3D model" had pointed to the brain MRI model.
     with pytest.raises(
-        UserError, match=r"^the input is a cine of 4 frames but model '.*' takes one image: save the frame"
+        UserError,
+        match=r"^the input is a stack of 4 frames \(a cine, or images read as one volume\?\) but model '.*' takes one image",
     ):
         check_image(cine, US_CARD)
+    colour = sitk.Compose([sitk.Cast(volume, sitk.sitkUInt8)] * 3)  # PNG frames read as one volume
+    with pytest.raises(UserError, match=r"^the input is a stack of 3 frames"):
+        check_image(colour, US_CARD)
     # A matching modality, an unstated one (a user's own card) or a file without one goes on.
     series = imageio.read_image(tmp_path / "mr")
     assert check_image(series, MRI_CARD).GetSize() == series.GetSize()

@@ -349,6 +349,11 @@ def test_a_small_2d_image_is_said_to_be_small_in_pixels():
         sitk.GetImageFromArray(np.tile(grey, (2, 2))), Interpolator(), _card(2), CPU, warn=warnings.append
     )
     assert warnings == []
+    # Pixels that are not square are coarse along one axis, not small: said in mm, as before.
+    wide = sitk.GetImageFromArray(np.tile(grey, (1, 3)))  # 60 px wide
+    wide.SetSpacing((0.1, 0.5))
+    pipeline.segment_image(wide, Interpolator(), _card(2), CPU, warn=warnings.append)
+    assert len(warnings) == 1 and "0.5 mm along axis y" in warnings[0], warnings
 
 
 def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
@@ -624,9 +629,12 @@ def test_an_8_bit_model_reads_the_same_pixels_stored_in_any_type_alike():
     frames = sitk.GetImageFromArray(np.repeat(np.ones((8, 10, 12, 1), np.uint8) * 90, 3, -1), isVector=True)
     with pytest.raises(
         UserError,
-        match=r"^the input is a colour image \(3 components per pixel\) but the model takes the scan's own greyscale values \(CT\)",
+        match=r"^the input is a volume of 3 channels per voxel \(colour: screenshots or frames stacked\?\) but the model takes one channel, the scan's own values \(CT\)",
     ):
         pipeline.segment_image(frames, Interpolator(), mri, CPU)
+    # A 2D picture of grey stored as RGB goes on to a 2D model of that kind: its grey was trained on.
+    flat = sitk.GetImageFromArray(np.repeat(grey[..., None], 3, -1).astype(np.uint8), isVector=True)
+    assert pipeline.segment_image(flat, Interpolator(), _card(2), CPU)[0].GetSize() == (72, 60)
 
 
 def test_a_png_of_grey_and_transparency_is_read_as_slicer_reads_it(tmp_path):
@@ -1439,7 +1447,12 @@ def test_a_table_of_a_picture_says_its_mm_are_not_measured(tmp_path, tiny_bundle
     dicom.SetMetaData("0008|0060", "US")
     measured = sitk.GetImageFromArray(grey)
     measured.SetSpacing((0.08, 0.08))
-    for name, image in (("scan.png", picture), ("scan.dcm", dicom), ("scan.nrrd", measured)):
+    # Imager Pixel Spacing that ITK did not read the image with: its mm are 1 px each all the same.
+    unread = sitk.GetImageFromArray(grey)
+    unread.SetMetaData("0008|0060", "US")
+    unread.SetMetaData("0018|1164", "0.1\\0.1")
+    cases = (("scan.png", picture), ("scan.dcm", dicom), ("unread.dcm", unread), ("scan.nrrd", measured))
+    for name, image in cases:
         sitk.WriteImage(image, str(tmp_path / name))
         out = tmp_path / name.replace(".", "_")
         argv = [
@@ -1455,7 +1468,8 @@ def test_a_table_of_a_picture_says_its_mm_are_not_measured(tmp_path, tiny_bundle
         said = [line for line in capsys.readouterr().err.splitlines() if "not measured ones" in line]
         reason = {
             "scan.png": "a PNG file stores no measured pixel size",
-            "scan.dcm": "this DICOM image states no",
+            "scan.dcm": "this DICOM image states no pixel spacing that it was read with",
+            "unread.dcm": "this DICOM image states no pixel spacing that it was read with",
         }
         if name in reason:
             assert len(said) == 1 and reason[name] in said[0] and "read as 1 x 1 mm" in said[0], said

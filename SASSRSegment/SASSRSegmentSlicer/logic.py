@@ -143,13 +143,13 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
 
     def noModelMessage(self, volumeNode):
         """Why no installed model is chosen for a volume, in one line."""
-        if _colourStack(volumeNode):
+        modality = dicomModality(volumeNode)
+        dims = _volumeSpatialDims(volumeNode)
+        if _colourStack(volumeNode) and not modality:  # from DICOM, its modality says more
             return _(
                 "This is a 3D colour volume (image files read as one stack?): no installed model takes it. "
                 "Load one image with Single file ticked (Add Data, Show Options) for a 2D model."
             )
-        modality = dicomModality(volumeNode)
-        dims = _volumeSpatialDims(volumeNode)
         if modality and dims:
             return _(
                 "No installed model is made for {dims}D {modality} images: choose a model only if it fits them."

@@ -79,11 +79,13 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
             f"model {card.get('name', '?')!r} takes a 2D image, or a slice stored as (width, height, 1): "
             "save it that way"
         )
-    if dims == 3 and model_dims == 2 and headers.modality(image) in ("US", "XA", "RF"):
-        # Frames in time, not slices: "choose a 3D model" had sent an ultrasound cine to the brain MRI model.
+    frames = headers.modality(image) in ("US", "XA", "RF") or image.GetNumberOfComponentsPerPixel() in (3, 4)
+    if dims == 3 and model_dims == 2 and frames:
+        # Frames in time, or pictures stacked, not slices: "choose a 3D model" had sent an ultrasound cine
+        # to the brain MRI model.
         raise UserError(
-            f"the input is a cine of {size[2]} frames but model {card.get('name', '?')!r} takes one image: save "
-            "the frame to segment (e.g. as PNG) and give that"
+            f"the input is a stack of {size[2]} frames (a cine, or images read as one volume?) but model "
+            f"{card.get('name', '?')!r} takes one image: give the frame to segment (e.g. saved as PNG)"
         )
     if dims != model_dims:
         what = "a 2D image" if dims == 2 else "a 3D volume"
@@ -419,7 +421,7 @@ def _check_input(
     spacing = geometry.reoriented_spacing(grid.spacing, grid.direction, stored_as)
     working = geometry.reoriented_spacing(work.spacing, work.direction, stored_as)
     coarse = [(i, s / w) for i, (s, w) in enumerate(zip(spacing, working)) if s / w > COARSE_FACTOR]
-    if coarse and len(spacing) == 2:
+    if coarse and len(spacing) == 2 and math.isclose(spacing[0], spacing[1], rel_tol=1e-3):
         # Pixels carry no physical size a user chose (1 mm for a PNG): the image is small, not coarse.
         warn(
             f"the image is {max(grid.size)} px on its longer side, fewer than the {max(work.size)} the model "

@@ -46,13 +46,15 @@ def match_channels(image: sitk.Image, card: dict, warn: Callable[[str], None]) -
         # components would be two contrasts, and which one the model wants is not ours to guess.
         warn("the image has 2 components per pixel, read as grey and transparency: the grey one is segmented")
         return sitk.VectorIndexSelectionCast(image, 0)
-    if in_channels == 1 and components in (3, 4) and not eight_bit:
-        # An MRI or CT model's input is the scan's own values, never colour: a colour volume is a stack of
-        # screenshots or frames, which its brightness would have been segmented as.
+    volume = image.GetDimension() == 3 and 1 not in image.GetSize()
+    if in_channels == 1 and components in (3, 4) and not eight_bit and volume:
+        # A scan's model takes the scan's own values: a volume of colour pixels is a stack of screenshots
+        # or frames, which its brightness would have been segmented as. (A 2D picture of grey stored as RGB
+        # goes on, as a user's 2D model of another kind was trained on its grey.)
         raise UserError(
-            f"the input is a colour image ({components} components per pixel) but the model takes the "
-            f"scan's own greyscale values ({card['preprocessing']['normalization'].get('kind', '?').upper()}); "
-            "give the scan itself, not a screenshot or export of it"
+            f"the input is a volume of {components} channels per voxel (colour: screenshots or frames "
+            f"stacked?) but the model takes one channel, the scan's own values "
+            f"({card['preprocessing']['normalization'].get('kind', '?').upper()}); give the scan itself"
         )
     if in_channels == 1 and components in (3, 4):
         # Greyscale saved as RGB(A) is common for ultrasound screenshots: R = G = B gives its first

@@ -69,8 +69,8 @@ def check_heights(heights: np.ndarray, count: int, name: str, what: str = "slice
 
 # Formats whose pixel size, where one is stored at all, is a print or screen resolution.
 _PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-# Pixel Spacing, Imager Pixel Spacing.
-_SPACING_TAGS = ("0028|0030", "0018|1164")
+# Pixel Spacing, Imager Pixel Spacing, Nominal Scanned Pixel Spacing: the sizes ITK may have read.
+_SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")
 
 
 def unmeasured_pixels(image: sitk.Image, path: Path) -> str | None:
@@ -79,9 +79,18 @@ def unmeasured_pixels(image: sitk.Image, path: Path) -> str | None:
     image without Pixel Spacing (an ultrasound's calibration lies in its regions, which are not read)."""
     if path.suffix.lower() in _PICTURE_FORMATS:
         return f"a {path.suffix[1:].upper()} file stores no measured pixel size"
-    if modality(image) and not any(image.HasMetaDataKey(tag) for tag in _SPACING_TAGS):
-        return "this DICOM image states no pixel spacing"
+    if modality(image) and not any(_read_as(image, tag) for tag in _SPACING_TAGS):
+        return "this DICOM image states no pixel spacing that it was read with"
     return None
+
+
+def _read_as(image: sitk.Image, tag: str) -> bool:
+    """Whether the image's pixel size is the one DICOM element `tag` states (rows apart, columns apart)."""
+    try:
+        rows, columns = (float(v) for v in image.GetMetaData(tag).split("\\"))
+    except (RuntimeError, ValueError):  # absent, or not two numbers
+        return False
+    return bool(np.allclose(image.GetSpacing()[:2], (columns, rows), rtol=1e-3))
 
 
 def modality(image: sitk.Image) -> str | None:

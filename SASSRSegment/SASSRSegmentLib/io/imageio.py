@@ -111,8 +111,10 @@ def _series_label(folder: Path, series_id: str) -> str:
     come out as Breast_US, Breast_US_2, ... in the order of their UIDs."""
     with _quiet_itk():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
-        if len(files) == 1:
-            return re.sub(r"[^A-Za-z0-9.-]+", "_", split_extension(files[0])[0]).strip("_")[:60]
+        if len(files) == 1 and _frames(files[0]) == 1:
+            name = Path(files[0]).name
+            name = name[: -len(".dcm")] if name.lower().endswith(".dcm") else name  # img.001 stays itself
+            return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")[:60]
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         try:
