@@ -416,6 +416,24 @@ def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):
     assert _hr_voxels(result.segmentationNode, segmentIds[0])[1] == pytest.approx((0.25, 0.25, 1.0))
 
 
+def test_a_table_of_a_picture_says_its_mm_are_not_measured(logic, tmp_path):
+    """The engine reads the NRRD the panel writes, which keeps no trace of a PNG: its warning that the
+    table's mm are 1 px each had never reached the panel."""
+    picture = _image_2d(tmp_path, "picture")
+    # As Slicer loads a PNG (this wheel's ITK reads no PNG): the storage node names the file.
+    picture.GetStorageNode().SetFileName(str(tmp_path / "scan.png"))
+    picture.SetSpacing(1.0, 1.0, 1.0)
+    result = _run(logic, picture, threshold=0.001)
+    assert result.status == "completed", result.message
+    said = [w for w in result.warnings if "not measured ones" in w]
+    assert (
+        len(said) == 1
+        and "a PNG file stores no measured pixel size (its pixels are read as 1 x 1 mm)" in said[0]
+    )
+    scan = _image_2d(tmp_path)  # an NRRD: its spacing is the file's own
+    assert not [w for w in _run(logic, scan, threshold=0.001).warnings if "not measured ones" in w]
+
+
 def test_engine_errors_speak_of_the_panel(pkg, logic, tmp_path):
     volume = _volume(tmp_path)
     _refused(logic, volume, "choose a 3D model in the Model list", modelName="tiny-us-2d")

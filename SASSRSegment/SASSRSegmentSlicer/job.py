@@ -12,7 +12,13 @@ from pathlib import Path
 from .command import failureMessage, panelMessage, processEnvironment, pythonExecutable, segmentCommand
 from .naming import formatElapsed, outputNodeNames
 from .runner import SegmentRunner
-from .scene import loadSuperResolvedImage, removeNodeWithHelpers, uniqueNodeName, writeVolumeToFile
+from .scene import (
+    loadSuperResolvedImage,
+    removeNodeWithHelpers,
+    uniqueNodeName,
+    unmeasuredPixelsNote,
+    writeVolumeToFile,
+)
 from .segmentation import SegmentationRestorePoint, createSegmentation, importLesionSegmentation
 from .slicerapi import _, qt, slicer
 from .tables import loadLesionTable
@@ -114,6 +120,10 @@ class SegmentationJob:
                 numberedLesions=True,
             )
             writeVolumeToFile(self.volumeNode, self.paths["input"])
+            note = unmeasuredPixelsNote(self.volumeNode) if self.options["lesionTable"] else ""
+            if note:
+                self.warnings.append(note)
+                self._log(_("Warning: {message}").format(message=note))
             self._log(_("Running: {command}").format(command=subprocess.list2cmdline(command)))
             self.runner = SegmentRunner(command, env=processEnvironment(), cwd=str(self.tempDir))
             self.runner.start()

@@ -3,6 +3,8 @@ new nodes like the input, reading the engine's files, and removing what a run ad
 
 from pathlib import Path
 
+from SASSRSegmentLib.io.headers import PICTURE_FORMATS
+
 from .naming import uniqueName
 from .slicerapi import _, slicer
 
@@ -24,6 +26,20 @@ def dicomModality(volumeNode):
         return ""
     attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
     return shNode.GetItemAttribute(item, attribute) or ""
+
+
+def unmeasuredPixelsNote(volumeNode):
+    """The engine's warning that a lesion table's mm are not measured, for a volume loaded from a picture
+    (PNG, JPEG, ...): the engine reads the NRRD the panel writes, which keeps no trace of that; "" else."""
+    storage = volumeNode.GetStorageNode()
+    suffix = Path((storage.GetFileName() if storage else "") or "").suffix.lower()
+    if suffix not in PICTURE_FORMATS:
+        return ""
+    spacing = " x ".join(f"{v:g}" for v in volumeNode.GetSpacing()[:2])
+    return _(
+        "The lesion table's sizes in mm are not measured ones: a {format} file stores no measured pixel size "
+        "(its pixels are read as {spacing} mm); calibrate them, or read them as pixels."
+    ).format(format=suffix[1:].upper(), spacing=spacing)
 
 
 def writeVolumeToFile(volumeNode, path):

@@ -68,7 +68,7 @@ def check_heights(heights: np.ndarray, count: int, name: str, what: str = "slice
 
 
 # Formats whose pixel size, where one is stored at all, is a print or screen resolution.
-_PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Pixel Spacing, Imager Pixel Spacing, Nominal Scanned Pixel Spacing: the sizes ITK may have read.
 _SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")
 
@@ -77,7 +77,7 @@ def unmeasured_pixels(image: sitk.Image, path: Path) -> str | None:
     """Why a 2D image's pixel size is not a measured one (so sizes in mm computed from it are not), or
     None: a picture format stores none (SimpleITK reads 1 mm, or a screen's dots per inch), and a DICOM
     image without Pixel Spacing (an ultrasound's calibration lies in its regions, which are not read)."""
-    if path.suffix.lower() in _PICTURE_FORMATS:
+    if path.suffix.lower() in PICTURE_FORMATS:
         return f"a {path.suffix[1:].upper()} file stores no measured pixel size"
     if modality(image) and not any(_read_as(image, tag) for tag in _SPACING_TAGS):
         return "this DICOM image states no pixel spacing that it was read with"
