@@ -3,7 +3,7 @@ new nodes like the input, reading the engine's files, and removing what a run ad
 
 from pathlib import Path
 
-from SASSRSegmentLib.io.headers import PICTURE_FORMATS
+from SASSRSegmentLib.io.files import PICTURE_FORMATS
 
 from .naming import uniqueName
 from .slicerapi import _, slicer

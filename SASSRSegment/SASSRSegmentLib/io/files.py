@@ -11,6 +11,10 @@ from pathlib import Path
 
 from ..runtime.errors import UserError
 
+# Formats whose pixel size, where one is stored at all, is a print or screen resolution (here, not in
+# `headers`, so that the Slicer module can read it without numpy).
+PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

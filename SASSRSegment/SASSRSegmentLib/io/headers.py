@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..runtime.errors import UserError
+from .files import PICTURE_FORMATS
 
 MODALITY_TAG = "0008|0060"
 _POSITION_TAG, _ORIENTATION_TAG = "0020|0032", "0020|0037"
@@ -67,8 +68,6 @@ def check_heights(heights: np.ndarray, count: int, name: str, what: str = "slice
         )
 
 
-# Formats whose pixel size, where one is stored at all, is a print or screen resolution.
-PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Pixel Spacing, Imager Pixel Spacing, Nominal Scanned Pixel Spacing: the sizes ITK may have read.
 _SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")
 
