@@ -12,7 +12,7 @@ import torch
 
 from SASSRSegmentLib import cli
 from SASSRSegmentLib.data import datasets
-from SASSRSegmentLib.evaluation import metrics
+from SASSRSegmentLib.evaluation import metrics, scoring
 from SASSRSegmentLib.evaluation.card import TOLERANCE, check_against_card, robustness_section
 from SASSRSegmentLib.evaluation.report import format_reports
 from SASSRSegmentLib.evaluation.scoring import (
@@ -304,6 +304,8 @@ def test_evaluate_lr_input_errors(dataset, model, tiny_bundle_2d, capsys):
     assert "3D models only" in capsys.readouterr().err
     assert cli.main([*base, "--model", str(model), "--lr-input", "all,block"]) == 2
     assert "all stands alone" in capsys.readouterr().err  # it had said all was unknown, "choose ... or all"
+    # A name given twice had been scored twice (twice the time) and reported once.
+    assert scoring.lr_inputs("block, kspace,block", 3) == ["block", "kspace"]
 
 
 def test_check_card_reruns_the_cards_robustness_table(dataset, model, tmp_path, capsys):

@@ -1475,3 +1475,27 @@ def test_a_table_of_a_picture_says_its_mm_are_not_measured(tmp_path, tiny_bundle
             assert len(said) == 1 and reason[name] in said[0] and "read as 1 x 1 mm" in said[0], said
         else:
             assert said == []
+
+
+def test_damaged_weights_without_a_checksum_are_one_line(tmp_path):
+    """A hand-made bundle (no checksum in its card) whose model.pt is a training checkpoint, random bytes
+    or empty had ended in AttributeError, UnpicklingError or EOFError tracebacks, exit 1."""
+    from conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "hand", 3)
+    card = json.loads((bundle / "model.json").read_text())
+    card.pop("weights_sha256")
+    (bundle / "model.json").write_text(json.dumps(card))
+    weights = torch.load(bundle / "model.pt", weights_only=True)
+    for kind, write in (
+        ("checkpoint", lambda p: torch.save({"model": weights, "step": 3}, p)),
+        ("random bytes", lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000))),
+        ("empty", lambda p: p.write_bytes(b"")),
+    ):
+        write(bundle / "model.pt")
+        with pytest.raises(UserError, match=r"^cannot load model weights .*model\.pt: \S") as info:
+            load_bundle(bundle)
+        assert "\n" not in str(info.value), kind
+    torch.save({"model": weights, "step": 3}, bundle / "model.pt")
+    with pytest.raises(UserError, match="holds no network weights \\(a training checkpoint"):
+        load_bundle(bundle)

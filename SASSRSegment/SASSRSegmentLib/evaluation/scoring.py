@@ -83,7 +83,7 @@ def lr_inputs(text: str, dims: int) -> list[str]:
     wrong = [n for n in names if dims not in lowres.GENERATORS[n][1]]
     if wrong:
         raise UserError(f"--lr-input: {', '.join(wrong)} applies to 3D models only")
-    return names
+    return list(dict.fromkeys(names))  # a name given twice had been scored twice, reported once
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ torch is installed; loading imports torch.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 from ..io.files import atomic_write_bytes, read_json, sha256_file
@@ -126,9 +127,16 @@ def load_bundle(
     try:
         net = SASRNet(SASRConfig.from_dict(card["network"]))
         state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            # A training checkpoint copied in (weights inside a dictionary of other things).
+            raise ValueError(
+                "it holds no network weights (a training checkpoint? use the bundle `train` wrote)"
+            )
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    except (RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise UserError(f"cannot load model weights {weights}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, TypeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        # Without a checksum in the card (a bundle put together by hand) a damaged file gets this far.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load model weights {weights}: {reason}") from None
     net.eval()
     if for_prediction:
         from .folding import fold_batch_norm
