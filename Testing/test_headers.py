@@ -81,6 +81,29 @@ def test_modality_against_the_model(tmp_path):
     assert check_image(plain, MRI_CARD).GetSize() == plain.GetSize()
 
 
+@pytest.mark.parametrize(
+    "direction, said",
+    [
+        ((1.0, 0.0, 0.0, -1.0), "flips or swaps its axes"),
+        ((0.0, 1.0, 1.0, 0.0), "flips or swaps"),
+        ((0.8, -0.6, 0.6, 0.8), "turns it"),
+    ],
+)
+def test_a_picture_whose_header_turns_it_is_segmented_as_stored_and_said(direction, said):
+    # A bottom-up NRRD had been segmented upside down without a word (0.696 against 0.769 upright).
+    picture = sitk.Image([40, 30], sitk.sitkUInt8)
+    picture.SetDirection(direction)
+    warnings = []
+    out = check_image(picture, US_CARD, warnings.append)
+    assert out.GetDirection() == picture.GetDirection()
+    assert len(warnings) == 1 and said in warnings[0] and "pixels as stored" in warnings[0]
+    upright, warnings = sitk.Image([40, 30], sitk.sitkUInt8), []
+    check_image(upright, US_CARD, warnings.append)
+    # As Slicer holds a PNG: one slice, the identity in LPS.
+    check_image(sitk.Image([40, 30, 1], sitk.sitkUInt8), US_CARD, warnings.append)
+    assert warnings == []
+
+
 def _nifti_with_sform(tmp_path, name, edit):
     """The volume as NIfTI, its header's sform rows (floats at bytes 280-327) and codes then edited."""
     path = tmp_path / name

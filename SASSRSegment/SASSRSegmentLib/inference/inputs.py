@@ -95,6 +95,8 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
         )
     if any(n == 0 for n in size):
         raise UserError(f"the input is empty (size {tuple(size)})")
+    if model_dims == 2:
+        _warn_turned_picture(image, warn)
     image = pixels.match_channels(pixels.no_data_as_lowest(image, warn), card, warn)
     kind = card["preprocessing"]["normalization"].get("kind")
     if kind == "uint8":
@@ -102,6 +104,28 @@ def check_image(image: sitk.Image, card: dict, warn: Callable[[str], None] = lam
     elif kind == "mri":
         image = padding.padding_as_background(image, warn)
     return image
+
+
+def _warn_turned_picture(image: sitk.Image, warn: Callable[[str], None]) -> None:
+    """A 2D image whose header flips or swaps its axes is segmented as its pixels are stored, top row at
+    the top, as every training image was: a picture's header is less sure than its pixels (a 2D array
+    written to NIfTI by nibabel with an identity affine reads as flipped in x and y, its pixels upright),
+    and the model must see the transducer at the top (docs/models.md). The user is told, because a
+    viewer that follows the header shows the picture turned from what the model saw."""
+    d = image.GetDimension()
+    plane = np.asarray(image.GetDirection()).reshape(d, d)[:2, :2]
+    if np.allclose(plane, np.eye(2), atol=1e-3):
+        return
+    turned = (
+        "flips or swaps its axes"
+        if np.allclose(np.abs(plane), np.round(np.abs(plane)), atol=1e-3)
+        else "turns it"
+    )
+    warn(
+        f"the image's header {turned} (direction {tuple(round(float(v), 3) for v in plane.ravel())}); the model "
+        "sees its pixels as stored, first row at the top: if a program that ignores the header (an image "
+        "editor) shows the transducer elsewhere than at the top, the mask is less accurate; store it upright"
+    )
 
 
 @dataclass(frozen=True)
