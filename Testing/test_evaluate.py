@@ -262,6 +262,13 @@ def test_models_lists_card_summaries(tiny_bundle_2d, model, monkeypatch, capsys)
     assert cli.main(["models"]) == 0
     damaged = capsys.readouterr().out
     assert "toy-3d (card name 'tiny-3d'): 3D, x2, LR 2x2x2 mm" in damaged and "WEIGHTS DAMAGED" in damaged
+    # A bundle put together by hand has no checksum: its weights are loaded to be judged.
+    (model / "model.json").write_text(json.dumps({k: v for k, v in card.items() if k != "weights_sha256"}))
+    assert cli.main(["models"]) == 0
+    assert "WEIGHTS DAMAGED (cannot load model weights" in capsys.readouterr().out
+    (model / "model.pt").write_bytes(weights)
+    assert cli.main(["models", "--json"]) == 0
+    assert {r["name"]: r for r in json.loads(capsys.readouterr().out)}["toy-3d"]["weights"] == "ok"
     (model / "model.pt").unlink()
     assert cli.main(["models"]) == 0
     text = capsys.readouterr().out

@@ -8,6 +8,7 @@ import json
 from ..model.bundle import (
     MODELS_DIR,
     bundled_models,
+    load_bundle,
     read_card,
     robustness_dice,
     validation_dice,
@@ -54,6 +55,15 @@ def _input_policy(summary: dict) -> str:
     return "?"
 
 
+def _load_error(folder) -> str | None:
+    """Why weights without a checksum do not load into the card's network; None where they do."""
+    try:
+        load_bundle(folder)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     rows = []
     for name, folder in bundled_models().items():
@@ -65,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         summary["folder"] = str(folder)
         # A broken copy listed as healthy was refused only once used.
         summary["weights"] = weights_state(folder, card)
+        if summary["weights"] == "unchecked" and "error" not in summary:
+            error = _load_error(folder)
+            summary["weights"] = "ok" if error is None else "damaged"
+            if error:
+                summary["weights_error"] = error
         rows.append(summary)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -79,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         dice = row["validation_dice"]
         named = "" if row["card_name"] == row["name"] else f" (card name {row['card_name']!r})"
         weights = "" if row["weights"] == "ok" else f", WEIGHTS {row['weights'].upper()}"
+        if "weights_error" in row:
+            weights += f" ({row['weights_error']})"
         print(
             f"{row['name']}{named}: {row['spatial_dims']}D, x{row['scale']}, {_input_policy(row)}, "
             f"{row['modality'] or 'modality not stated'}, validation Dice "

@@ -98,12 +98,15 @@ def save_bundle(folder: Path, net, card: dict, half: bool = True) -> Path:
 
 
 def weights_state(folder: Path, card: dict) -> str:
-    """ "ok", "missing" or "damaged" (not the card's checksum) for a bundle's model.pt."""
+    """ "ok", "missing", "damaged" (not the card's checksum) or "unchecked" (the card has none: a bundle
+    put together by hand) for a bundle's model.pt."""
     weights = folder / "model.pt"
     if not weights.is_file():
         return "missing"
     expected = card.get("weights_sha256")
-    return "damaged" if expected and sha256_file(weights) != expected else "ok"
+    if not expected:
+        return "unchecked"
+    return "damaged" if sha256_file(weights) != expected else "ok"
 
 
 def load_bundle(
