@@ -401,6 +401,12 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
         RuntimeError, match=r"^This is a 3D colour volume \(image files read as one stack\?\)"
     ):
         bundled.modelCard(None, stack)
+    # Grey ones too: Slicer reads numbered names (0001.png, ...) as one volume by itself.
+    grey = _volume(tmp_path, "grey")
+    grey.GetStorageNode().SetFileName(str(tmp_path / "0001.png"))  # as Slicer loads them
+    assert bundled.defaultModelName(grey) is None
+    with pytest.raises(RuntimeError, match=r"^This is a 3D stack of PNG pictures \(image files read"):
+        bundled.modelCard(None, grey)
 
 
 def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):
@@ -432,6 +438,41 @@ def test_a_table_of_a_picture_says_its_mm_are_not_measured(logic, tmp_path):
     )
     scan = _image_2d(tmp_path)  # an NRRD: its spacing is the file's own
     assert not [w for w in _run(logic, scan, threshold=0.001).warnings if "not measured ones" in w]
+
+
+class _DicomDatabase:
+    """Slicer's DICOM database as the panel asks it (this wheel has none): one instance's file and tags."""
+
+    def __init__(self, tags):
+        self.tags = tags
+
+    def fileForInstance(self, uid):
+        return "/dicom/us1.dcm" if uid == "1.2.3" else ""
+
+    def fileValue(self, path, tag):
+        return self.tags.get(tag, "") if path == "/dicom/us1.dcm" else ""
+
+
+def test_a_table_of_a_dicom_image_stating_no_pixel_size_says_its_mm_are_not_measured(
+    pkg, logic, tmp_path, monkeypatch
+):
+    # Slicer's image sequence loader (ultrasound) leaves no file the engine could read the tags from.
+    image = _image_2d(tmp_path, "us")
+    image.SetAttribute("DICOM.instanceUIDs", "1.2.3")
+    for tags, spacing, said in [
+        ({"0028,0030": "1\\1"}, 1.0, False),  # 1 mm, and said so
+        ({"0018,1164": "0.2\\0.2"}, 1.0, True),  # stated, but not read with it
+        ({}, 0.078, False),  # Slicer's loader took its one calibrated region
+    ]:
+        monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(tags), raising=False)
+        image.SetSpacing(spacing, spacing, 1.0)
+        assert bool(pkg.scene.unmeasuredPixelsNote(image)) == said, tags
+    # An ultrasound image calibrated in its regions only: read as 1 mm pixels.
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase({}), raising=False)
+    image.SetSpacing(1.0, 1.0, 1.0)
+    warnings = [w for w in _run(logic, image, threshold=0.001).warnings if "not measured ones" in w]
+    assert len(warnings) == 1
+    assert "this DICOM image states no pixel spacing (its pixels are read as 1 x 1 mm)" in warnings[0]
 
 
 def test_engine_errors_speak_of_the_panel(pkg, logic, tmp_path):
@@ -777,6 +818,32 @@ def test_cancel_leaves_the_scene_as_it_was(mod, logic, tmp_path):
     assert not job.cancelling
     assert _node_ids() == nodes
     assert not job.tempDir.exists()
+
+
+def _deleted_during_the_run(logic, volume, deleted, **options):
+    results = []
+    logic.segmentVolume(volume, device="cpu", wait=False, onFinished=results.append, **options)
+    slicer.mrmlScene.RemoveNode(deleted)
+    nodes = _node_ids()
+    deadline = time.monotonic() + 60
+    while not results and time.monotonic() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.02)
+    assert _node_ids() == nodes
+    return results[0]
+
+
+def test_a_node_deleted_during_the_run_gets_nothing_and_nothing_is_added(pkg, logic, tmp_path):
+    # Results had gone beside a deleted volume (a segmentation of no image), or into a deleted
+    # segmentation: lost, the panel saying "Done".
+    volume = _volume(tmp_path)
+    result = _deleted_during_the_run(logic, volume, volume)
+    assert result.status == "failed" and "input volume was deleted during the run" in result.message
+    volume = _volume(tmp_path)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
+    result = _deleted_during_the_run(logic, volume, segmentation, outputSegmentation=segmentation)
+    assert result.status == "failed" and "output segmentation was deleted" in result.message
+    _one_line(result.message)
 
 
 def test_cleanup_stops_the_engine_and_deletes_the_patient_copy(mod, logic, tmp_path):

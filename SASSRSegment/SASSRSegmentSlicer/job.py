@@ -193,11 +193,14 @@ class SegmentationJob:
             self._timer.stop()
         elapsed = self.runner.elapsed()
         try:
+            removed = self._removedDuringRun()
             if self.runner.cancelled:
                 self.result = SegmentationResult("cancelled", _("Segmentation was cancelled."), elapsed)
             elif self.runner.returnCode != 0:
                 message = panelMessage(failureMessage(self.runner.returnCode, self.runner.stderrLines))
                 self.result = SegmentationResult("failed", message, elapsed)
+            elif removed:
+                self.result = SegmentationResult("failed", removed, elapsed)
             else:
                 self.result = self._importResults(elapsed)
         except Exception as exc:
@@ -210,6 +213,17 @@ class SegmentationJob:
         self._log(self.result.message or _("Done in {elapsed}.").format(elapsed=formatElapsed(elapsed)))
         if self.options["onFinished"]:
             self.options["onFinished"](self.result)
+
+    def _removedDuringRun(self):
+        """Why the results have nowhere to go ("" where they have): the panel leaves the Data module
+        free during a run, and results had gone into a deleted segmentation (lost) or beside a deleted
+        volume (a segmentation referring to no image)."""
+        if not slicer.mrmlScene.IsNodePresent(self.volumeNode):
+            return _("The input volume was deleted during the run: nothing was added.")
+        segmentationNode = self.options["outputSegmentation"]
+        if segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(segmentationNode):
+            return _("The output segmentation was deleted during the run: nothing was added.")
+        return ""
 
     def _removeTempDir(self):
         if self.tempDir is not None:

@@ -18,7 +18,7 @@ from .naming import outputPathsForFiles
 from .paths import MODELS_DIR, MODULE_DIR
 from .roi import roiBoundsForVolume
 from .runner import SegmentRunner
-from .scene import dicomModality
+from .scene import dicomModality, pictureFormat
 from .segmentation import (
     hasReferenceGeometry,
     hrGeometryInFrameOf,
@@ -49,12 +49,15 @@ def _volumeSpatialDims(volumeNode):
     return gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
 
 
-def _colourStack(volumeNode):
-    """A 3D volume of colour pixels: numbered PNG or JPEG images (an ultrasound clip's frames) read as one
-    stack, as Slicer does where "Single file" is unticked. No 3D model is made for them, and the brain
-    MRI model had been chosen for such a stack by its dimensionality alone."""
+def _pictureStack(volumeNode):
+    """A 3D volume of colour pixels or from picture files: numbered PNG or JPEG images (an ultrasound
+    clip's frames) read as one stack, as Slicer does where "Single file" is unticked, and does by itself
+    for names of digits only (0001.png). No 3D model is made for them, and the brain MRI model had been
+    chosen for such a stack by its dimensionality alone."""
     imageData = volumeNode.GetImageData()
-    return _volumeSpatialDims(volumeNode) == 3 and imageData.GetNumberOfScalarComponents() > 1
+    return _volumeSpatialDims(volumeNode) == 3 and (
+        imageData.GetNumberOfScalarComponents() > 1 or bool(pictureFormat(volumeNode))
+    )
 
 
 class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
@@ -137,7 +140,7 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultModelName(self, volumeNode):
         """The model for a volume: by its dimensionality (one slice: 2D), then by its DICOM modality."""
         dims = _volumeSpatialDims(volumeNode)
-        if not dims or _colourStack(volumeNode):
+        if not dims or _pictureStack(volumeNode):
             return None
         return defaultModelName(self.modelCards(), dims, dicomModality(volumeNode))
 
@@ -145,10 +148,14 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         """Why no installed model is chosen for a volume, in one line."""
         modality = dicomModality(volumeNode)
         dims = _volumeSpatialDims(volumeNode)
-        if _colourStack(volumeNode) and not modality:  # from DICOM, its modality says more
+        if _pictureStack(volumeNode) and not modality:  # from DICOM, its modality says more
             return _(
-                "This is a 3D colour volume (image files read as one stack?): no installed model takes it. "
+                "This is a 3D {what} (image files read as one stack?): no installed model takes it. "
                 "Load one image with Single file ticked (Add Data, Show Options) for a 2D model."
+            ).format(
+                what=_("colour volume")
+                if volumeNode.GetImageData().GetNumberOfScalarComponents() > 1
+                else _("stack of {format} pictures").format(format=pictureFormat(volumeNode)[1:].upper())
             )
         if modality and dims:
             return _(

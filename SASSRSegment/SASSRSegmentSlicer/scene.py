@@ -28,18 +28,53 @@ def dicomModality(volumeNode):
     return shNode.GetItemAttribute(item, attribute) or ""
 
 
-def unmeasuredPixelsNote(volumeNode):
-    """The engine's warning that a lesion table's mm are not measured, for a volume loaded from a picture
-    (PNG, JPEG, ...): the engine reads the NRRD the panel writes, which keeps no trace of that; "" else."""
+def pictureFormat(volumeNode):
+    """The suffix (".png", ...) of the picture file a volume was loaded from; "" for any other volume."""
     storage = volumeNode.GetStorageNode()
     suffix = Path((storage.GetFileName() if storage else "") or "").suffix.lower()
-    if suffix not in PICTURE_FORMATS:
-        return ""
+    return suffix if suffix in PICTURE_FORMATS else ""
+
+
+# Where a DICOM image states its pixel size: Pixel Spacing, Imager Pixel Spacing (rows\columns apart).
+_SPACING_TAGS = ("0028,0030", "0018,1164")
+
+
+def _dicomSpacingUnstated(volumeNode):
+    """Whether a volume loaded from DICOM has the 1 x 1 mm a reader gives where no element states a
+    pixel size: an ultrasound image keeps its calibration in its regions, which Slicer's image sequence
+    loader reads only where there is one region."""
+    uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    path = database.fileForInstance(uids[0]) if uids and database is not None else ""
+    spacing = tuple(volumeNode.GetSpacing()[:2])
+    if not path or spacing != (1.0, 1.0):
+        return False
+    for tag in _SPACING_TAGS:
+        try:
+            rows, columns = (float(v) for v in database.fileValue(path, tag).split("\\"))
+        except ValueError:  # absent, or not two numbers
+            continue
+        if (columns, rows) == spacing:
+            return False
+    return True
+
+
+def unmeasuredPixelsNote(volumeNode):
+    """The engine's warning that a lesion table's mm are not measured, for a volume loaded from a picture
+    (PNG, JPEG, ...) or from DICOM that states no pixel size: the engine reads the NRRD the panel writes,
+    which keeps no trace of either; "" else."""
     spacing = " x ".join(f"{v:g}" for v in volumeNode.GetSpacing()[:2])
+    suffix = pictureFormat(volumeNode)
+    if suffix:
+        source = _("a {format} file stores no measured pixel size").format(format=suffix[1:].upper())
+    elif _dicomSpacingUnstated(volumeNode):
+        source = _("this DICOM image states no pixel spacing")
+    else:
+        return ""
     return _(
-        "The lesion table's sizes in mm are not measured ones: a {format} file stores no measured pixel size "
-        "(its pixels are read as {spacing} mm); calibrate them, or read them as pixels."
-    ).format(format=suffix[1:].upper(), spacing=spacing)
+        "The lesion table's sizes in mm are not measured ones: {source} (its pixels are read as {spacing} mm); "
+        "calibrate them, or read them as pixels."
+    ).format(source=source, spacing=spacing)
 
 
 def writeVolumeToFile(volumeNode, path):
