@@ -132,6 +132,44 @@ def test_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path):
     assert heard == []
 
 
+def test_nifti_read_by_its_sform_is_said_so_and_a_voxel_size_disagreement_is_refused(tmp_path):
+    def flipped(rows):  # both codes 1: ITK reads the sform, which the check had compared with itself
+        rows[0][0] *= -1
+        return 1, 1
+
+    heard = []
+    image = imageio.read_image(_nifti_with_sform(tmp_path, "flipped.nii", flipped), heard.append)
+    assert image.GetDirection()[0] == -1.0
+    assert len(heard) == 1 and "it is read by the sform" in heard[0] and "by its qform" in heard[0]
+
+    def stale_pixdim(rows):  # an sform of 2 mm voxels only: ITK takes pixdim's size
+        return 0, 1
+
+    path = _nifti_with_sform(tmp_path, "pixdim.nii", stale_pixdim)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<3f", raw, 80, 1.0, 1.0, 1.0)  # pixdim[1..3]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        UserError,
+        match=r"disagrees with itself on its voxels: pixdim says 1 x 1 x 1 mm, its sform's 2 x 2 x 2 mm",
+    ):
+        imageio.read_image(path)
+
+
+@pytest.mark.parametrize("name", ["cut.nii", "cut.nii.gz"])
+def test_a_truncated_nifti_is_refused(tmp_path, name):
+    # ITK reads a NIfTI cut short with zeros for what is missing: the lesion in the lost half was gone.
+    whole = tmp_path / ("whole" + name[3:])
+    sitk.WriteImage(_volume(size=(30, 20, 16)), str(whole))
+    assert imageio.read_image(whole).GetSize() == (30, 20, 16)
+    data = whole.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(
+        UserError, match="is truncated or corrupt: it holds less image data than its header names"
+    ):
+        imageio.read_image(tmp_path / name)
+
+
 def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):
     def sheared(rows):
         rows[0][1] = 0.6

@@ -4,7 +4,9 @@ slices really lie, which modality the image is, and a NIfTI's second position (i
 from __future__ import annotations
 
 import itertools
+import math
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,32 +129,113 @@ def check_modality(image: sitk.Image, card: dict, dims: int) -> None:
     )
 
 
-def check_nifti_positions(image: sitk.Image, warn: Callable[[str], None]) -> None:
-    """Warn when a NIfTI header's two positions (qform and sform) disagree. ITK, and so Slicer and this
-    tool, place the image by one of them; FSL and nibabel-based viewers by the sform, where the mask,
-    written with one position, would then sit apart from the scan."""
-    keys = ("qform_code", "sform_code", "srow_x", "srow_y", "srow_z")
-    if not all(image.HasMetaDataKey(k) for k in keys):
-        return
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file holding fewer bytes than its header names: ITK reads the missing voxels as
+    zeros without a word (a file cut in half by a copy lost the lesion in its second half). A gzip
+    stream is decompressed to count them, which also finds one that ends early."""
+    import gzip
+    import zlib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        if int(image.GetMetaData("qform_code")) == 0 or int(image.GetMetaData("sform_code")) == 0:
-            return
-        sform = np.array([[float(v) for v in image.GetMetaData(f"srow_{a}").split()] for a in "xyz"])
-    except ValueError:
-        return
-    if sform.shape != (3, 4):
-        return
+        with opener(path, "rb") as stream:
+            header = stream.read(348)
+            if 348 not in (int.from_bytes(header[:4], "little"), int.from_bytes(header[:4], "big")):
+                return  # NIfTI-2, or not NIfTI: ITK has its own say
+            order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
+            dims = struct.unpack_from(order + "8h", header, 40)
+            bitpix = struct.unpack_from(order + "h", header, 72)[0]
+            offset = struct.unpack_from(order + "f", header, 108)[0]
+            if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 0 for n in dims[1 : dims[0] + 1]):
+                return
+            needed = int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+            held = len(header)
+            while held < needed:
+                chunk = stream.read(1 << 22)
+                if not chunk:
+                    break
+                held += len(chunk)
+    except (EOFError, OSError, zlib.error, struct.error):
+        held, needed = 0, 1
+    if held < needed:
+        raise UserError(
+            f"input {path} is truncated or corrupt: it holds less image data than its header names (a copy "
+            "cut short?)"
+        )
+
+
+def _nifti_form(image: sitk.Image, name: str) -> np.ndarray | None:
+    """A NIfTI header's qform or sform as the 3 x 4 matrix from voxel index to RAS mm; None where its code
+    is 0 or ITK's metadata lacks it."""
+    try:
+        if int(image.GetMetaData(f"{name}_code")) == 0:
+            return None
+        if name == "sform":
+            form = np.array([[float(v) for v in image.GetMetaData(f"srow_{a}").split()] for a in "xyz"])
+            return form if form.shape == (3, 4) else None
+        b, c, d = (float(image.GetMetaData(f"quatern_{k}")) for k in "bcd")
+        offset = [float(image.GetMetaData(f"qoffset_{k}")) for k in "xyz"]
+        qfac, *spacing = (float(image.GetMetaData(f"pixdim[{k}]")) for k in range(4))
+    except (RuntimeError, ValueError):
+        return None
+    a = math.sqrt(max(0.0, 1.0 - b * b - c * c - d * d))
+    rotation = np.array(
+        [
+            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+            [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ]
+    )
+    scale = np.array([spacing[0], spacing[1], spacing[2] * (-1.0 if qfac < 0 else 1.0)])
+    return np.column_stack([rotation * scale, offset])
+
+
+def _apart(image: sitk.Image, form: np.ndarray) -> float:
+    """How far (mm) a NIfTI form places the image's corners from where ITK read them."""
     dims = image.GetDimension()
-    if dims < 3:
-        return
     apart = 0.0
     for corner in itertools.product(*[(0, n - 1) for n in image.GetSize()[:3]]):
-        ras = sform[:, :3] @ np.array(corner, dtype=float) + sform[:, 3]
+        ras = form[:, :3] @ np.array(corner, dtype=float) + form[:, 3]
         lps = np.array(image.TransformIndexToPhysicalPoint(list(corner) + [0] * (dims - 3)))[:3]
         apart = max(apart, float(np.linalg.norm(ras * [-1, -1, 1] - lps)))
-    if apart > 0.5 * max(image.GetSpacing()[:3]):
+    return apart
+
+
+def check_nifti_positions(image: sitk.Image, path: Path, warn: Callable[[str], None]) -> None:
+    """Refuse a NIfTI image that ITK placed by neither of its header's positions (qform, sform), and warn
+    when the two disagree. ITK (and so Slicer and this tool) reads the sform where its code is 1 and the
+    qform otherwise, and takes the voxel size from pixdim whatever the sform says: an sform of 2 mm
+    voxels over pixdim's 1 mm was read as 1 mm (the lesion's volume 8 times too small)."""
+    if not is_nifti(path) or image.GetDimension() < 3:
+        return
+    forms = {name: _nifti_form(image, name) for name in ("qform", "sform")}
+    forms = {name: form for name, form in forms.items() if form is not None}
+    if not forms:
+        return
+    tolerance = 0.5 * max(image.GetSpacing()[:3])
+    apart = {name: _apart(image, form) for name, form in forms.items()}
+    used = [name for name, mm in apart.items() if mm <= tolerance]
+    if not used:
+        said = ", ".join(
+            f"its {name}'s {' x '.join(f'{v:.3g}' for v in np.linalg.norm(form[:, :3], axis=0))} mm"
+            for name, form in forms.items()
+        )
+        raise UserError(
+            f"input {path} has a NIfTI header that disagrees with itself on its voxels: pixdim says "
+            f"{' x '.join(f'{v:.3g}' for v in image.GetSpacing()[:3])} mm, {said}; fix the header (one "
+            "position, or the same voxel size in both)"
+        )
+    if len(used) < len(forms):
+        other = next(name for name in forms if name not in used)
         warn(
-            f"its NIfTI header places it in two ways {apart:.0f} mm apart (qform and sform); it is read by "
-            "the qform, as ITK and Slicer read it, and the mask is written there: in FSL or nibabel-based "
-            "viewers, which use the sform, mask and scan will not overlay"
+            f"its NIfTI header places it in two ways {apart[other]:.0f} mm apart (qform and sform); it is read "
+            f"by the {used[0]}, as ITK and Slicer read it, and the mask is written there: a viewer that places "
+            f"the scan by its {other} shows mask and scan apart"
         )

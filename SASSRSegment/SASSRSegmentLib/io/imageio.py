@@ -198,6 +198,8 @@ def read_image(
             raise UserError(f"input {item.path} does not exist")
         if item.path.stat().st_size == 0:
             raise UserError(f"input {item.path} is empty (0 bytes)")
+        if headers.is_nifti(item.path):
+            headers.check_nifti_complete(item.path)
         with _quiet_itk():
             image = sitk.ReadImage(str(item.path))
     except RuntimeError as exc:
@@ -206,7 +208,7 @@ def read_image(
             raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
     if image.HasMetaDataKey(FRAMES_TAG):  # a multi-frame DICOM file: placed by its frames' positions
         return check_multiframe(image, item.path, str(item), warn)
-    headers.check_nifti_positions(image, warn)
+    headers.check_nifti_positions(image, item.path, warn)
     return image
 
 
