@@ -117,6 +117,19 @@ def test_mps_autocast_only_where_torch_has_it():
     assert devices.mps_autocast_supported("3.0.0a0")
 
 
+def test_a_cuda_device_that_is_not_there_is_one_line(monkeypatch):
+    # On a machine with one GPU, "cuda:3" or "cudafoo" had reached torch and failed in its words.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.select_device("CUDA:0") == torch.device("cuda:0")
+    with pytest.raises(
+        UserError, match=r"--device cuda:3: this machine has 1 CUDA GPU\(s\), cuda:0 to cuda:0"
+    ):
+        devices.select_device("cuda:3")
+    with pytest.raises(UserError, match=r"unknown device 'cudafoo'; use auto, cpu, cuda, cuda:N or mps"):
+        devices.select_device("cudafoo")
+
+
 def test_engine_asks_torch_for_the_mps_cpu_fallback_in_its_own_process_only():
     """The engine's command line sets it before torch is imported; importing the package (as Slicer does
     for the model cards) leaves the host process's environment alone."""

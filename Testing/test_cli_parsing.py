@@ -63,6 +63,13 @@ def test_bad_arguments_are_one_plain_line(tmp_path, capsys):
     assert err.startswith("error:") and "nowhere.nrrd" in err and len(err.splitlines()) == 1
     assert cli.main(["segment", str(missing), "-o", str(tmp_path / "m.nrrd"), "--roi", "1", "2", "3"]) == 2
     assert "--roi needs" in capsys.readouterr().err
+    # numpy's cast warnings, then "does not overlap the image", had answered a NaN.
+    nan_roi = ["--roi", "nan", "-135", "60", "135", "30", "90"]
+    assert cli.main(["segment", str(missing), "-o", str(tmp_path / "m.nrrd"), *nan_roi]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--roi needs" in err and len(err.splitlines()) == 1
+    assert cli.main(["segment", str(missing), "-o", str(tmp_path / "m.nrrd"), "--memory-limit", "nan"]) == 2
+    assert "--memory-limit must be a positive number of GB" in capsys.readouterr().err
 
 
 def _runtime_unions(path: Path) -> list[str]:

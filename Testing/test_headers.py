@@ -185,6 +185,27 @@ def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):
     assert len(err.splitlines()) == 1 and not (tmp_path / "m.nrrd").exists()
 
 
+def test_a_sheared_metaimage_and_a_complex_image_are_refused_in_words(tmp_path):
+    # A NIfTI so sheared is refused by ITK; a MetaImage was read, its voxels seen as square.
+    path = tmp_path / "sheared.mha"
+    sitk.WriteImage(_volume(size=(6, 5, 4)), str(path))
+    header = path.read_bytes()
+    path.write_bytes(
+        header.replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 1 0 0 0.5 1 0 0 0 1")
+    )
+    assert 0.5 in sitk.ReadImage(str(path)).GetDirection()  # ITK reads it as it is
+    with pytest.raises(UserError, match=r"its orientation is sheared or scaled, not a rotation"):
+        imageio.read_image(path)
+    # Its real part had been segmented, with numpy's warnings.
+    complex_path = tmp_path / "complex.nrrd"
+    array = sitk.GetArrayFromImage(_volume(size=(6, 5, 4))).astype(np.float32)
+    sitk.WriteImage(
+        sitk.GetImageFromArray(array * np.exp(1j * array).astype(np.complex64)), str(complex_path)
+    )
+    with pytest.raises(UserError, match=r"holds complex values \(raw MRI data\?\): save its magnitude image"):
+        imageio.read_image(complex_path)
+
+
 def test_a_folder_of_two_series_given_one_output_file_names_them(tmp_path, capsys):
     volume = _volume(size=(6, 5, 3))
     _write_dicom_series(volume, tmp_path / "exam")

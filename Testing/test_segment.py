@@ -406,6 +406,21 @@ def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
         pipeline.segment_image(sitk.GetImageFromArray(volume), net3, card3, CPU, memory_limit=10_000)
 
 
+def test_a_stack_of_pictures_is_refused_in_one_line(tiny_bundle_3d, tmp_path, capsys):
+    # A multi-page TIFF of ultrasound frames went to the 3D brain model, which "found" a lesion in it.
+    pages = sitk.GetImageFromArray(np.random.default_rng(3).integers(0, 255, (5, 40, 30), dtype=np.uint8))
+    sitk.WriteImage(pages, str(tmp_path / "stack.tif"))
+    out = tmp_path / "m.nrrd"
+    args = ["segment", str(tmp_path / "stack.tif"), "-o", str(out), "--model", str(tiny_bundle_3d), "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stack.tif is a stack of 5 TIF pictures, not a scan" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    sitk.WriteImage(pages[:, :, :1], str(tmp_path / "page.tif"))  # one page is one picture
+    assert cli.main([*args[:1], str(tmp_path / "page.tif"), *args[2:]]) == 2
+    assert "is a 2D image but model" in capsys.readouterr().err
+
+
 def test_rgb_input_for_a_greyscale_model(tiny_bundle_2d):
     card, net = load_bundle(tiny_bundle_2d)
     grey = np.random.default_rng(3).integers(0, 255, (20, 24)).astype(np.uint8)

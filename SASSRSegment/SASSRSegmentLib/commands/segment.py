@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..inference import lesions, provenance
 from ..inference.inputs import effective_dims
 from ..inference.pipeline import card_threshold, segment_lesions, super_resolve_image, to_8_bit
 from ..io import headers, imageio
+from ..io.files import PICTURE_FORMATS
 from ..io.geometry import Grid
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
@@ -243,17 +245,30 @@ def _demo(args: argparse.Namespace) -> None:
     args.figure = args.figure or str(folder / f"{stem}_figure.png")
 
 
+def _check_not_a_picture_stack(image: sitk.Image, path: Path) -> None:
+    """Refuse pictures read as one volume (a multi-page TIFF of ultrasound frames): the brain MRI model
+    had "found" a 15 mL lesion in one. A picture file stores no slice spacing, so no 3D model can take
+    it, and a 2D model takes one picture."""
+    suffix = path.suffix.lower()
+    if suffix in PICTURE_FORMATS and effective_dims(image) == 3:
+        raise UserError(
+            f"input {path.name} is a stack of {image.GetSize()[2]} {suffix[1:].upper()} pictures, not a scan (a "
+            "picture file stores no slice spacing): give one picture for a 2D model, or the scan as NIfTI, "
+            "NRRD or DICOM"
+        )
+
+
 def _check_args(args: argparse.Namespace) -> None:
     check_prediction_arguments(args)
     if args.overlap is not None and not 0.0 <= args.overlap <= 0.9:
         raise UserError(f"--overlap must lie between 0 and 0.9, got {args.overlap}")
-    if args.roi is not None and len(args.roi) not in (4, 6):
+    if args.roi is not None and (len(args.roi) not in (4, 6) or not all(math.isfinite(v) for v in args.roi)):
         raise UserError(
             "--roi needs xmin xmax ymin ymax (2D) or xmin xmax ymin ymax zmin zmax (3D), in RAS mm"
         )
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    if args.memory_limit is not None and args.memory_limit <= 0:
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
         raise UserError("--memory-limit must be a positive number of GB")
     if args.lesion_table:
         lesions.check_table_path(args.lesion_table)
@@ -335,6 +350,7 @@ class _Session:
 
         report("read", 0.0)
         image = imageio.read_image(job.item, warn)
+        _check_not_a_picture_stack(image, job.item.path)
         card, net = self.models.get(effective_dims(image))
         self._check_formats(job, image, card, net)
         common = dict(

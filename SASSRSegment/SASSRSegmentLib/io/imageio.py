@@ -208,6 +208,15 @@ def read_image(
             raise UserError(f"cannot read {item}: {_read_problem(exc)}") from None
     if image.HasMetaDataKey(FRAMES_TAG):  # a multi-frame DICOM file: placed by its frames' positions
         return check_multiframe(image, item.path, str(item), warn)
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        # Its real part had been segmented, after numpy's warnings.
+        raise UserError(f"input {item} holds complex values (raw MRI data?): save its magnitude image")
+    dims = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(dims, dims)
+    if not np.allclose(direction @ direction.T, np.eye(dims), atol=1e-3):
+        # A NIfTI so made is refused by ITK itself; a MetaImage or NRRD is read, and the network saw its
+        # voxels as square.
+        raise UserError(f"cannot read {item}: {_SHEARED}")
     headers.check_nifti_positions(image, item.path, warn)
     return image
 
@@ -254,6 +263,12 @@ def _grey_and_alpha_png(path: Path) -> sitk.Image | None:
     return sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=True)
 
 
+_SHEARED = (
+    "its orientation is sheared or scaled, not a rotation (a gantry-tilted CT converted to NIfTI?), which ITK "
+    "cannot place; resample it onto a regular grid first"
+)
+
+
 def _read_problem(exc: RuntimeError) -> str:
     """What went wrong in reading, in words (ITK's messages name its own source files)."""
     text = str(exc)
@@ -269,10 +284,7 @@ def _read_problem(exc: RuntimeError) -> str:
             "greyscale or RGB"
         )
     if "orthonormal" in text:
-        return (
-            "its orientation is sheared or scaled, not a rotation (a gantry-tilted CT converted to NIfTI?), "
-            "which ITK cannot place; resample it onto a regular grid first"
-        )
+        return _SHEARED
     return "the file is truncated or corrupt (its header names more data than the file holds, or bad data)"
 
 

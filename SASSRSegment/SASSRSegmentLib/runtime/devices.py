@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 import torch
@@ -23,10 +24,16 @@ def select_device(name: str = "auto") -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda:
         if not torch.cuda.is_available():
             raise UserError(
                 "--device cuda was asked for but no CUDA GPU is usable here; use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if cuda.group(1) is not None and int(cuda.group(1)) >= count:
+            raise UserError(
+                f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
             )
         return torch.device(name)
     if name == "mps":
