@@ -104,6 +104,21 @@ def test_a_picture_whose_header_turns_it_is_segmented_as_stored_and_said(directi
     assert warnings == []
 
 
+def test_a_mask_given_as_the_image_is_warned_of():
+    # A brain label map had come out as "0 lesions", a BUSI mask as 40,914 lesion pixels, unsaid.
+    mask = np.zeros((30, 40), np.uint8)
+    mask[10:20, 5:25] = 255
+    warnings = []
+    check_image(sitk.GetImageFromArray(mask), US_CARD, warnings.append)
+    assert warnings == [
+        "the image holds two values only (0 and 255): a mask or label map given as the image? Its mask means nothing"
+    ]
+    warnings.clear()
+    mask[0, 0] = 7  # a third value: an image
+    check_image(sitk.GetImageFromArray(mask), US_CARD, warnings.append)
+    assert warnings == []
+
+
 def _nifti_with_sform(tmp_path, name, edit):
     """The volume as NIfTI, its header's sform rows (floats at bytes 280-327) and codes then edited."""
     path = tmp_path / name
@@ -196,6 +211,15 @@ def test_a_sheared_metaimage_and_a_complex_image_are_refused_in_words(tmp_path):
     assert 0.5 in sitk.ReadImage(str(path)).GetDirection()  # ITK reads it as it is
     with pytest.raises(UserError, match=r"its orientation is sheared or scaled, not a rotation"):
         imageio.read_image(path)
+    # A degenerate orientation had been called "truncated or corrupt".
+    nrrd = tmp_path / "flat.nrrd"
+    sitk.WriteImage(_volume(size=(6, 5, 4)), str(nrrd))
+    header = nrrd.read_bytes()
+    start = header.index(b"space directions:")
+    end = header.index(b"\n", start)
+    nrrd.write_bytes(header[:start] + b"space directions: (0,0,0) (0,1,0) (0,0,1)" + header[end:])
+    with pytest.raises(UserError, match=r"its header gives a voxel size of zero or below"):
+        imageio.read_image(nrrd)
     # Its real part had been segmented, with numpy's warnings.
     complex_path = tmp_path / "complex.nrrd"
     array = sitk.GetArrayFromImage(_volume(size=(6, 5, 4))).astype(np.float32)

@@ -404,6 +404,11 @@ def test_bad_images_are_user_errors(tiny_bundle_3d, tiny_bundle_2d):
     assert mask.GetSize() == (16, 16, 12)
     with pytest.raises(UserError, match="about .* GB .*--roi"):
         pipeline.segment_image(sitk.GetImageFromArray(volume), net3, card3, CPU, memory_limit=10_000)
+    # A header in metres read as mm: 7.8 GB to an empty mask, or (1e-6 mm) a traceback past memory.
+    metres = sitk.GetImageFromArray(volume)
+    metres.SetSpacing((2.0, 2.0, 1e-6))
+    with pytest.raises(UserError, match=r"voxels are 1e-06 mm along axis z, far finer than the 2 mm model"):
+        pipeline.segment_image(metres, net3, card3, CPU)
 
 
 def test_a_stack_of_pictures_is_refused_in_one_line(tiny_bundle_3d, tmp_path, capsys):

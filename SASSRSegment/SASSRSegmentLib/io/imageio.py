@@ -285,6 +285,8 @@ def _read_problem(exc: RuntimeError) -> str:
         )
     if "orthonormal" in text:
         return _SHEARED
+    if "spacing" in text.lower() and ("zero" in text.lower() or "negative" in text.lower()):
+        return "its header gives a voxel size of zero or below (a degenerate orientation); fix the header"
     return "the file is truncated or corrupt (its header names more data than the file holds, or bad data)"
 
 
