@@ -1,6 +1,7 @@
 """What headers say that ITK's reading does not check: a series' slice positions, the DICOM modality
 against the model's, a NIfTI's second position; and a sheared NIfTI's error in words."""
 
+import gzip
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ from enhanced_dicom import write_enhanced_mr
 from test_imageio import _volume, _write_dicom_series
 
 from SASSRSegmentLib import cli
+from SASSRSegmentLib.data import datasets
 from SASSRSegmentLib.inference.inputs import check_image
 from SASSRSegmentLib.io import imageio
 from SASSRSegmentLib.runtime.errors import UserError
@@ -171,6 +173,33 @@ def test_nifti_read_by_its_sform_is_said_so_and_a_voxel_size_disagreement_is_ref
         imageio.read_image(path)
 
 
+def test_ordinary_niftis_are_read_without_a_word(tmp_path):
+    # A left-handed voxel grid (qfac -1, which ITK's metadata does not print) had been warned of as
+    # "placed in two ways 234 mm apart", or with its sform code 0 refused.
+    left_handed = _volume(size=(6, 5, 4), spacing=(2.0, 2.0, 2.0))
+    left_handed.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    sitk.WriteImage(left_handed, str(tmp_path / "lpi.nii.gz"))
+    heard = []
+    assert imageio.read_image(tmp_path / "lpi.nii.gz", heard.append).GetDirection()[8] == -1.0
+    raw = bytearray(gzip.decompress((tmp_path / "lpi.nii.gz").read_bytes()))
+    struct.pack_into("<h", raw, 254, 0)  # sform_code 0: placed by the qform alone
+    (tmp_path / "qform.nii").write_bytes(bytes(raw))
+    imageio.read_image(tmp_path / "qform.nii", heard.append)
+    # ITK reads an uncompressed file named .nii.gz; it had been called truncated.
+    (tmp_path / "plain.nii.gz").write_bytes(bytes(raw))
+    imageio.read_image(tmp_path / "plain.nii.gz", heard.append)
+    assert heard == []
+    # A 2D NIfTI written with an identity affine (nibabel's way) reads as flipped in x and y in LPS, its
+    # pixels upright: no word of a turned picture.
+    picture = sitk.Image([40, 30], sitk.sitkUInt8)
+    picture[5, 5] = 200
+    picture[6, 5] = 100
+    picture.SetDirection((-1, 0, 0, -1))
+    sitk.WriteImage(picture, str(tmp_path / "picture.nii"))
+    check_image(imageio.read_image(tmp_path / "picture.nii"), US_CARD, heard.append)
+    assert heard == []
+
+
 @pytest.mark.parametrize("name", ["cut.nii", "cut.nii.gz"])
 def test_a_truncated_nifti_is_refused(tmp_path, name):
     # ITK reads a NIfTI cut short with zeros for what is missing: the lesion in the lost half was gone.
@@ -183,6 +212,9 @@ def test_a_truncated_nifti_is_refused(tmp_path, name):
         UserError, match="is truncated or corrupt: it holds less image data than its header names"
     ):
         imageio.read_image(tmp_path / name)
+    # A dataset's case too: caches and scores had been made of the zeros.
+    with pytest.raises(UserError, match="is truncated or corrupt"):
+        datasets._read_nifti_checked(tmp_path / name)
 
 
 def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):

@@ -407,6 +407,8 @@ def test_default_model_follows_the_input(mod, logic, tmp_path):
     assert bundled.defaultModelName(grey) is None
     with pytest.raises(RuntimeError, match=r"^This is a 3D stack of PNG pictures \(image files read"):
         bundled.modelCard(None, grey)
+    # Nor one chosen by hand: a picture stores no slice spacing (`segment` refuses a multi-page TIFF).
+    _refused(logic, grey, r"^This is a 3D stack of PNG pictures", modelName="tiny-mr-3d")
 
 
 def test_2d_image_is_segmented_with_the_2d_model(pkg, logic, tmp_path):
@@ -459,6 +461,13 @@ def test_a_table_of_a_dicom_image_stating_no_pixel_size_says_its_mm_are_not_meas
     # Slicer's image sequence loader (ultrasound) leaves no file the engine could read the tags from.
     image = _image_2d(tmp_path, "us")
     image.SetAttribute("DICOM.instanceUIDs", "1.2.3")
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    # An enhanced MR file states its pixel size inside functional groups, which the look-up misses.
+    shNode.SetItemAttribute(shNode.GetItemByDataNode(image), attribute, "MR")
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase({}), raising=False)
+    assert pkg.scene.unmeasuredPixelsNote(image) == ""
+    shNode.SetItemAttribute(shNode.GetItemByDataNode(image), attribute, "US")
     for tags, spacing, said in [
         ({"0028,0030": "1\\1"}, 1.0, False),  # 1 mm, and said so
         ({"0018,1164": "0.2\\0.2"}, 1.0, True),  # stated, but not read with it

@@ -255,6 +255,10 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Select an input volume that holds an image."))
         self.ensureTorch()
         card = self.modelCard(modelName, volumeNode)
+        if _pictureStack(volumeNode) and pictureFormat(volumeNode):
+            # A picture stores no slice spacing: no model can take the stack, even one chosen by hand
+            # (as `segment` refuses a multi-page TIFF).
+            raise RuntimeError(self.noModelMessage(volumeNode))
         if srImage and not hasImageSrDecoder(card):
             raise RuntimeError(
                 _(

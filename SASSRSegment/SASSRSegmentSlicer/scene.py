@@ -40,9 +40,13 @@ _SPACING_TAGS = ("0028,0030", "0018,1164")
 
 
 def _dicomSpacingUnstated(volumeNode):
-    """Whether a volume loaded from DICOM has the 1 x 1 mm a reader gives where no element states a
-    pixel size: an ultrasound image keeps its calibration in its regions, which Slicer's image sequence
-    loader reads only where there is one region."""
+    """Whether an ultrasound image loaded from DICOM has the 1 x 1 mm a reader gives where no element
+    states a pixel size: it keeps its calibration in its regions, which Slicer's image sequence loader
+    reads only where there is one region."""
+    if dicomModality(volumeNode) != "US":
+        # An enhanced MR or CT file states its pixel size inside functional groups, which a
+        # top-level look-up misses; an ultrasound image is the one read without a stated size.
+        return False
     uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)
     path = database.fileForInstance(uids[0]) if uids and database is not None else ""

@@ -150,7 +150,10 @@ def _warn_turned_picture(image: sitk.Image, warn: Callable[[str], None]) -> None
     viewer that follows the header shows the picture turned from what the model saw."""
     d = image.GetDimension()
     plane = np.asarray(image.GetDirection()).reshape(d, d)[:2, :2]
-    if np.allclose(plane, np.eye(2), atol=1e-3):
+    upright = [np.eye(2)]
+    if image.HasMetaDataKey("qform_code"):  # read from NIfTI, whose identity affine is this in LPS
+        upright.append(-np.eye(2))
+    if any(np.allclose(plane, u, atol=1e-3) for u in upright):
         return
     turned = (
         "flips or swaps its axes"

@@ -8,6 +8,7 @@ import math
 import re
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -130,48 +131,84 @@ def check_modality(image: sitk.Image, card: dict, dims: int) -> None:
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def check_nifti_complete(path: Path) -> None:
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The few NIfTI-1 header fields ITK's metadata lacks or garbles (it keeps qfac in an entry that
+    prints as no number, and pixdim[0] as 0)."""
+
+    gzipped: bool
+    data_bytes: int  # vox_offset + the voxels' bytes: what a whole file holds at least
+    qfac: float
+
+
+def read_nifti_header(path: Path) -> NiftiHeader | None:
+    """The header of a NIfTI-1 file (gzipped or not, whatever its name says); None for NIfTI-2, a file
+    that cannot be opened or is not NIfTI: ITK has its own say on those."""
+    import gzip
+
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == _GZIP_MAGIC
+        with (gzip.open if gzipped else open)(path, "rb") as stream:
+            header = stream.read(348)
+        order = next(o for o in "<>" if struct.unpack_from(o + "i", header)[0] == 348)
+        dims = struct.unpack_from(order + "8h", header, 40)
+        bitpix = struct.unpack_from(order + "h", header, 72)[0]
+        qfac = struct.unpack_from(order + "f", header, 76)[0]
+        offset = struct.unpack_from(order + "f", header, 108)[0]
+    except (OSError, EOFError, StopIteration, struct.error, ValueError):
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 0 for n in dims[1 : dims[0] + 1]):
+        return None
+    data_bytes = int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+    return NiftiHeader(gzipped, data_bytes, -1.0 if qfac < 0 else 1.0)
+
+
+def check_nifti_complete(path: Path, header: NiftiHeader) -> None:
     """Refuse a NIfTI file holding fewer bytes than its header names: ITK reads the missing voxels as
     zeros without a word (a file cut in half by a copy lost the lesion in its second half). A gzip
-    stream is decompressed to count them, which also finds one that ends early."""
+    stream whose size trailer says otherwise is decompressed to count them, which also finds one that
+    ends early (a cut file's last four bytes are arbitrary)."""
     import gzip
     import zlib
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            header = stream.read(348)
-            if 348 not in (int.from_bytes(header[:4], "little"), int.from_bytes(header[:4], "big")):
-                return  # NIfTI-2, or not NIfTI: ITK has its own say
-            order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
-            dims = struct.unpack_from(order + "8h", header, 40)
-            bitpix = struct.unpack_from(order + "h", header, 72)[0]
-            offset = struct.unpack_from(order + "f", header, 108)[0]
-            if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 0 for n in dims[1 : dims[0] + 1]):
-                return
-            needed = int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
-            held = len(header)
-            while held < needed:
-                chunk = stream.read(1 << 22)
-                if not chunk:
-                    break
-                held += len(chunk)
-    except (EOFError, OSError, zlib.error, struct.error):
-        held, needed = 0, 1
-    if held < needed:
+    if not header.gzipped:
+        held = path.stat().st_size
+    elif _gzip_trailer_size(path) == header.data_bytes % 2**32:
+        return
+    else:
+        held = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while held < header.data_bytes:
+                    chunk = stream.read(1 << 22)
+                    if not chunk:
+                        break
+                    held += len(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile):
+            held = 0
+    if held < header.data_bytes:
         raise UserError(
             f"input {path} is truncated or corrupt: it holds less image data than its header names (a copy "
             "cut short?)"
         )
 
 
-def _nifti_form(image: sitk.Image, name: str) -> np.ndarray | None:
+def _gzip_trailer_size(path: Path) -> int:
+    """The uncompressed size (mod 2^32) a whole gzip file's last four bytes state."""
+    with open(path, "rb") as raw:
+        raw.seek(-4, 2)
+        return int.from_bytes(raw.read(4), "little")
+
+
+def _nifti_form(image: sitk.Image, name: str, qfac: float) -> np.ndarray | None:
     """A NIfTI header's qform or sform as the 3 x 4 matrix from voxel index to RAS mm; None where its code
     is 0 or ITK's metadata lacks it."""
     try:
@@ -182,7 +219,7 @@ def _nifti_form(image: sitk.Image, name: str) -> np.ndarray | None:
             return form if form.shape == (3, 4) else None
         b, c, d = (float(image.GetMetaData(f"quatern_{k}")) for k in "bcd")
         offset = [float(image.GetMetaData(f"qoffset_{k}")) for k in "xyz"]
-        qfac, *spacing = (float(image.GetMetaData(f"pixdim[{k}]")) for k in range(4))
+        spacing = [float(image.GetMetaData(f"pixdim[{k}]")) for k in (1, 2, 3)]
     except (RuntimeError, ValueError):
         return None
     a = math.sqrt(max(0.0, 1.0 - b * b - c * c - d * d))
@@ -193,7 +230,7 @@ def _nifti_form(image: sitk.Image, name: str) -> np.ndarray | None:
             [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
         ]
     )
-    scale = np.array([spacing[0], spacing[1], spacing[2] * (-1.0 if qfac < 0 else 1.0)])
+    scale = np.array([spacing[0], spacing[1], spacing[2] * qfac])
     return np.column_stack([rotation * scale, offset])
 
 
@@ -208,14 +245,16 @@ def _apart(image: sitk.Image, form: np.ndarray) -> float:
     return apart
 
 
-def check_nifti_positions(image: sitk.Image, path: Path, warn: Callable[[str], None]) -> None:
+def check_nifti_positions(
+    image: sitk.Image, path: Path, header: NiftiHeader, warn: Callable[[str], None]
+) -> None:
     """Refuse a NIfTI image that ITK placed by neither of its header's positions (qform, sform), and warn
     when the two disagree. ITK (and so Slicer and this tool) reads the sform where its code is 1 and the
     qform otherwise, and takes the voxel size from pixdim whatever the sform says: an sform of 2 mm
     voxels over pixdim's 1 mm was read as 1 mm (the lesion's volume 8 times too small)."""
-    if not is_nifti(path) or image.GetDimension() < 3:
+    if image.GetDimension() < 3:
         return
-    forms = {name: _nifti_form(image, name) for name in ("qform", "sform")}
+    forms = {name: _nifti_form(image, name, header.qfac) for name in ("qform", "sform")}
     forms = {name: form for name, form in forms.items() if form is not None}
     if not forms:
         return

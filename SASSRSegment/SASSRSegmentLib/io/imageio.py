@@ -191,6 +191,7 @@ def read_image(
             item = InputItem(path, ids[0], path.name)
         else:
             item = InputItem(path, None, split_extension(path)[0])
+    nifti = None
     try:
         if item.series_id is not None:
             return _read_series(item, warn)
@@ -198,8 +199,9 @@ def read_image(
             raise UserError(f"input {item.path} does not exist")
         if item.path.stat().st_size == 0:
             raise UserError(f"input {item.path} is empty (0 bytes)")
-        if headers.is_nifti(item.path):
-            headers.check_nifti_complete(item.path)
+        nifti = headers.read_nifti_header(item.path) if headers.is_nifti(item.path) else None
+        if nifti is not None:
+            headers.check_nifti_complete(item.path, nifti)
         with _quiet_itk():
             image = sitk.ReadImage(str(item.path))
     except RuntimeError as exc:
@@ -217,7 +219,8 @@ def read_image(
         # A NIfTI so made is refused by ITK itself; a MetaImage or NRRD is read, and the network saw its
         # voxels as square.
         raise UserError(f"cannot read {item}: {_SHEARED}")
-    headers.check_nifti_positions(image, item.path, warn)
+    if nifti is not None:
+        headers.check_nifti_positions(image, item.path, nifti, warn)
     return image
 
 
