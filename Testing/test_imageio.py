@@ -136,8 +136,11 @@ def test_png_refuses_volumes_and_seg_nrrd_names_the_segment(tmp_path):
     with pytest.raises(UserError, match="PNG holds 2D"):
         imageio.write_image(_volume(), tmp_path / "v.png")
     mask = sitk.Cast(_volume() > 50, sitk.sitkUInt8)
+    mask.SetMetaData("SASSRSegment_provenance", '{"model": "m"}')
     imageio.write_image(mask, tmp_path / "m.seg.nrrd")
     back = sitk.ReadImage(str(tmp_path / "m.seg.nrrd"))
+    # Dropped by SimpleITK's copy once the segment keys were set (every .seg.nrrd had lost it).
+    assert back.GetMetaData("SASSRSegment_provenance") == '{"model": "m"}'
     assert back.GetMetaData("Segment0_LabelValue") == "1"
     assert back.GetMetaData("Segment0_Extent") == "0 5 0 4 0 3"
     assert back.GetMetaData("Segmentation_MasterRepresentation") == "Binary labelmap"

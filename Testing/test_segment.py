@@ -363,6 +363,16 @@ def test_constant_image_gives_an_empty_mask_and_a_warning(tiny_bundle_3d):
     mask, probabilities = pipeline.segment_image(image, net, card, CPU, warn=warnings.append)
     assert mask.GetSize() == (24, 20, 16) and not sitk.GetArrayFromImage(mask).any()
     assert warnings and "constant" in warnings[0]
+    # An ROI in the background of an image that is not constant had been called a constant image.
+    array = np.zeros((16, 40, 40), np.int16)
+    array[:, :, 30:] = np.random.default_rng(0).integers(400, 600, (16, 40, 10))
+    warnings.clear()
+    pipeline.segment_image(
+        sitk.GetImageFromArray(array), net, card, CPU, roi=[-5, -1, -5, -1, 0, 10], warn=warnings.append
+    )
+    assert [w for w in warnings if "constant" in w or "one value" in w] == [
+        "--roi covers one value only (background?): the mask is empty"
+    ]
 
 
 def test_image_smaller_than_a_window_is_padded_not_refused(tiny_bundle_3d):

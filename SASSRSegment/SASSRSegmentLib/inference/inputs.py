@@ -335,7 +335,11 @@ def prepare_input(
             "--output-grid input"
         )
     if float(array.min()) == float(array.max()):
-        warn("the input image is constant (no contrast): the mask is empty")
+        warn(
+            "--roi covers one value only (background?): the mask is empty"
+            if roi
+            else "the input image is constant (no contrast): the mask is empty"
+        )
         return PreparedInput(input_grid, out_grid, hr_work, None, window, overlap, plane, stored_as=stored_as)
     channels, tissue, anywhere = _normalised_channels(image, work_lr, prep["normalization"], levels, warn)
     tissue_ml = None if tissue is None else float(tissue.sum()) * math.prod(work_lr.spacing) / 1000.0

@@ -476,8 +476,12 @@ def write_image(
             f"output {path}: PNG holds 2D images only; use .nrrd, .seg.nrrd, .nii.gz or .mha for 3D"
         )
     if ext == ".seg.nrrd":
+        # SimpleITK's copy keeps its source's metadata only until its own is first set: the mask's
+        # provenance had been dropped from every .seg.nrrd.
+        metadata = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
+        metadata.update(_segmentation_metadata(image, segment_names))
         image = sitk.Image(image)
-        for key, value in _segmentation_metadata(image, segment_names).items():
+        for key, value in metadata.items():
             image.SetMetaData(key, value)
     with _target(path, overwrite, staging) as tmp:
         try:
