@@ -24,7 +24,7 @@ from SASSRSegmentSlicer.cards import hasImageSrDecoder, modelsHelpHtml, modelSum
 from SASSRSegmentSlicer.command import devicesCommand, processEnvironment, pythonExecutable
 from SASSRSegmentSlicer.devices import DeviceProbe, deviceArgument, deviceSummary
 from SASSRSegmentSlicer.geometry import hrScales
-from SASSRSegmentSlicer.logic import SASSRSegmentLogic
+from SASSRSegmentSlicer.logic import NOT_IMAGES, SASSRSegmentLogic
 from SASSRSegmentSlicer.naming import formatElapsed
 from SASSRSegmentSlicer.paths import ICON_PATH, SAMPLE_PATH
 from SASSRSegmentSlicer.segmentation import lesionSegmentIds, segmentationInputVolume
@@ -48,11 +48,6 @@ from SASSRSegmentSlicer.sliceviews import HrSliceSpacing
 # Seconds after a start in which a click on the Cancel button (it was Segment lesions) is ignored.
 DOUBLE_CLICK_S = 1.0
 # Scalar volumes in Slicer's class tree that are no image to segment; the .ui's input selector hides the same.
-NOT_IMAGES = (
-    "vtkMRMLLabelMapVolumeNode",
-    "vtkMRMLDiffusionWeightedVolumeNode",
-    "vtkMRMLDiffusionTensorVolumeNode",
-)
 CITATION = (
     'Luo et al., "Scale-aware super-resolution network with dual affinity learning for lesion segmentation '
     'from medical images", IEEE Transactions on Neural Networks and Learning Systems, 2024 '

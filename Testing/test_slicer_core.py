@@ -977,6 +977,43 @@ def test_segment_files_for_console_batch_use(pkg, logic, tmp_path):
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_console_arguments_of_the_wrong_kind_are_one_line(pkg, logic, tmp_path, monkeypatch):
+    # One path as a string had been read a character at a time ("/" first, walked for images); a
+    # relative one against the engine's working folder, its mask written into the module's.
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(100, 30, (8, 10, 12)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "case1.nrrd"))
+    monkeypatch.chdir(tmp_path)
+    (result,) = logic.segmentFiles("case1.nrrd", "out", modelName="tiny-ct-3d", device="cpu")
+    assert Path(result.outputPath) == tmp_path / "out" / "case1_lesions.nrrd" and not result.error
+    assert Path(result.outputPath).is_file()
+    with pytest.raises(RuntimeError, match="tpu"):
+        logic.segmentFiles(["case1.nrrd"], "out", device="tpu")
+    with pytest.raises(RuntimeError, match="Cannot make the output folder"):
+        logic.segmentFiles(["case1.nrrd"], "case1.nrrd/out")
+    # A label map (a mask given as the image had come out as "0 lesions"), nodes of the wrong kind.
+    volume = _volume(tmp_path)
+    labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labels.SetAndObserveImageData(volume.GetImageData())
+    _refused(logic, labels, "not a label map")
+    _refused(logic, volume, "The Region must be a markups ROI node", roiNode=volume)
+    _refused(logic, volume, "The output segmentation must be a segmentation node", outputSegmentation=volume)
+
+
+def test_a_callback_that_raises_ends_the_run_and_leaves_nothing(logic, tmp_path):
+    # The engine had run on, the patient's copy stayed on disk and every later run was "already running".
+    volume = _volume(tmp_path)
+
+    def broken(event):
+        raise ValueError("my callback")
+
+    with pytest.raises(ValueError, match="my callback"):
+        logic.segmentVolume(volume, device="cpu", onProgress=broken)
+    job = logic.activeJob
+    assert job.done and not job.tempDir.exists()
+    assert job.runner._process.poll() is not None
+    assert _run(logic, volume).status == "completed"
+
+
 # ------------------------------------------------------------------------------- the self-test
 
 
@@ -1196,7 +1233,7 @@ def test_the_input_selector_offers_no_diffusion_volume_but_keeps_vector_ones():
     import ast
     import xml.etree.ElementTree as ET
 
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    tree = ast.parse((MODULE_DIR / "SASSRSegmentSlicer" / "logic.py").read_text(encoding="utf-8"))
     (hidden,) = [
         ast.literal_eval(node.value)
         for node in tree.body

@@ -141,10 +141,16 @@ class SegmentationJob:
         self._timer.start()
 
     def runToEnd(self):
-        while not self.done:
-            self.step()
-            slicer.app.processEvents()
-            time.sleep(POLL_INTERVAL_MS / 1000.0)
+        try:
+            while not self.done:
+                self.step()
+                slicer.app.processEvents()
+                time.sleep(POLL_INTERVAL_MS / 1000.0)
+        except BaseException:
+            # A caller's callback that raised (or Ctrl+C) had left the engine running, the patient's copy
+            # on disk and the Logic refusing every later run as "already running".
+            self.abort()
+            raise
 
     def cancel(self):
         if self.runner and not self.done:

@@ -49,6 +49,33 @@ def _volumeSpatialDims(volumeNode):
     return gridSpatialDims(imageData.GetDimensions()) if imageData is not None else 0
 
 
+# Scalar volumes in Slicer's class tree that hold no image to segment: a label map (a mask given as the
+# image had been segmented into "0 lesions"), diffusion data.
+NOT_IMAGES = (
+    "vtkMRMLLabelMapVolumeNode",
+    "vtkMRMLDiffusionWeightedVolumeNode",
+    "vtkMRMLDiffusionTensorVolumeNode",
+)
+
+
+def _isNode(node, kind):
+    return node is not None and hasattr(node, "IsA") and node.IsA(kind)
+
+
+def _checkNodes(volumeNode, roiNode, outputSegmentation):
+    """Refuse, in one line, nodes a console caller passed of the wrong kind (AttributeErrors before)."""
+    if (
+        not _isNode(volumeNode, "vtkMRMLScalarVolumeNode")
+        or any(volumeNode.IsA(kind) for kind in NOT_IMAGES)
+        or not volumeNode.GetImageData()
+    ):
+        raise RuntimeError(_("Select an input volume that holds an image (not a label map)."))
+    if roiNode is not None and not _isNode(roiNode, "vtkMRMLMarkupsROINode"):
+        raise RuntimeError(_("The Region must be a markups ROI node."))
+    if outputSegmentation is not None and not _isNode(outputSegmentation, "vtkMRMLSegmentationNode"):
+        raise RuntimeError(_("The output segmentation must be a segmentation node."))
+
+
 def _pictureStack(volumeNode):
     """A 3D volume of colour pixels or from picture files: numbered PNG or JPEG images (an ultrasound
     clip's frames) read as one stack, as Slicer does where "Single file" is unticked, and does by itself
@@ -247,12 +274,7 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         """
         if self.activeJob and not self.activeJob.done:
             raise RuntimeError(_("A segmentation is already running: wait for it or cancel it."))
-        if (
-            volumeNode is None
-            or not volumeNode.IsA("vtkMRMLScalarVolumeNode")
-            or not volumeNode.GetImageData()
-        ):
-            raise RuntimeError(_("Select an input volume that holds an image."))
+        _checkNodes(volumeNode, roiNode, outputSegmentation)
         self.ensureTorch()
         card = self.modelCard(modelName, volumeNode)
         if _pictureStack(volumeNode) and pictureFormat(volumeNode):
@@ -345,25 +367,40 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         id (1 = the largest; uint16 past 255 lesions). modelName None lets the engine pick the bundled model for each input's
         dimensionality. A failing input is reported and skipped; returns one FileResult per input.
         """
-        inputPaths = [str(path) for path in inputPaths]
+        # One path given as a string had been read as paths of one character each: "/" first, which the
+        # engine walked for images. Relative paths are the caller's, not the engine's working folder's.
+        if isinstance(inputPaths, (str, Path)):
+            inputPaths = [inputPaths]
+        inputPaths = [str(Path(path).absolute()) for path in inputPaths]
+        outputFolder = Path(outputFolder).absolute()
         self.ensureTorch()
         model = self.modelCard(modelName, None)["folder"] if modelName else None
-        Path(outputFolder).mkdir(parents=True, exist_ok=True)
+        try:
+            outputFolder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(
+                _("Cannot make the output folder {folder}: {error}").format(
+                    folder=outputFolder, error=exc.strerror
+                )
+            ) from None
         results = []
         outputPaths = outputPathsForFiles(inputPaths, outputFolder)
         for index, inputPath in enumerate(inputPaths):
             outputPath = outputPaths[index]
             tablePath = outputPath.with_suffix(".csv") if lesionTable else None
-            command = segmentCommand(
-                pythonExecutable(),
-                inputPath,
-                outputPath,
-                model,
-                device,
-                tta=tta,
-                lesionTablePath=tablePath,
-                numberedLesions=numberedLesions,
-            )
+            try:
+                command = segmentCommand(
+                    pythonExecutable(),
+                    inputPath,
+                    outputPath,
+                    model,
+                    device,
+                    tta=tta,
+                    lesionTablePath=tablePath,
+                    numberedLesions=numberedLesions,
+                )
+            except ValueError as exc:  # an unknown device: wrong for every input
+                raise RuntimeError(str(exc)) from None
             runner = SegmentRunner(command, env=processEnvironment(), cwd=str(MODULE_DIR))
             runner.start()
             logging.info("SASSRSegment: segmenting %s", inputPath)
