@@ -986,6 +986,11 @@ def test_console_arguments_of_the_wrong_kind_are_one_line(pkg, logic, tmp_path, 
     (result,) = logic.segmentFiles("case1.nrrd", "out", modelName="tiny-ct-3d", device="cpu")
     assert Path(result.outputPath) == tmp_path / "out" / "case1_lesions.nrrd" and not result.error
     assert Path(result.outputPath).is_file()
+    # A re-run into the same folder: refused in the Logic's words, done with overwrite=True.
+    (again,) = logic.segmentFiles("case1.nrrd", "out", modelName="tiny-ct-3d", device="cpu")
+    assert again.error.endswith("already exists; pass overwrite=True to replace it"), again.error
+    (again,) = logic.segmentFiles("case1.nrrd", "out", modelName="tiny-ct-3d", device="cpu", overwrite=True)
+    assert not again.error
     with pytest.raises(RuntimeError, match="tpu"):
         logic.segmentFiles(["case1.nrrd"], "out", device="tpu")
     with pytest.raises(RuntimeError, match="Cannot make the output folder"):

@@ -100,6 +100,7 @@ def segmentCommand(
     srImagePath=None,
     lesionTablePath=None,
     numberedLesions=False,
+    overwrite=False,
 ):
     """The `segment` command line the Logic runs (a list of strings, no shell).
 
@@ -125,6 +126,8 @@ def segmentCommand(
         command += ["--lesion-table", str(lesionTablePath)]
     if numberedLesions:
         command.append("--numbered-lesions")
+    if overwrite:
+        command.append("--overwrite")
     return command
 
 

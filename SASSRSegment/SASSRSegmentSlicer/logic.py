@@ -359,13 +359,15 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
         tta=False,
         lesionTable=False,
         numberedLesions=False,
+        overwrite=False,
     ):
         """Segment image files (or DICOM series folders) without loading them into the scene.
 
         Writes `<stem>_lesions.nrrd` (and `<stem>_lesions.csv` with lesionTable=True) per input into
         outputFolder: a 0/1 mask, or with numberedLesions=True each lesion's voxels hold its lesion-table
         id (1 = the largest; uint16 past 255 lesions). modelName None lets the engine pick the bundled model for each input's
-        dimensionality. A failing input is reported and skipped; returns one FileResult per input.
+        dimensionality. Outputs that exist are replaced only with overwrite=True (a re-run into the same
+        folder). A failing input is reported and skipped; returns one FileResult per input.
         """
         # One path given as a string had been read as paths of one character each: "/" first, which the
         # engine walked for images. Relative paths are the caller's, not the engine's working folder's.
@@ -398,6 +400,7 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
                     tta=tta,
                     lesionTablePath=tablePath,
                     numberedLesions=numberedLesions,
+                    overwrite=overwrite,
                 )
             except ValueError as exc:  # an unknown device: wrong for every input
                 raise RuntimeError(str(exc)) from None
@@ -408,7 +411,9 @@ class SASSRSegmentLogic(ScriptedLoadableModuleLogic):
             if runner.returnCode == 0:
                 results.append(FileResult(inputPath, str(outputPath), warnings=runner.warnings))
             else:
-                message = failureMessage(runner.returnCode, runner.stderrLines)
+                message = failureMessage(runner.returnCode, runner.stderrLines).replace(
+                    "pass --overwrite to replace it", "pass overwrite=True to replace it"
+                )
                 logging.error("SASSRSegment: %s: %s", inputPath, message)
                 results.append(FileResult(inputPath, error=message, warnings=runner.warnings))
         return results
