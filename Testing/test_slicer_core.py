@@ -874,6 +874,18 @@ def test_engine_warnings_reach_the_result(mod, logic, tmp_path):
     result = _run(logic, volume)
     assert result.status == "completed", result.message
     assert result.warnings == ["the input image is constant (no contrast): the mask is empty"]
+    # No lesion: the table's columns are numbers still (they had all been strings).
+    table = result.tableNode.GetTable()
+    assert table.GetNumberOfRows() == 0 and table.GetNumberOfColumns() > 10
+    kinds = {
+        table.GetColumn(i).GetName(): table.GetColumn(i).GetClassName()
+        for i in range(table.GetNumberOfColumns())
+    }
+    assert (
+        kinds["id"] == "vtkIntArray"
+        and kinds["voxels"] == "vtkIntArray"
+        and kinds["volume_ml"] == "vtkDoubleArray"
+    )
     assert result.lesionCount == 0
 
 

@@ -50,11 +50,16 @@ def _convertColumn(cells):
     return cells
 
 
+def _kindOfEmptyColumn(name):
+    """The type of a lesion-table column with no rows (no lesion found): all are numbers, counts whole."""
+    return int if name in ("id", "voxels") or name.startswith("bbox_index") else float
+
+
 def loadLesionTable(path, volumeNode, name):
     tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = tableNode.GetTable()
     for columnName, values in readCsvColumns(path):
-        kind = type(values[0]) if values else str
+        kind = type(values[0]) if values else _kindOfEmptyColumn(columnName)
         array = {int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}.get(kind, vtk.vtkStringArray)()
         array.SetName(columnName)
         for value in values:
