@@ -214,7 +214,7 @@ def test_a_truncated_nifti_is_refused(tmp_path, name):
         imageio.read_image(tmp_path / name)
     # A dataset's case too: caches and scores had been made of the zeros.
     with pytest.raises(UserError, match="is truncated or corrupt"):
-        datasets._read_nifti_checked(tmp_path / name)
+        datasets.read_case(None, datasets.Case("cut", (tmp_path / name,), whole))
 
 
 def test_a_sheared_nifti_is_refused_in_words(tmp_path, capfd):

@@ -319,23 +319,6 @@ def _check_headers(
     return checked, dims
 
 
-def _read_nifti_checked(path: Path):
-    """A dataset file as ITK reads it, a NIfTI refused (UserError) where it is cut short or its sform and
-    pixdim disagree on the voxel size, as `segment` refuses one: cases and caches had been built from
-    zero-filled voxels."""
-    import SimpleITK as sitk
-
-    from ..io import headers
-
-    header = headers.read_nifti_header(path) if headers.is_nifti(path) else None
-    if header is not None:
-        headers.check_nifti_complete(path, header)
-    image = sitk.ReadImage(str(path))
-    if header is not None:
-        headers.check_nifti_positions(image, path, header, lambda message: None)
-    return image
-
-
 def read_case(dataset: RawDataset, case: Case):
     """Read one case: (list of float32 SimpleITK channel images, uint8 lesion-mask image on the same grid).
 
@@ -343,16 +326,18 @@ def read_case(dataset: RawDataset, case: Case):
     """
     import SimpleITK as sitk
 
+    from ..io.imageio import read_file
+
     images = []
     for path in case.images:
         try:
-            images.append(sitk.Cast(_read_nifti_checked(path), sitk.sitkFloat32))
+            images.append(sitk.Cast(read_file(path), sitk.sitkFloat32))
         except RuntimeError as exc:
             raise UserError(
                 f"imagesTr/{path.name}: cannot be read ({str(exc).strip().splitlines()[-1][:160]})"
             ) from None
     try:
-        label = _read_nifti_checked(case.label)
+        label = read_file(case.label)
     except RuntimeError as exc:
         raise UserError(
             f"labelsTr/{case.label.name}: cannot be read ({str(exc).strip().splitlines()[-1][:160]})"

@@ -3,10 +3,12 @@ slices really lie, which modality the image is, and a NIfTI's second position (i
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import math
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +153,6 @@ class NiftiHeader:
 def read_nifti_header(path: Path) -> NiftiHeader | None:
     """The header of a NIfTI-1 file (gzipped or not, whatever its name says); None for NIfTI-2, a file
     that cannot be opened or is not NIfTI: ITK has its own say on those."""
-    import gzip
-
     try:
         with open(path, "rb") as raw:
             gzipped = raw.read(2) == _GZIP_MAGIC
@@ -176,9 +176,6 @@ def check_nifti_complete(path: Path, header: NiftiHeader) -> None:
     zeros without a word (a file cut in half by a copy lost the lesion in its second half). A gzip
     stream whose size trailer says otherwise is decompressed to count them, which also finds one that
     ends early (a cut file's last four bytes are arbitrary)."""
-    import gzip
-    import zlib
-
     if not header.gzipped:
         held = path.stat().st_size
     elif _gzip_trailer_size(path) == header.data_bytes % 2**32:

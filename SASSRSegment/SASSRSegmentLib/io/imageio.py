@@ -191,7 +191,6 @@ def read_image(
             item = InputItem(path, ids[0], path.name)
         else:
             item = InputItem(path, None, split_extension(path)[0])
-    nifti = None
     try:
         if item.series_id is not None:
             return _read_series(item, warn)
@@ -199,11 +198,7 @@ def read_image(
             raise UserError(f"input {item.path} does not exist")
         if item.path.stat().st_size == 0:
             raise UserError(f"input {item.path} is empty (0 bytes)")
-        nifti = headers.read_nifti_header(item.path) if headers.is_nifti(item.path) else None
-        if nifti is not None:
-            headers.check_nifti_complete(item.path, nifti)
-        with _quiet_itk():
-            image = sitk.ReadImage(str(item.path))
+        image = read_file(item.path, warn)
     except RuntimeError as exc:
         image = _grey_and_alpha_png(item.path) if "Unknown PixelType" in str(exc) else None
         if image is None:
@@ -219,8 +214,20 @@ def read_image(
         # A NIfTI so made is refused by ITK itself; a MetaImage or NRRD is read, and the network saw its
         # voxels as square.
         raise UserError(f"cannot read {item}: {_SHEARED}")
+    return image
+
+
+def read_file(path: Path, warn: Callable[[str], None] = lambda m: None) -> sitk.Image:
+    """ITK's reading of one image file, a NIfTI checked against its own header: before, for data cut
+    short (ITK reads what is missing as zeros), after, for the position ITK placed it by. Also the
+    reading of a dataset's cases, whose caches and scores had been made of such zeros."""
+    nifti = headers.read_nifti_header(path) if headers.is_nifti(path) else None
     if nifti is not None:
-        headers.check_nifti_positions(image, item.path, nifti, warn)
+        headers.check_nifti_complete(path, nifti)
+    with _quiet_itk():
+        image = sitk.ReadImage(str(path))
+    if nifti is not None:
+        headers.check_nifti_positions(image, path, nifti, warn)
     return image
 
 
